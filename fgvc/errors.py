@@ -1,0 +1,50 @@
+"""User errors: one sentence that names the thing and the fix, then a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., int | None])
+
+USAGE_EXIT = 2  # bad recipe, bad key, bad argument: nothing was started
+DATA_EXIT = 3  # a data set or run folder on disk is not what it should be
+RUN_EXIT = 4  # the run itself failed (NaN loss, ...); the last good checkpoint is kept
+
+
+class UserError(Exception):
+    """An error the user can fix; its message is one sentence with the fix."""
+
+    exit_code = USAGE_EXIT
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class DataError(UserError):
+    """A data set file is missing, corrupt or disagrees with its annotation files."""
+
+    exit_code = DATA_EXIT
+
+
+class RunError(UserError):
+    """Training cannot go on (non-finite loss, ...)."""
+
+    exit_code = RUN_EXIT
+
+
+def cli_main(fn: F) -> F:
+    """Run an entry point; a `UserError` prints `error: <sentence>` and exits non-zero."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(err.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,47 @@
+"""Loading backbone weights without unpickling code, and checking that nothing was dropped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fgvc.errors import UserError
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from .pth/.pt/.bin with `weights_only=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file '{path}' does not exist; fix model.weights or drop it.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickled code, a broken file, ...
+        raise UserError(f"weights file '{path}' cannot be loaded safely ({err.__class__.__name__}); "
+                        "convert it to .safetensors.") from None
+    for key in ("state_dict", "model", "module"):  # common wrappers
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor],
+                          skip_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Load `state` into `backbone`; every backbone tensor must be present and fit, except keys
+    under `skip_prefixes` (the classifier). Returns the names that were loaded."""
+    own = backbone.state_dict()
+    wanted = [k for k in own if not k.startswith(skip_prefixes)]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing = [k for k in wanted if k not in state]
+    wrong = [k for k in wanted if k in state and state[k].shape != own[k].shape]
+    if missing or wrong:
+        bad = (missing + wrong)[0]
+        raise UserError(f"weights do not fit the backbone: {len(missing)} tensors missing and "
+                        f"{len(wrong)} of another shape (first: '{bad}'); check model.backbone.")
+    backbone.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    return wanted
