@@ -225,6 +225,8 @@ def load_recipe(args: list[str] | None = None, recipe_file: str | Path | None = 
     """Build the resolved recipe from `recipe=NAME` (or `recipe_file`) and `key=value` overrides."""
     name, overrides = _parse_overrides(list(args or []))
     cfg = OmegaConf.structured(Recipe)
+    if recipe_file is None and name is not None and name.endswith((".yaml", ".yml")):
+        recipe_file, name = name, None  # recipe=runs/x/recipe.yaml repeats a saved run
     if recipe_file is not None:
         path = Path(recipe_file)
         if not path.is_file():

@@ -1,13 +1,24 @@
-"""A timm backbone with its classifier: the plain fine-grained baseline."""
+"""A timm backbone with its classifier: the plain fine-grained baseline, optionally with attention
+(SE, CBAM, residual attention, attention gates, a spatial transformer or a timm attention block;
+see fgvc/models/attention/)."""
 
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 import timm
 import torch
 from torch import Tensor, nn
 
 from fgvc.errors import UserError
+from fgvc.models.attention.gate import GatedStage
+from fgvc.models.attention.patch import (attach_after_stage, attach_in_blocks, backbone_stages, check_kind,
+                                         make_block, pick_stages)
+from fgvc.models.attention.stn import SpatialTransformer
 from fgvc.models.weights import load_backbone_weights, read_state_dict
+
+PLACEMENTS = ("stage", "block")
+INITS = ("default", "identity")
 
 
 def create_backbone(name: str, num_classes: int, pretrained: bool = False, weights: str = "",
@@ -36,22 +47,98 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, weigh
 
 
 class Classifier(nn.Module):
-    """Backbone features -> global pool -> linear classifier, all timm's."""
+    """Backbone features -> global pool -> linear classifier, all timm's, with optional attention.
+
+    Attention (`attention` = none | se | cbam | residual | gate | stn | a timm attention name):
+    - se, cbam, residual, timm names: after the stages `attention_stages` (indices into timm's
+      feature_info; `attention_placement="stage"`) or inside every residual block of those stages
+      (`"block"`). Backbone parameter names never change; `pretrained_names` lists only the
+      backbone's, so the new blocks get the trainer's `new_lr_mult`.
+    - gate: the deepest feature map gates each of `attention_stages` (shallower stages); the
+      logits add a linear classifier on every attention-pooled stage to the backbone's own.
+    - stn: a spatial transformer resamples the image before the backbone.
+    `attention_init="identity"` starts every method as the identity, so at initialisation the network
+    computes exactly the plain backbone's logits (see each block's docstring for how).
+    """
 
     def __init__(self, backbone: str, num_classes: int, pretrained: bool = False, weights: str = "",
-                 drop_rate: float = 0.0) -> None:
+                 drop_rate: float = 0.0, attention: str = "none", attention_stages: Sequence[int] = (-1,),
+                 attention_placement: str = "stage", attention_init: str = "default", attention_reduction: int = 16,
+                 attention_kernel_size: int = 7, image_size: int = 224,
+                 backbone_args: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.net, names = create_backbone(backbone, num_classes, pretrained, weights, drop_rate=drop_rate)
+        self.net, names = create_backbone(backbone, num_classes, pretrained, weights, drop_rate=drop_rate,
+                                          **(backbone_args or {}))
         self.pretrained_names = {f"net.{n}" for n in names}
+        self.attention_type = attention
+        self.attention = nn.ModuleDict()  # stage blocks: "stage{i}" -> block run after stage i
+        self.gated = nn.ModuleDict()  # attention gates: "stage{i}" -> GatedStage
+        self.stn: SpatialTransformer | None = None
+        self.gate_stages: list[int] = []
+        if attention == "none":
+            return
+        check_kind(attention)
+        if attention_placement not in PLACEMENTS or attention_init not in INITS:
+            raise UserError(f"model.attention.placement must be one of {PLACEMENTS} and model.attention.init one "
+                            f"of {INITS}; got '{attention_placement}' and '{attention_init}'.")
+        identity = attention_init == "identity"
+        if attention == "stn":
+            if attention_placement != "stage":
+                raise UserError("model.attention.type=stn resamples the image before the backbone; "
+                                "set model.attention.placement=stage (its default).")
+            self.stn = SpatialTransformer(identity_init=identity)
+            return
+        stages = pick_stages(backbone_stages(self.net, backbone), list(attention_stages), backbone)
+        if attention == "gate":
+            self._add_gates(stages, num_classes, attention_placement, identity, backbone)
+            return
+        for stage in stages:
+            side = max(1, image_size // stage.reduction)
+
+            def make(channels: int, side: int = side) -> nn.Module:
+                block = make_block(attention, channels, side, attention_reduction, attention_kernel_size, identity)
+                block.fgvc_stage = stage.index  # read by the AttentionRecorder
+                return block
+
+            if attention_placement == "stage":
+                block = make(stage.channels)
+                self.attention[f"stage{stage.index}"] = block
+                attach_after_stage(self.net, stage, block)
+            else:
+                attach_in_blocks(self.net, stage, backbone, make)
+
+    def _add_gates(self, stages, num_classes: int, placement: str, identity: bool, backbone: str) -> None:
+        deepest = backbone_stages(self.net, backbone)[-1]
+        if placement != "stage":
+            raise UserError("model.attention.type=gate gates whole stages with the deepest one; "
+                            "set model.attention.placement=stage.")
+        if any(s.index == deepest.index for s in stages):
+            raise UserError(f"model.attention.type=gate gates shallower stages with the deepest one "
+                            f"({deepest.module}); give model.attention.stages without it, e.g. [-3, -2].")
+        g_channels = self.net.num_features
+        for stage in stages:
+            gated = GatedStage(stage.channels, g_channels, num_classes, identity_init=identity)
+            gated.gate.fgvc_stage = stage.index
+            self.gated[f"stage{stage.index}"] = gated
+            self.gate_stages.append(stage.index)
 
     def features(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, C, h, w)
+        if self.stn is not None:
+            x = self.stn(x)
         return self.net.forward_features(x)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, num_classes)
-        return self.net.forward_head(self.features(x))
+        if not self.gate_stages:
+            return self.net.forward_head(self.features(x))
+        g, maps = self.net.forward_intermediates(x, indices=self.gate_stages)  # g: (B, C, h, w)
+        logits = self.net.forward_head(g)  # (B, num_classes)
+        for index, x_l in zip(self.gate_stages, maps):
+            logits = logits + self.gated[f"stage{index}"](x_l, g)
+        return logits
 
     def class_activation_maps(self, x: Tensor) -> Tensor:
-        """CAM (Zhou et al. 2016): classifier weights applied at every position, (B, K, h, w)."""
+        """CAM (Zhou et al. 2016): classifier weights applied at every position, (B, K, h, w).
+        With attention gates, the backbone's own classifier only."""
         feats = self.features(x)
         fc = self.net.get_classifier()
         if not isinstance(fc, nn.Linear):

@@ -1,0 +1,66 @@
+"""What a network costs: parameters, FLOPs and CPU latency, measured the same way for every model.
+
+FLOPs come from `torch.utils.flop_counter.FlopCounterMode`, which counts 2 FLOPs per multiply-add
+(fvcore, thop and ptflops report multiply-adds, half as many) and misses pooling and elementwise
+work; latency is therefore measured too, with `torch.utils.benchmark.Timer.blocked_autorange`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.benchmark import Timer
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(fn: Callable[[Tensor], object], x: Tensor) -> int:
+    """FLOPs (2 per multiply-add) of one inference call fn(x)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(x)
+    return int(counter.get_total_flops())
+
+
+@dataclass
+class Latency:
+    median_ms: float
+    iqr_ms: float  # interquartile range of the per-call times
+    calls: int  # number of timed blocks the statistics come from
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.1f} ± {self.iqr_ms / 2:.1f}"
+
+
+def time_calls(fn: Callable[[Tensor], object], x: Tensor, min_run_time: float = 1.0) -> list[float]:
+    """Per-call seconds of fn(x) without autograd, from one `blocked_autorange` (after one warm-up call)."""
+    with torch.no_grad():
+        fn(x)
+        timer = Timer(stmt="fn(x)", globals={"fn": fn, "x": x, "torch": torch})
+        measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    return list(measurement.times)
+
+
+def summarize(times: list[float]) -> Latency:
+    """Median and interquartile range in milliseconds."""
+    if len(times) < 2:
+        return Latency(times[0] * 1e3, 0.0, len(times))
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return Latency(statistics.median(times) * 1e3, (q3 - q1) * 1e3, len(times))
+
+
+def interleaved_latency(fns: dict[str, Callable[[Tensor], object]], x: Tensor, rounds: int = 3,
+                        min_run_time: float = 1.0) -> dict[str, Latency]:
+    """Latency of several callables on the same input, timed in alternating rounds so that a change
+    in machine load during the run affects them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name] += time_calls(fn, x, min_run_time)
+    return {name: summarize(t) for name, t in times.items()}

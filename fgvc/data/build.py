@@ -1,0 +1,75 @@
+"""From the recipe's `data` section to data sets and loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from sklearn.model_selection import train_test_split
+
+from fgvc.data import aircraft, cars, cub, folder, nabirds  # noqa: F401  (register the readers)
+from fgvc.data.dataset import FGVCDataset
+from fgvc.data.records import DATASETS, DatasetIndex, Sample
+from fgvc.data.synthetic import SyntheticSpec, ensure_synthetic
+from fgvc.data.transforms import PairedTransform
+from fgvc.errors import DataError
+
+
+def read_index(data: DictConfig) -> DatasetIndex:
+    """The data set the recipe names; the synthetic one is generated on first use."""
+    root = Path(data.root).expanduser()
+    if data.name == "synthetic":
+        folder_ = ensure_synthetic(root, SyntheticSpec(**data.synthetic))
+        index = DATASETS.get("cub")(folder_)
+        index.name = "synthetic"
+        return index
+    if not root.exists():
+        raise DataError(f"data.root '{root}' does not exist; unpack the {data.name} data set there "
+                        "or pass data.root=/path/to/it (see README.md, 'Real data sets').")
+    if data.name == "aircraft":
+        return DATASETS.get("aircraft")(root, level=data.aircraft_level)
+    return DATASETS.get(data.name)(root)
+
+
+def split_train_val(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A stratified, seeded validation split carved from the training set."""
+    if val_fraction <= 0:
+        return list(samples), []
+    labels = np.array([s.label for s in samples])
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    idx = np.arange(len(samples))
+    try:
+        train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=stratify)
+    except ValueError:  # too few images per class for a stratified split of this size
+        train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed)
+    return [samples[i] for i in sorted(train_idx)], [samples[i] for i in sorted(val_idx)]
+
+
+@dataclass
+class DataSplits:
+    index: DatasetIndex
+    train: FGVCDataset
+    val: FGVCDataset | None
+    test: FGVCDataset
+
+
+def build_transform(data: DictConfig, train: bool, mean, std, flip_pairs) -> PairedTransform:
+    return PairedTransform(data.image_size, train, tuple(mean), tuple(std), crop_scale=tuple(data.crop_scale),
+                           hflip=data.hflip, color_jitter=data.color_jitter, eval_resize=data.eval_resize,
+                           flip_pairs=flip_pairs)
+
+
+def build_datasets(data: DictConfig, seed: int, mean, std, index: DatasetIndex | None = None) -> DataSplits:
+    """Train (augmented), validation (carved from train, evaluation transform) and test sets."""
+    index = index or read_index(data)
+    train_s, val_s = split_train_val(index.train, data.val_fraction, seed)
+    P = len(index.part_names)
+
+    def make(samples: list[Sample], train: bool) -> FGVCDataset:
+        return FGVCDataset(samples, build_transform(data, train, mean, std, index.flip_pairs),
+                           index.bottom_crop, P)
+
+    return DataSplits(index, make(train_s, True), make(val_s, False) if val_s else None, make(index.test, False))

@@ -1,0 +1,211 @@
+"""A synthetic fine-grained bird set written in the real CUB-200-2011 on-disk layout.
+
+Every image shows one cartoon bird (body, head, wing, tail, legs, eye, beak) on a cluttered
+background. Body and head colours, size, pose, facing and clutter are random and shared by all
+classes; a class is told only by two small parts: the colour of the beak and the colour of a small
+patch on the wing. Clutter blobs reuse the cue colours, so colour anywhere in the picture does not
+give the class away: a model has to look at the beak and the wing. Keypoints of the 15 CUB parts,
+their visibility and the bird's bounding box are written exactly as CUB writes them, so the CUB
+reader, the part-localization scores and every tool run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from fgvc.data.records import CUB_PARTS
+from fgvc.errors import UserError
+
+BEAK, WING = "beak", "left wing"  # the parts that carry the class (see class_parts())
+JPEG_QUALITY = 92
+MANIFEST = "fgvc_synthetic.json"
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    num_classes: int = 12
+    train_per_class: int = 40
+    test_per_class: int = 20
+    image_size: int = 96
+    part_scale: float = 0.09
+    distractors: int = 3
+    noise: float = 0.08
+    cue_strength: float = 1.0
+    seed: int = 0
+
+
+def class_parts() -> list[str]:
+    """Names of the parts whose appearance carries the class; for a bird facing right the wing
+    seen is the right one, so both wings count."""
+    return [BEAK, "left wing", "right wing"]
+
+
+def _cue_palette(n: int, offset: float) -> list[tuple[float, float, float]]:
+    """n hues evenly spread on the colour wheel (RGB 0..1), at full saturation."""
+    return [colorsys.hsv_to_rgb((offset + i / n) % 1.0, 0.85, 0.95) for i in range(n)]
+
+
+def class_codes(num_classes: int) -> tuple[list[tuple[int, int]], int, int]:
+    """Class c -> (beak colour index, wing colour index): a grid as close to square as possible,
+    so both parts are needed to tell every class apart."""
+    n_beak = int(np.ceil(np.sqrt(num_classes)))
+    n_wing = int(np.ceil(num_classes / n_beak))
+    return [(c % n_beak, c // n_beak) for c in range(num_classes)], n_beak, n_wing
+
+
+def _rgb(c: np.ndarray | tuple) -> tuple[int, int, int]:
+    return tuple(int(round(255 * float(np.clip(v, 0, 1)))) for v in c)  # type: ignore[return-value]
+
+
+def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb, cue_colours):
+    """One image (H, W, 3) uint8, its box (x, y, w, h) and 15 CUB parts (x, y, visible)."""
+    s = spec.image_size
+    # background: a smooth random gradient plus clutter blobs in cue and random colours
+    top, bottom = rng.uniform(0.2, 0.9, 3), rng.uniform(0.2, 0.9, 3)
+    ramp = np.linspace(0, 1, s)[:, None, None]
+    bg = (top * (1 - ramp) + bottom * ramp) * np.ones((s, s, 3))
+    img = Image.fromarray((bg * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(spec.distractors):
+        r = rng.uniform(0.03, 0.08) * s
+        x, y = rng.uniform(0, s, 2)
+        colour = cue_colours[rng.integers(len(cue_colours))] if rng.random() < 0.7 else rng.uniform(0, 1, 3)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=_rgb(colour))
+
+    face = 1 if rng.random() < 0.5 else -1  # +1 faces right
+    a = rng.uniform(0.18, 0.26) * s  # body half-width
+    b = a * rng.uniform(0.55, 0.7)  # body half-height
+    cx = rng.uniform(0.35, 0.65) * s
+    cy = rng.uniform(0.45, 0.62) * s
+    body_rgb = _rgb(rng.uniform(0.25, 0.75, 3))
+    head_rgb = _rgb(rng.uniform(0.25, 0.75, 3))
+    hr = 0.5 * b  # head radius
+    hx, hy = cx + face * 0.95 * a, cy - 0.85 * b
+    beak_len = max(2.0, spec.part_scale * s * 1.4)
+    beak_half = max(1.5, spec.part_scale * s * 0.55)
+    tail_x = cx - face * 1.5 * a
+    leg_top, leg_bot = cy + 0.9 * b, cy + 1.7 * b
+
+    # tail, legs, body, wing, wing patch (class), head, eye, beak (class)
+    draw.polygon([(cx - face * 0.8 * a, cy - 0.25 * b), (tail_x, cy - 0.7 * b), (tail_x, cy + 0.1 * b)],
+                 fill=body_rgb)
+    for dx in (-0.25 * a, 0.2 * a):
+        draw.line([(cx + dx, leg_top), (cx + dx, leg_bot)], fill=(60, 40, 20), width=max(1, s // 64))
+    draw.ellipse([cx - a, cy - b, cx + a, cy + b], fill=body_rgb)
+    wx, wy = cx - face * 0.15 * a, cy - 0.05 * b
+    draw.ellipse([wx - 0.55 * a, wy - 0.45 * b, wx + 0.55 * a, wy + 0.45 * b],
+                 fill=_rgb(np.array(body_rgb) / 255 * 0.7))
+    pr = max(1.5, spec.part_scale * s * 0.6)
+    draw.ellipse([wx - pr, wy - pr, wx + pr, wy + pr], fill=_rgb(wing_rgb))
+    draw.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=head_rgb)
+    ex, ey = hx + face * 0.35 * hr, hy - 0.2 * hr
+    er = max(1.0, 0.16 * hr)
+    draw.ellipse([ex - er, ey - er, ex + er, ey + er], fill=(10, 10, 10))
+    bx0 = hx + face * 0.85 * hr
+    tip = (bx0 + face * beak_len, hy)
+    draw.polygon([(bx0, hy - beak_half), tip, (bx0, hy + beak_half)], fill=_rgb(beak_rgb))
+
+    arr = np.asarray(img).astype(np.float32) / 255
+    arr = np.clip(arr + rng.normal(0, spec.noise, arr.shape), 0, 1)
+    image = (arr * 255).round().astype(np.uint8)
+
+    near_eye, far_eye = ("right eye", "left eye") if face > 0 else ("left eye", "right eye")
+    near_wing, far_wing = ("right wing", "left wing") if face > 0 else ("left wing", "right wing")
+    near_leg, far_leg = ("right leg", "left leg") if face > 0 else ("left leg", "right leg")
+    pts = {
+        "back": (cx - face * 0.2 * a, cy - 0.95 * b, 1), "beak": (bx0 + face * 0.5 * beak_len, hy, 1),
+        "belly": (cx, cy + 0.7 * b, 1), "breast": (cx + face * 0.6 * a, cy + 0.3 * b, 1),
+        "crown": (hx, hy - 0.9 * hr, 1), "forehead": (hx + face * 0.6 * hr, hy - 0.65 * hr, 1),
+        near_eye: (ex, ey, 1), far_eye: (0, 0, 0), near_leg: (cx + 0.2 * a, leg_bot, 1),
+        far_leg: (cx - 0.25 * a, leg_bot, 1), near_wing: (wx, wy, 1), far_wing: (0, 0, 0),
+        "nape": (hx - face * 0.7 * hr, hy + 0.3 * hr, 1), "tail": (tail_x, cy - 0.3 * b, 1),
+        "throat": (hx + face * 0.3 * hr, hy + 0.85 * hr, 1),
+    }
+    parts = np.array([pts[name] for name in CUB_PARTS], dtype=np.float64)
+    # the patch is on the near wing, so the class cue "wing" is whichever wing is visible
+    x0 = min(tail_x, cx - a, tip[0], hx - hr)
+    x1 = max(tail_x, cx + a, tip[0], hx + hr)
+    y0, y1 = min(cy - b, hy - hr, cy - 0.7 * b), leg_bot
+    x0, y0 = max(0.0, x0), max(0.0, y0)
+    x1, y1 = min(s - 1.0, x1), min(s - 1.0, y1)
+    parts[:, :2] = np.clip(parts[:, :2], 0, s - 1) * parts[:, 2:3]
+    return image, (x0, y0, x1 - x0, y1 - y0), parts
+
+
+def _mix(cue: tuple, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """The class colour, blended toward a random colour when cue_strength < 1."""
+    return strength * np.asarray(cue) + (1 - strength) * rng.uniform(0, 1, 3)
+
+
+def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
+    """Write the whole set in the CUB layout into `folder` (which must not exist)."""
+    rng = np.random.default_rng(spec.seed)
+    codes, n_beak, n_wing = class_codes(spec.num_classes)
+    beak_palette = _cue_palette(n_beak, 0.0)
+    wing_palette = _cue_palette(n_wing, 0.5 / max(n_wing, 1))
+    cue_colours = beak_palette + wing_palette
+    (folder / "images").mkdir(parents=True)
+    (folder / "parts").mkdir()
+    classes, images, labels, split, boxes, locs = [], [], [], [], [], []
+    image_id = 0
+    for c, (bi, wi) in enumerate(codes):
+        cname = f"{c + 1:03d}.Synth_bird_b{bi}_w{wi}"
+        classes.append(f"{c + 1} {cname}")
+        (folder / "images" / cname).mkdir()
+        for j in range(spec.train_per_class + spec.test_per_class):
+            image_id += 1
+            img, box, parts = _draw_bird(rng, spec, _mix(beak_palette[bi], rng, spec.cue_strength),
+                                         _mix(wing_palette[wi], rng, spec.cue_strength), cue_colours)
+            rel = f"{cname}/{cname}_{j:04d}.jpg"
+            Image.fromarray(img).save(folder / "images" / rel, quality=JPEG_QUALITY)
+            images.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {c + 1}")
+            split.append(f"{image_id} {int(j < spec.train_per_class)}")
+            boxes.append(f"{image_id} " + " ".join(f"{v:.1f}" for v in box))
+            for p, (x, y, vis) in enumerate(parts, 1):
+                locs.append(f"{image_id} {p} {x:.1f} {y:.1f} {int(vis)}")
+
+    def write(name: str, lines: list[str]) -> None:
+        (folder / name).write_text("\n".join(lines) + "\n")
+
+    write("classes.txt", classes)
+    write("images.txt", images)
+    write("image_class_labels.txt", labels)
+    write("train_test_split.txt", split)
+    write("bounding_boxes.txt", boxes)
+    write("parts/parts.txt", [f"{i} {n}" for i, n in enumerate(CUB_PARTS, 1)])
+    write("parts/part_locs.txt", locs)
+    write(MANIFEST, [json.dumps(asdict(spec), sort_keys=True)])
+
+
+def synthetic_folder(root: Path, spec: SyntheticSpec) -> Path:
+    """Where the set for `spec` lives: one sub-folder per setting, so sets never overwrite each other."""
+    digest = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
+    return Path(root) / f"synth-{spec.num_classes}c-{spec.image_size}px-{digest}"
+
+
+def ensure_synthetic(root: Path, spec: SyntheticSpec) -> Path:
+    """The CUB-layout folder of the set, generated on first use (atomically: a half-written set is
+    never taken for a whole one). Call it from one process at a time."""
+    if spec.num_classes < 2 or spec.train_per_class < 2 or spec.test_per_class < 1:
+        raise UserError("data.synthetic needs num_classes >= 2, train_per_class >= 2 and test_per_class >= 1.")
+    folder = synthetic_folder(root, spec)
+    if (folder / MANIFEST).is_file():
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_synthetic(tmp, spec)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,88 @@
+"""Evaluate a finished run: `[accelerate launch] fgvc/evaluate.py RUN_DIR [--split test|val]`.
+
+Rebuilds the model from the run folder (safetensors weights, nothing unpickled), evaluates on any
+number of processes with exact counts, prints a rich table and writes RUN_DIR/eval.json (or
+eval_val.json): top-1, top-5, mean per-class accuracy, expected calibration error, the confusion
+matrix and the most confused class pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _script import bootstrap  # noqa: E402
+
+bootstrap()
+
+from fgvc.errors import cli_main  # noqa: E402
+
+
+@cli_main
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--data-root", default=None, help="where the data set is now, if it moved")
+    parser.add_argument("--batch-size", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    from accelerate import Accelerator
+    from rich.console import Console
+    from rich.table import Table
+
+    from fgvc.data.build import build_datasets
+    from fgvc.engine.metrics import (confusion_matrix, expected_calibration_error, most_confused, predict,
+                                     split_metrics)
+    from fgvc.engine.runs import atomic_write_text, load_run
+    from fgvc.engine.trainer import make_loader
+
+    run = load_run(args.run_dir)
+    cfg = run.cfg
+    if args.data_root:
+        cfg.data.root = args.data_root
+    accelerator = Accelerator(mixed_precision="no")
+    with accelerator.main_process_first():
+        data = build_datasets(cfg.data, cfg.seed, run.mean, run.std)
+    dataset = data.test if args.split == "test" else data.val
+    if dataset is None:
+        from fgvc.errors import UserError
+
+        raise UserError(f"run '{args.run_dir}' has no validation split (data.val_fraction=0); use --split test.")
+    loader = accelerator.prepare(make_loader(dataset, args.batch_size or cfg.train.batch_size,
+                                             cfg.data.num_workers, False))
+    model = accelerator.prepare(run.model)
+    pred = predict(model, loader, accelerator)
+    K = len(run.class_names)
+    result = split_metrics(pred, K)
+    result["ece"] = expected_calibration_error(pred.logits, pred.labels)
+    cm = confusion_matrix(pred.logits, pred.labels, K)
+    result["most_confused"] = most_confused(cm, run.class_names)
+    result["confusion_matrix"] = cm.tolist()
+    result["split"] = args.split
+    if accelerator.is_main_process:
+        out = Path(args.run_dir) / ("eval.json" if args.split == "test" else "eval_val.json")
+        atomic_write_text(out, json.dumps(result, indent=1))
+        console = Console()
+        table = Table(title=f"{args.run_dir} — {args.split} split")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in result.items():
+            if isinstance(v, (int, float)):
+                table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        console.print(table)
+        pairs = Table(title="most confused (true -> predicted)")
+        for col in ("true", "predicted", "count"):
+            pairs.add_column(col)
+        for p in result["most_confused"][:5]:
+            pairs.add_row(p["true"], p["predicted"], str(p["count"]))
+        console.print(pairs)
+        console.print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,92 @@
+"""CBAM (Woo et al., "CBAM: Convolutional Block Attention Module", ECCV 2018).
+
+    F'  = M_c(F) * F,   M_c(F)  = sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F)))        (eq. 1-2)
+    F'' = M_s(F') * F', M_s(F') = sigmoid(f7x7([AvgPool_c(F'); MaxPool_c(F')]))      (eq. 1, 3)
+
+The shared MLP has 2 C^2 / r weights (+ C/r + C biases), the spatial convolution 2 k^2 weights
+(+ 2 for the batch norm the authors' code puts after it).
+
+Differences between the authors' code and timm's `CbamModule`, all options here (defaults follow
+the authors' code):
+- `mlp_bias`: the authors' MLP has biases; timm's has none.
+- `spatial_order`: the authors concatenate [max; mean] over channels, timm [mean; max].
+- `spatial_norm`: both put a batch norm after the 7x7 convolution; False drops it (eq. 3 as written).
+
+Made cheap on the CPU (the pooling and elementwise passes over the feature map, not the
+multiply-adds, are the cost): the MLP runs once on the stacked (2B, C) average and max vectors as
+linear layers instead of twice as 1x1 convolutions; the channel-refined map F' is the only full-size
+tensor allocated, and without autograd (inference) F'' is written into it in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fgvc.models.attention.common import apply_gate, make_gamma
+from fgvc.models.attention.se import reduced_width
+
+SPATIAL_ORDERS = ("max_mean", "mean_max")
+
+
+class ChannelGate(nn.Module):
+    """M_c (eq. 2): shared MLP over the average- and max-pooled vectors, (B, C, H, W) -> (B, C)."""
+
+    def __init__(self, channels: int, reduction: int = 16, bias: bool = True) -> None:
+        super().__init__()
+        hidden = reduced_width(channels, reduction)
+        self.fc1 = nn.Linear(channels, hidden, bias=bias)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(hidden, channels, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:                                    # (B, C, H, W)
+        pooled = torch.cat([x.mean((2, 3)), x.amax((2, 3))])                   # (2B, C)
+        scores = self.fc2(self.act(self.fc1(pooled)))                          # (2B, C)
+        avg, mx = scores.chunk(2)                                              # (B, C) each
+        return (avg + mx).sigmoid()                                            # (B, C)
+
+
+class SpatialGate(nn.Module):
+    """M_s (eq. 3): sigmoid(conv_kxk([max_c; mean_c])), (B, C, H, W) -> (B, 1, H, W)."""
+
+    def __init__(self, kernel_size: int = 7, order: str = "max_mean", norm: bool = True) -> None:
+        super().__init__()
+        if order not in SPATIAL_ORDERS:
+            raise ValueError(f"spatial order must be one of {SPATIAL_ORDERS}, got {order!r}")
+        self.max_first = order == "max_mean"
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1) if norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:                                    # (B, C, H, W)
+        mean, mx = x.mean(1, keepdim=True), x.amax(1, keepdim=True)            # (B, 1, H, W) each
+        pooled = torch.cat([mx, mean] if self.max_first else [mean, mx], 1)    # (B, 2, H, W)
+        return self.bn(self.conv(pooled)).sigmoid()                            # (B, 1, H, W)
+
+
+class CBAM(nn.Module):
+    """Channel gate, then spatial gate on the channel-refined map (eq. 1)."""
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, mlp_bias: bool = True,
+                 spatial_order: str = "max_mean", spatial_norm: bool = True, identity_init: bool = False) -> None:
+        super().__init__()
+        self.channel = ChannelGate(channels, reduction, mlp_bias)
+        self.spatial = SpatialGate(kernel_size, spatial_order, spatial_norm)
+        self.gamma_channel = make_gamma(identity_init)
+        self.gamma_spatial = make_gamma(identity_init)
+
+    def forward(self, x: Tensor) -> Tensor:                                    # (B, C, H, W)
+        refined = apply_gate(x, self.channel(x)[:, :, None, None], self.gamma_channel)  # F', (B, C, H, W)
+        s = self.spatial(refined)                                              # (B, 1, H, W)
+        if self.gamma_spatial is None and not torch.is_grad_enabled():
+            return refined.mul_(s)  # F'' in place: `refined` is this block's own tensor
+        return apply_gate(refined, s, self.gamma_spatial)                      # F'', (B, C, H, W)
+
+    def load_timm(self, timm_cbam: nn.Module) -> None:
+        """Copy timm's CbamModule weights (build this block with mlp_bias=False, spatial_order='mean_max')."""
+        for ours, theirs in ((self.channel.fc1, timm_cbam.channel.fc1), (self.channel.fc2, timm_cbam.channel.fc2)):
+            ours.weight.data.copy_(theirs.weight.data.flatten(1))
+            if ours.bias is not None and theirs.bias is not None:
+                ours.bias.data.copy_(theirs.bias.data)
+        self.spatial.conv.weight.data.copy_(timm_cbam.spatial.conv.conv.weight.data)
+        if isinstance(self.spatial.bn, nn.BatchNorm2d):
+            self.spatial.bn.load_state_dict(timm_cbam.spatial.conv.bn.state_dict())

@@ -1,0 +1,165 @@
+"""Putting attention blocks into any timm CNN without touching its weights.
+
+Two placements (recipe key `model.attention.placement`):
+
+- `stage`: after a whole stage. Stages are the entries of timm's `model.feature_info` (for ResNets
+  entry 0 is the stem, 1-4 are layer1-4; negative indices count from the deepest). The block lives
+  outside the backbone, in the caller's container, and runs on the stage's output through a forward
+  hook on the stage module: every backbone parameter keeps its name, so pretrained and plain
+  checkpoints load unchanged.
+- `block`: inside every residual block of the chosen stages, in the block's attention slot (`se`):
+  timm's ResNet/ResNeXt (`BasicBlock`, `Bottleneck`, where `block_args=dict(attn_layer=...)` would put
+  it), EfficientNet/MobileNet (`se_layer`'s slot) and RegNet. An empty slot receives the new block; a
+  slot that already holds the family's own SE keeps it, and the new block runs after it (a hook), so
+  the pretrained SE is kept too. Other families raise a UserError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import timm
+import timm.layers
+import torch
+from timm.models import _efficientnet_blocks as effnet_blocks
+from timm.models import regnet, resnet
+from torch import Tensor, nn
+
+from fgvc.errors import UserError
+from fgvc.models.attention.cbam import CBAM
+from fgvc.models.attention.common import IdentityStart
+from fgvc.models.attention.residual import ResidualAttention
+from fgvc.models.attention.se import SqueezeExcite
+
+FGVC_BLOCKS = ("se", "cbam", "residual")  # fgvc's own blocks that go after a stage or into a block
+CLASSIFIER_LEVEL = ("gate", "stn")  # built by the classifier itself (gates need two stages, STN the image)
+TIMM_PREFIX = "timm_"  # `timm_cbam` = timm's own CbamModule, for comparisons with fgvc's `cbam`
+TIMM_NAMES = ("se", "ese", "eca", "ecam", "ceca", "ge", "gc", "gca", "cbam", "lcbam", "coord", "scoord",
+              "ela", "strip", "sk", "splat", "nl", "bat")  # timm.layers.get_attn's same-shape modules
+PROBE_SIDE = 64  # image side of the one probe forward that checks the stages give (B, C, H, W) maps
+
+# Residual blocks with an attention slot `se`, and the channels the slot sees.
+SLOT_CHANNELS: tuple[tuple[type, Callable[[nn.Module], int]], ...] = (
+    (resnet.BasicBlock, lambda b: b.bn2.num_features),
+    (resnet.Bottleneck, lambda b: b.bn3.num_features),
+    (effnet_blocks.InvertedResidual, lambda b: b.bn2.num_features),
+    (effnet_blocks.DepthwiseSeparableConv, lambda b: b.bn1.num_features),
+    (effnet_blocks.EdgeResidual, lambda b: b.bn1.num_features),
+    (regnet.Bottleneck, lambda b: b.conv2.bn.num_features),
+)
+SLOT = "se"
+ADDED_AFTER_SLOT = "attn"  # name of a block added after an occupied slot
+
+
+@dataclass
+class Stage:
+    index: int  # position in feature_info, >= 0
+    module: str  # its module path in the backbone
+    channels: int
+    reduction: int  # input pixels per feature-map cell
+
+
+class RunAfter:
+    """Forward hook that replaces a module's output y by block(y)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        return self.block(output)
+
+
+def is_known(kind: str) -> bool:
+    return kind in FGVC_BLOCKS or kind in CLASSIFIER_LEVEL or kind.removeprefix(TIMM_PREFIX) in TIMM_NAMES
+
+
+def check_kind(kind: str) -> None:
+    if not is_known(kind):
+        raise UserError(f"model.attention.type '{kind}' is unknown; use none, {', '.join(FGVC_BLOCKS + CLASSIFIER_LEVEL)}, "
+                        f"or a timm attention name ({', '.join(TIMM_NAMES)}).")
+
+
+def backbone_stages(net: nn.Module, backbone: str) -> list[Stage]:
+    """The backbone's feature levels, checked with one small probe forward to be (B, C, H, W) maps."""
+    info = getattr(net, "feature_info", None)
+    if not info or not hasattr(net, "forward_intermediates"):
+        raise UserError(f"backbone '{backbone}' has no timm feature_info; pick a timm CNN (resnet50, convnext_tiny, ...).")
+    stages = [Stage(i, f["module"], f["num_chs"], f["reduction"]) for i, f in enumerate(info)]
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            _, maps = net.forward_intermediates(torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE), output_fmt="NCHW")
+    except Exception:  # fixed-size transformers and the like
+        maps = []
+    finally:
+        net.train(was_training)
+    if len(maps) != len(stages) or any(m.ndim != 4 or m.shape[1] != s.channels for m, s in zip(maps, stages)):
+        raise UserError(f"backbone '{backbone}' does not give (B, C, H, W) stage maps; attention needs a CNN "
+                        "(resnet, resnext, convnext, efficientnet, regnet, ...).")
+    return stages
+
+
+def pick_stages(stages: list[Stage], indices: list[int], backbone: str) -> list[Stage]:
+    n, picked = len(stages), []
+    for i in indices:
+        if not -n <= i < n:
+            raise UserError(f"model.attention.stages has {i} but backbone '{backbone}' has stages 0..{n - 1} "
+                            f"({', '.join(s.module for s in stages)}); negative indices count from the last.")
+        if stages[i % n] not in picked:
+            picked.append(stages[i % n])
+    return picked
+
+
+def make_block(kind: str, channels: int, feature_side: int, reduction: int = 16, kernel_size: int = 7,
+               identity_init: bool = False) -> nn.Module:
+    """One attention block for a (B, channels, side, side) map that returns a map of the same shape."""
+    if kind == "se":
+        return SqueezeExcite(channels, reduction, identity_init=identity_init)
+    if kind == "cbam":
+        return CBAM(channels, reduction, kernel_size, identity_init=identity_init)
+    if kind == "residual":
+        return ResidualAttention(channels, feature_side, identity_init=identity_init)
+    name = kind.removeprefix(TIMM_PREFIX)
+    if name not in TIMM_NAMES:
+        check_kind(kind)
+        raise UserError(f"model.attention.type '{kind}' is built by the classifier, not inside a stage or block.")
+    block = timm.layers.create_attn(name, channels)
+    return IdentityStart(block) if identity_init else block
+
+
+def attach_after_stage(net: nn.Module, stage: Stage, block: nn.Module) -> None:
+    """Run `block` on the output of the stage module (the block must be registered by the caller)."""
+    net.get_submodule(stage.module).register_forward_hook(RunAfter(block))
+
+
+def residual_blocks(net: nn.Module, stage: Stage) -> list[tuple[nn.Module, int]]:
+    """(block, slot channels) of every residual block with an attention slot in this stage."""
+    found = []
+    for module in net.get_submodule(stage.module).modules():
+        for cls, channels in SLOT_CHANNELS:
+            if isinstance(module, cls):
+                found.append((module, channels(module)))
+                break
+    return found
+
+
+def attach_in_blocks(net: nn.Module, stage: Stage, backbone: str, make: Callable[[int], nn.Module]) -> list[nn.Module]:
+    """Put `make(channels)` into the attention slot of every residual block of `stage`; returns the new blocks."""
+    blocks = residual_blocks(net, stage)
+    if not blocks:
+        raise UserError(f"model.attention.placement=block needs residual blocks with an attention slot (timm ResNet/"
+                        f"ResNeXt, EfficientNet/MobileNet, RegNet), but stage {stage.index} ({stage.module}) of "
+                        f"'{backbone}' has none; use model.attention.placement=stage or other stages.")
+    added = []
+    for block, channels in blocks:
+        new = make(channels)
+        slot = getattr(block, SLOT, None)
+        if slot is None or isinstance(slot, nn.Identity):
+            setattr(block, SLOT, new)
+        else:  # keep the family's own (pretrained) SE and run the new block after it
+            block.add_module(ADDED_AFTER_SLOT, new)
+            slot.register_forward_hook(RunAfter(new))
+        added.append(new)
+    return added

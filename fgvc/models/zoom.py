@@ -1,0 +1,354 @@
+"""RA-CNN: Recurrent Attention Convolutional Neural Network (Fu, Zheng and Mei, CVPR 2017).
+
+Each scale s classifies its image X_s; an attention proposal network (APN) reads the scale's last
+feature map and predicts a square box (t_x, t_y, t_l) = (centre x, centre y, half side); the next
+scale's image is that box, cut out with the paper's boxcar mask and enlarged to the input size:
+
+    M(x, y) = [h(x - t_x(tl)) - h(x - t_x(br))] * [h(y - t_y(tl)) - h(y - t_y(br))],  h(z) = sigmoid(k z)
+    X_{s+1} = resample(X_s * M, box)                                   (paper eq. 4-5)
+
+Training (paper sec. 3.3-3.4):
+    L = sum_s L_cls(Y_s, Y*) + sum_s L_rank(p_t^(s), p_t^(s+1)),
+    L_rank = max(0, p_t^(s) - p_t^(s+1) + margin)                       (paper eq. 8-9)
+with the schedule of `zoom_phase`: first the classifiers learn with boxes fixed at the strongest
+response of the previous scale's feature map (while each APN is regressed toward that box, which
+is how we pretrain the APNs), then `cls_steps` classification updates (boxes fixed) alternate with
+`apn_steps` proposal updates (ranking loss only; backbones and classifiers untouched).
+
+Boxes are kept in *fractions of the current scale's input side* internally (so they do not depend
+on pixel sizes); `ZoomOutput.boxes` gives them composed back into input-image pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fgvc.engine.losses import classification_loss
+from fgvc.errors import UserError
+from fgvc.models.classifier import create_backbone
+
+SCALES_ALLOWED = (2, 3)  # the paper's settings: one or two zooms
+INIT_HALF_SIDE = 0.25  # initial box: a square of half the image side (paper sec. 3.4), as a half side
+APN_CHANNELS = 64  # 1x1 conv width before the APN's fully connected layers (keeps them small for ResNet-50)
+APN_GRID = 14  # feature grid the APN reads: VGG-19's conv5_4 at 448 px is 14x14 (the paper's input)
+APN_HIDDEN = 512  # width of the APN's hidden fully connected layer
+APN_INIT_WEIGHT = 1.0  # weight of the APN's regression toward the initial box; only the APNs feel it
+
+# training phases (`zoom_phase`); JOINT = no schedule (evaluation, or a loop without step_schedule)
+PRETRAIN, CLS, APN, JOINT = "pretrain", "cls", "apn", "joint"
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule
+
+
+@dataclass(frozen=True)
+class ZoomSchedule:
+    """How training alternates (paper sec. 3.4); counted in optimizer updates."""
+
+    pretrain_updates: int = 0  # classifiers with boxes fixed at the peak response; APNs regress to them
+    cls_steps: int = 20  # then: classification updates with the APN's boxes held fixed
+    apn_steps: int = 10  # alternating with: proposal updates on the ranking loss only
+
+    def phase(self, update: int) -> str:
+        return zoom_phase(update, self.pretrain_updates, self.cls_steps, self.apn_steps)
+
+
+def zoom_phase(update: int, pretrain_updates: int, cls_steps: int, apn_steps: int) -> str:
+    """PRETRAIN for the first `pretrain_updates`, then cycles of `cls_steps` CLS and `apn_steps` APN."""
+    if update < pretrain_updates:
+        return PRETRAIN
+    if apn_steps <= 0:
+        return CLS
+    if cls_steps <= 0:
+        return APN
+    return CLS if (update - pretrain_updates) % (cls_steps + apn_steps) < cls_steps else APN
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes and the differentiable zoom (all batched; boxes are (B, 3) cx, cy, half side in fractions)
+
+
+def box_from_raw(raw: Tensor, min_side: float) -> Tensor:
+    """(B, 3) unconstrained APN output -> (B, 3) box inside the image with side >= min_side.
+
+    half side  t_l = min_side/2 + (1/2 - min_side/2) * sigmoid(raw_l)   in [min_side/2, 1/2]
+    centre     t_c = t_l + (1 - 2 t_l) * sigmoid(raw_c)                  in [t_l, 1 - t_l]
+    """
+    floor = min_side / 2
+    half = floor + (0.5 - floor) * torch.sigmoid(raw[:, 2:3])  # (B, 1)
+    centre = half + (1 - 2 * half) * torch.sigmoid(raw[:, :2])  # (B, 2)
+    return torch.cat([centre, half], dim=1)  # (B, 3)
+
+
+def peak_response_box(feats: Tensor, half_side: float) -> Tensor:
+    """(B, C, h, w) -> (B, 3): a square of `half_side` centred on the cell with the strongest summed
+    response (paper sec. 3.4), shifted to lie inside the image. Not differentiable (an argmax)."""
+    b, _, h, w = feats.shape
+    response = feats.detach().sum(1).flatten(1)  # (B, h*w)
+    peak = response.argmax(1)  # (B,)
+    cx = ((peak % w).to(feats.dtype) + 0.5) / w
+    cy = (torch.div(peak, w, rounding_mode="floor").to(feats.dtype) + 0.5) / h
+    centre = torch.stack([cx, cy], 1).clamp(half_side, 1 - half_side)  # (B, 2)
+    return torch.cat([centre, centre.new_full((b, 1), half_side)], 1)  # (B, 3)
+
+
+def attention_mask(boxes: Tensor, height: int, width: int, steepness: float) -> Tensor:
+    """The paper's boxcar M(x, y) of steep sigmoids (eq. 5), k = steepness per pixel: (B, 1, H, W).
+
+    Pixel i covers [i, i+1) and is judged at its centre i + 0.5; box edges are at (c -/+ l) * side."""
+    xs = torch.arange(width, device=boxes.device, dtype=boxes.dtype) + 0.5  # (W,)
+    ys = torch.arange(height, device=boxes.device, dtype=boxes.dtype) + 0.5  # (H,)
+    cx, cy, half = (boxes[:, i:i + 1] for i in range(3))  # each (B, 1)
+    mx = torch.sigmoid(steepness * (xs - (cx - half) * width)) - torch.sigmoid(steepness * (xs - (cx + half) * width))
+    my = torch.sigmoid(steepness * (ys - (cy - half) * height)) - torch.sigmoid(steepness * (ys - (cy + half) * height))
+    return (my[:, :, None] * mx[:, None, :]).unsqueeze(1)  # (B, 1, H, W)
+
+
+def zoom(images: Tensor, boxes: Tensor, out_size: int, steepness: float) -> Tensor:
+    """Mask `images` (B, C, H, W) with the boxcar of `boxes` and enlarge each box to out_size^2
+    by bilinear sampling: (B, C, out_size, out_size). Gradients reach the boxes through both the
+    mask (the paper's derivation) and the sampling positions.
+
+    Sampling positions are kept between the first and last pixel centre inside the box, so that for
+    a box on pixel edges and a steep mask this equals `F.interpolate(crop, out_size, mode="bilinear",
+    align_corners=False)` of the hard crop (which repeats the crop's border pixels when enlarging)."""
+    b, c, h, w = images.shape
+    masked = images * attention_mask(boxes, h, w, steepness)  # (B, C, H, W)
+    cx, cy, half = boxes[:, 0], boxes[:, 1], boxes[:, 2]  # (B,)
+    zero = torch.zeros_like(cx)
+    # affine map from the output grid [-1, 1]^2 to the box, in grid_sample's normalised coordinates
+    theta = torch.stack([torch.stack([2 * half, zero, 2 * cx - 1], 1),
+                         torch.stack([zero, 2 * half, 2 * cy - 1], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [b, c, out_size, out_size], align_corners=False)  # (B, S, S, 2)
+    # first/last pixel centre inside the box, in normalised coordinates (pixel centre i+0.5 -> 2(i+0.5)/W - 1)
+    lo = torch.stack([2 * (cx - half) - 1 + 1 / w, 2 * (cy - half) - 1 + 1 / h], 1)[:, None, None, :]  # (B,1,1,2)
+    hi = torch.stack([2 * (cx + half) - 1 - 1 / w, 2 * (cy + half) - 1 - 1 / h], 1)[:, None, None, :]
+    grid = torch.maximum(torch.minimum(grid, hi), lo)
+    return F.grid_sample(masked, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def compose_boxes(outer: Tensor, inner: Tensor) -> Tensor:
+    """A box `inner` given in fractions of the crop `outer` -> the same box in fractions of the
+    image `outer` was cut from. Both (B, 3)."""
+    side = 2 * outer[:, 2:3]  # (B, 1) crop side as a fraction of the image
+    centre = outer[:, :2] - outer[:, 2:3] + side * inner[:, :2]  # (B, 2)
+    return torch.cat([centre, side * inner[:, 2:3]], 1)  # (B, 3)
+
+
+def boxes_xyxy(boxes: Tensor) -> Tensor:
+    """(B, 3) cx, cy, half side -> (B, 4) x1, y1, x2, y2 (same units)."""
+    c, half = boxes[:, :2], boxes[:, 2:3]
+    return torch.cat([c - half, c + half], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+class AttentionProposal(nn.Module):
+    """APN (paper sec. 3.2): the scale's last conv features -> stacked fully connected layers ->
+    (t_x, t_y, t_l). A 1x1 conv and a pool to at most APN_GRID^2 cells keep the layers small for
+    any backbone and input size. The last layer starts at zero: the first box is centred."""
+
+    def __init__(self, channels: int, grid: int, min_side: float) -> None:
+        super().__init__()
+        self.min_side = min_side
+        self.reduce = nn.Sequential(nn.Conv2d(channels, APN_CHANNELS, 1), nn.ReLU(inplace=True),
+                                    nn.AdaptiveAvgPool2d(grid), nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(APN_CHANNELS * grid * grid, APN_HIDDEN), nn.ReLU(inplace=True),
+                                nn.Linear(APN_HIDDEN, 3))
+        nn.init.zeros_(self.fc[-1].weight)
+        nn.init.zeros_(self.fc[-1].bias)
+
+    def forward(self, feats: Tensor) -> Tensor:  # (B, C, h, w) -> (B, 3) box in fractions
+        return box_from_raw(self.fc(self.reduce(feats)), self.min_side)
+
+
+class _ScaleNet(nn.Module):
+    """One scale's backbone and classifier as one callable, so that `torch.func.functional_call`
+    can run it with detached weights in proposal steps. Built on the fly; owns no new weights."""
+
+    def __init__(self, backbone: nn.Module, classifier: nn.Linear) -> None:
+        super().__init__()
+        self.backbone, self.classifier = backbone, classifier
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        feats = self.backbone.forward_features(x)  # (B, C, h, w)
+        pooled = self.backbone.forward_head(feats, pre_logits=True)  # (B, C)
+        return feats, pooled, self.classifier(pooled)  # ..., (B, num_classes)
+
+
+@dataclass
+class ZoomOutput:
+    logits: Tensor  # (B, K) final prediction: fusion of the scales
+    scale_logits: list[Tensor]  # per scale, coarse to fine, each (B, K)
+    boxes: list[Tensor]  # per zoom, (B, 3) centre x, centre y, half side in input-image pixels (detached)
+    proposals: list[Tensor]  # per zoom, (B, 3) the APN's box in fractions of that zoom's input
+    init_boxes: list[Tensor]  # per zoom, (B, 3) the peak-response box, same frame (detached)
+    phase: str = JOINT  # the schedule phase this output was computed in
+
+    def named_logits(self) -> dict[str, Tensor]:
+        return {f"scale{s}": logits for s, logits in enumerate(self.scale_logits)}
+
+    def zoom_boxes_xyxy(self) -> list[Tensor]:
+        """Per zoom, (B, 4) x1, y1, x2, y2 in input-image pixels, for drawing and scoring."""
+        return [boxes_xyxy(b) for b in self.boxes]
+
+
+class RACNN(nn.Module):
+    """RA-CNN (Fu et al. 2017) on timm backbones: `scales` backbones (or one shared), a classifier
+    per scale, an APN per zoom, and a fusion of the scales' pooled features or summed scores."""
+
+    def __init__(self, backbone: str, num_classes: int, image_size: int = 448, scales: int = 3,
+                 share_backbone: bool = False, fuse: str = "features", min_side: float = 0.25,
+                 mask_steepness: float = 10.0, pretrained: bool = False, weights: str = "") -> None:
+        super().__init__()
+        if scales not in SCALES_ALLOWED:
+            raise UserError(f"model.zoom.scales is {scales} but RA-CNN takes 2 or 3 scales; set 2 or 3.")
+        if not 0 < min_side <= 1:
+            raise UserError(f"model.zoom.min_side is {min_side} but must be in (0, 1]; e.g. 0.25.")
+        if fuse not in ("features", "scores"):
+            raise UserError(f"model.zoom.fuse is '{fuse}' but must be 'features' or 'scores'.")
+        if mask_steepness <= 0:
+            raise UserError(f"model.zoom.mask_steepness is {mask_steepness} but must be positive; e.g. 10.")
+        self.num_scales, self.image_size, self.fuse = scales, image_size, fuse
+        self.share_backbone, self.mask_steepness = share_backbone, mask_steepness
+        self.init_half_side = max(INIT_HALF_SIDE, min_side / 2)
+        self.schedule: ZoomSchedule | None = None  # set by ZoomLoss.bind(model)
+        self.phase = JOINT
+
+        self.backbones = nn.ModuleList()
+        self.pretrained_names: set[str] = set()
+        for s in range(1 if share_backbone else scales):
+            net, names = create_backbone(backbone, 0, pretrained, weights)  # num_classes=0: pooled features
+            self.backbones.append(net)
+            self.pretrained_names |= {f"backbones.{s}.{n}" for n in names}
+        channels = self.backbones[0].num_features
+        reduction = self.backbones[0].feature_info[-1]["reduction"]
+        grid = min(APN_GRID, math.ceil(image_size / reduction))
+        self.classifiers = nn.ModuleList(nn.Linear(channels, num_classes) for _ in range(scales))
+        self.apns = nn.ModuleList(AttentionProposal(channels, grid, min_side) for _ in range(scales - 1))
+        self.fusion = nn.Linear(scales * channels, num_classes) if fuse == "features" else None
+
+    def step_schedule(self, update: int, epoch: int) -> None:
+        """Called by the trainer before each training forward: pick the phase (a Python attribute)."""
+        if self.schedule is None:
+            raise RuntimeError("RACNN.step_schedule needs the training schedule; call "
+                               "criterion.bind(model) (ZoomLoss) once after building both.")
+        self.phase = self.schedule.phase(update)
+
+    def _scale(self, s: int, x: Tensor, frozen: bool) -> tuple[Tensor, Tensor, Tensor]:
+        net = _ScaleNet(self.backbones[0 if self.share_backbone else s], self.classifiers[s])
+        if not frozen:
+            return net(x)
+        # proposal step: gradients flow through the scale to its input image (and so to the box),
+        # never into its weights; BN still normalises with batch statistics as in training
+        detached = {n: p.detach() for n, p in net.named_parameters()}
+        return torch.func.functional_call(net, detached, (x,))
+
+    def forward(self, x: Tensor) -> ZoomOutput:  # (B, 3, H, W)
+        phase = self.phase if self.training else JOINT
+        frozen = phase == APN  # backbones and classifiers are fixed in proposal steps
+        image = x
+        scale_logits, pooled_all, proposals, init_boxes, absolute = [], [], [], [], []
+        for s in range(self.num_scales):
+            feats, pooled, logits = self._scale(s, image, frozen)  # (B, C, h, w), (B, C), (B, K)
+            scale_logits.append(logits)
+            pooled_all.append(pooled)
+            if s == self.num_scales - 1:
+                break
+            with torch.no_grad():
+                init = peak_response_box(feats, self.init_half_side)  # (B, 3)
+            # only proposal steps (and JOINT) let the box's gradient reach the features it was read from
+            proposal = self.apns[s](feats if phase in (APN, JOINT) else feats.detach())  # (B, 3)
+            if phase == PRETRAIN:  # zoom into the peak-response box while the APN regresses toward it
+                box = init
+            elif phase == CLS:  # boxes fixed: no gradient to the APN
+                box = proposal.detach()
+            else:
+                box = proposal
+            image = zoom(image, box, self.image_size, self.mask_steepness)  # (B, 3, S, S)
+            proposals.append(proposal if phase == PRETRAIN else proposal.detach())
+            init_boxes.append(init)
+            absolute.append(box.detach() if s == 0 else compose_boxes(absolute[-1], box.detach()))
+        # the fusion head reads detached features: it never shapes the backbones
+        if self.fusion is not None:  # each scale's descriptor normalised on its own (paper sec. 3.5)
+            normed = [F.normalize(p.detach(), dim=1) for p in pooled_all]  # (B, C) each, unit norm
+            logits = self.fusion(torch.cat(normed, 1))  # (B, S*C) -> (B, K)
+        else:
+            logits = torch.stack([l.detach() for l in scale_logits]).sum(0)  # (B, K)
+        if phase == APN:  # not in the proposal loss: no path to the fusion weights (DDP unused check)
+            logits = logits.detach()
+        h, w = x.shape[-2:]
+        to_pixels = torch.tensor([w, h, w], dtype=x.dtype, device=x.device)
+        return ZoomOutput(logits=logits, scale_logits=scale_logits, boxes=[b * to_pixels for b in absolute],
+                          proposals=proposals, init_boxes=init_boxes, phase=phase)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+
+def true_class_probability(logits: Tensor, target: Tensor) -> Tensor:
+    """p_t: (B,) softmax probability of the true class (for soft (B, K) targets, its expectation)."""
+    probs = logits.softmax(-1)
+    if target.ndim == 2:
+        return (probs * target).sum(-1)
+    return probs.gather(1, target[:, None]).squeeze(1)
+
+
+def ranking_loss(p_coarse: Tensor, p_fine: Tensor, margin: float) -> Tensor:
+    """Pairwise ranking loss (paper eq. 9): max(0, p_t^(s) - p_t^(s+1) + margin), batch mean."""
+    return (p_coarse - p_fine + margin).clamp(min=0).mean()
+
+
+class ZoomLoss(nn.Module):
+    """Cross-entropy at every scale and on the fusion, the ranking loss between neighbouring scales,
+    and the APNs' regression toward the initial boxes, combined by the schedule's phase:
+
+        PRETRAIN: sum_s ce_s + ce_fused + APN_INIT_WEIGHT * apn_init
+        CLS:      sum_s ce_s + ce_fused
+        APN:      rank_weight * rank
+        JOINT:    sum_s ce_s + ce_fused + rank_weight * rank      (evaluation / no schedule)
+
+    Every term is returned by name (detached) so all of them are logged in every phase."""
+
+    def __init__(self, rank_margin: float = 0.05, rank_weight: float = 1.0, label_smoothing: float = 0.0,
+                 pretrain_updates: int = 0, cls_steps: int = 20, apn_steps: int = 10) -> None:
+        super().__init__()
+        self.rank_margin, self.rank_weight, self.label_smoothing = rank_margin, rank_weight, label_smoothing
+        self.schedule = ZoomSchedule(pretrain_updates, cls_steps, apn_steps)
+
+    def bind(self, model: nn.Module) -> None:
+        """Give the (unwrapped) model this loss's schedule, so both switch phase on the same update."""
+        model.schedule = self.schedule
+
+    def forward(self, output: ZoomOutput, target: Tensor, update: int = 0, epoch: int = 0) -> dict[str, Tensor]:
+        phase = output.phase
+        if phase != JOINT and phase != self.schedule.phase(update):
+            raise RuntimeError(f"the model ran in phase '{phase}' but the loss expects "
+                               f"'{self.schedule.phase(update)}' at update {update}; call "
+                               "criterion.bind(model) and model.step_schedule(update, epoch) before each forward.")
+        ces = [classification_loss(l, target, self.label_smoothing) for l in output.scale_logits]
+        ce_fused = classification_loss(output.logits, target, self.label_smoothing)
+        p_t = [true_class_probability(l, target) for l in output.scale_logits]
+        rank = sum(ranking_loss(p_t[s], p_t[s + 1], self.rank_margin) for s in range(len(p_t) - 1))
+        apn_init = sum(((p - i) ** 2).sum(1).mean() for p, i in zip(output.proposals, output.init_boxes))
+        ce = sum(ces)
+        if phase == PRETRAIN:
+            loss = ce + ce_fused + APN_INIT_WEIGHT * apn_init
+        elif phase == CLS:
+            loss = ce + ce_fused
+        elif phase == APN:
+            loss = self.rank_weight * rank
+        else:
+            loss = ce + ce_fused + self.rank_weight * rank
+        terms = {f"ce_scale{s}": v for s, v in enumerate(ces)}
+        terms.update(ce_fused=ce_fused, rank=rank, apn_init=apn_init)
+        return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}

@@ -1,0 +1,315 @@
+"""RA-CNN (fgvc/models/zoom.py): the zoom, the boxes, the losses, the schedule, DDP, the recipes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fgvc.config import available_recipes, load_recipe
+from fgvc.engine.losses import build_criterion
+from fgvc.errors import UserError
+from fgvc.models.build import build_model
+from fgvc.models.zoom import (APN, CLS, JOINT, PRETRAIN, RACNN, ZoomLoss, ZoomOutput, box_from_raw, compose_boxes,
+                              peak_response_box, ranking_loss, true_class_probability, zoom, zoom_phase)
+
+from conftest import ROOT, TINY_DATA, accelerate_launch
+
+STEEP = 1e4  # a mask this steep is exactly 0/1 at pixel centres in float32: a hard crop
+SIZE, CLASSES = 32, 5  # tiny model input
+
+
+def tiny_racnn(**kwargs) -> RACNN:
+    torch.manual_seed(0)
+    return RACNN("test_resnet", CLASSES, **{"image_size": SIZE, "scales": 3, **kwargs})
+
+
+def pixel_box(x1: int, y1: int, side: int, image_side: int) -> list[float]:
+    """A square on pixel edges as (cx, cy, half) in fractions of the image side."""
+    return [(x1 + side / 2) / image_side, (y1 + side / 2) / image_side, side / 2 / image_side]
+
+
+# --- the differentiable zoom ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_size", [16, 32, 48, 80])  # shrink, copy, enlarge, enlarge by a non-integer
+def test_zoom_of_integer_box_equals_hard_crop_and_resize(out_size):
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 64, 64)
+    corners = [(8, 16, 32), (0, 40, 24), (20, 0, 44)]  # (x1, y1, side); the last two touch the border
+    boxes = torch.tensor([pixel_box(x, y, s, 64) for x, y, s in corners])
+    zoomed = zoom(images, boxes, out_size, STEEP)
+    for i, (x, y, s) in enumerate(corners):
+        crop = images[i:i + 1, :, y:y + s, x:x + s]
+        expected = F.interpolate(crop, size=(out_size, out_size), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(zoomed[i:i + 1], expected, atol=1e-5, rtol=0)
+
+
+def test_zoom_of_a_zoom_equals_one_zoom_into_the_composed_box():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64)
+    outer = torch.tensor([pixel_box(16, 8, 32, 64)] * 2)  # 32 px box -> 32 px: an exact crop
+    inner = torch.tensor([pixel_box(8, 4, 16, 32)] * 2)  # 16 px of that -> 16 px
+    twice = zoom(zoom(images, outer, 32, STEEP), inner, 16, STEEP)
+    once = zoom(images, compose_boxes(outer, inner), 16, STEEP)
+    torch.testing.assert_close(twice, once, atol=1e-5, rtol=0)
+    torch.testing.assert_close(once, images[:, :, 12:28, 24:40], atol=1e-5, rtol=0)
+
+
+def test_gradient_of_the_zoom_reaches_every_box_parameter():
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 32, 32)
+    raw = torch.randn(4, 3, requires_grad=True)  # what an APN outputs
+    out = zoom(images, box_from_raw(raw, 0.25), 24, steepness=10.0)
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.isfinite(raw.grad).all()
+    assert (raw.grad.abs() > 0).all(), raw.grad  # centre x, centre y and half side of every image
+
+
+def test_gradient_of_the_ranking_loss_reaches_the_apns_and_boxes():
+    model = tiny_racnn()
+    model.train()
+    out = model(torch.randn(4, 3, SIZE, SIZE))  # JOINT: no schedule, boxes live
+    p_t = [true_class_probability(l, torch.zeros(4, dtype=torch.long)) for l in out.scale_logits]
+    (ranking_loss(p_t[0], p_t[1], 1.0) + ranking_loss(p_t[1], p_t[2], 1.0)).backward()
+    for apn in model.apns:
+        assert apn.fc[-1].weight.grad is not None and apn.fc[-1].weight.grad.abs().sum() > 0
+
+
+# --- boxes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("min_side", [0.1, 0.25, 0.5, 1.0])
+def test_boxes_stay_inside_the_image_and_above_the_floor(min_side):
+    torch.manual_seed(0)
+    raw = torch.cat([torch.randn(200, 3) * 20,  # random and extreme APN outputs
+                     torch.tensor([[1e6, 1e6, 1e6], [-1e6, -1e6, -1e6], [1e6, -1e6, -1e6],
+                                   [math.inf, -math.inf, -math.inf], [0.0, 0.0, -math.inf]])])
+    box = box_from_raw(raw, min_side)
+    cx, cy, half = box.unbind(1)
+    assert torch.isfinite(box).all()
+    assert (2 * half >= min_side - 1e-6).all() and (half <= 0.5 + 1e-6).all()
+    for c in (cx, cy):
+        assert (c - half >= -1e-6).all() and (c + half <= 1 + 1e-6).all()
+
+
+def test_model_boxes_in_input_pixels_stay_inside_and_above_the_floor():
+    model = tiny_racnn(min_side=0.5).eval()
+    for apn in model.apns:  # an APN gone wild
+        torch.nn.init.normal_(apn.fc[-1].weight, std=100.0)
+        torch.nn.init.normal_(apn.fc[-1].bias, std=100.0)
+    with torch.no_grad():
+        out = model(torch.randn(8, 3, 40, 40))  # boxes are in the pixels of this input, not SIZE
+    assert len(out.boxes) == 2
+    for z, xyxy in enumerate(out.zoom_boxes_xyxy()):
+        assert (xyxy >= -1e-4).all() and (xyxy <= 40 + 1e-4).all()
+        side = xyxy[:, 2] - xyxy[:, 0]
+        torch.testing.assert_close(side, xyxy[:, 3] - xyxy[:, 1])  # square
+        assert (side >= 40 * 0.5 ** (z + 1) - 1e-4).all()  # the floor is relative to each zoom's input
+    # zoom 2 lies inside zoom 1
+    outer, inner = out.zoom_boxes_xyxy()
+    assert (inner[:, :2] >= outer[:, :2] - 1e-4).all() and (inner[:, 2:] <= outer[:, 2:] + 1e-4).all()
+
+
+def test_initial_box_is_centred_on_the_strongest_response_and_inside():
+    feats = torch.zeros(2, 4, 8, 8)
+    feats[0, :, 3, 5] = 1.0  # row 3, column 5
+    feats[1, :, 0, 0] = 1.0  # a corner: the box must be shifted inside
+    box = peak_response_box(feats, 0.25)
+    torch.testing.assert_close(box[0], torch.tensor([5.5 / 8, 3.5 / 8, 0.25]))
+    torch.testing.assert_close(box[1], torch.tensor([0.25, 0.25, 0.25]))
+
+
+# --- losses -----------------------------------------------------------------------------------
+
+
+def test_ranking_loss_is_zero_when_the_finer_scale_wins_by_the_margin_and_positive_otherwise():
+    margin = 0.05
+    coarse = torch.tensor([0.3, 0.3, 0.3, 0.9])
+    torch.testing.assert_close(ranking_loss(coarse, coarse + margin + 0.01, margin), torch.tensor(0.0))
+    torch.testing.assert_close(ranking_loss(coarse, coarse, margin), torch.tensor(margin))  # a tie costs the margin
+    torch.testing.assert_close(ranking_loss(coarse, coarse - 0.2, margin), torch.tensor(0.2 + margin))
+    # through logits: p_t is the softmax probability of the true class
+    target = torch.tensor([1, 0])
+    logits_coarse = torch.tensor([[0.0, 0.0], [0.0, 0.0]])  # p_t = 0.5
+    logits_fine = torch.tensor([[0.0, 4.0], [4.0, 0.0]])  # p_t = 0.982
+    p_c, p_f = true_class_probability(logits_coarse, target), true_class_probability(logits_fine, target)
+    assert ranking_loss(p_c, p_f, margin) == 0
+    assert ranking_loss(p_f, p_c, margin) > 0
+    soft = F.one_hot(target, 2).float()  # mixup targets give the same p_t for one-hot rows
+    torch.testing.assert_close(true_class_probability(logits_fine, soft), p_f)
+
+
+def test_loss_terms_are_named_and_weighted_by_phase():
+    model = tiny_racnn()
+    loss = ZoomLoss(rank_margin=0.05, rank_weight=2.0, pretrain_updates=1, cls_steps=1, apn_steps=1)
+    loss.bind(model)
+    model.train()
+    x, y = torch.randn(4, 3, SIZE, SIZE), torch.randint(0, CLASSES, (4,))
+    names = {"loss", "ce_scale0", "ce_scale1", "ce_scale2", "ce_fused", "rank", "apn_init"}
+    for update, phase in [(0, PRETRAIN), (1, CLS), (2, APN)]:
+        model.step_schedule(update, 0)
+        t = loss(model(x), y, update=update)
+        assert set(t) == names  # the same names in every phase, for logging
+        ce = t["ce_scale0"] + t["ce_scale1"] + t["ce_scale2"] + t["ce_fused"]
+        expected = {PRETRAIN: ce + t["apn_init"], CLS: ce, APN: 2.0 * t["rank"]}[phase]
+        torch.testing.assert_close(t["loss"].detach(), expected)
+
+
+# --- the output dataclass ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scales,share,fuse", [(2, False, "features"), (3, False, "scores"), (3, True, "features")])
+def test_output_has_one_entry_per_scale_and_a_box_per_zoom(scales, share, fuse):
+    model = tiny_racnn(scales=scales, share_backbone=share, fuse=fuse).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, SIZE, SIZE))
+    assert isinstance(out, ZoomOutput) and out.phase == JOINT
+    assert out.logits.shape == (2, CLASSES)
+    assert len(out.scale_logits) == scales and all(l.shape == (2, CLASSES) for l in out.scale_logits)
+    assert len(out.boxes) == scales - 1 and all(b.shape == (2, 3) for b in out.boxes)
+    assert list(out.named_logits()) == [f"scale{s}" for s in range(scales)]
+    assert len(model.backbones) == (1 if share else scales)
+    if fuse == "scores":
+        torch.testing.assert_close(out.logits, sum(out.scale_logits))
+
+
+def test_pretrained_names_cover_exactly_the_backbones(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "backbone.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=0).state_dict(), str(weights))
+    model = RACNN("test_resnet", CLASSES, image_size=SIZE, scales=2, weights=str(weights))
+    names = {n for n, _ in model.named_parameters()}
+    assert model.pretrained_names == {n for n in names if n.startswith("backbones.")}
+    assert model.pretrained_names < names  # APNs, classifiers and the fusion get new_lr_mult
+    assert RACNN("test_resnet", CLASSES, image_size=SIZE, scales=2).pretrained_names == set()
+
+
+def test_bad_settings_are_user_errors():
+    with pytest.raises(UserError, match="model.zoom.scales"):
+        tiny_racnn(scales=4)
+    with pytest.raises(UserError, match="model.zoom.min_side"):
+        tiny_racnn(min_side=0.0)
+
+
+# --- the schedule -----------------------------------------------------------------------------
+
+
+def test_phases_follow_the_schedule():
+    got = [zoom_phase(u, pretrain_updates=3, cls_steps=2, apn_steps=1) for u in range(10)]
+    assert got == [PRETRAIN] * 3 + [CLS, CLS, APN] * 2 + [CLS]
+    assert zoom_phase(5, 0, 3, 0) == CLS and zoom_phase(5, 0, 0, 3) == APN
+
+
+def test_step_schedule_without_a_bound_schedule_fails_naming_the_fix():
+    with pytest.raises(RuntimeError, match="bind"):
+        tiny_racnn().step_schedule(0, 0)
+
+
+def test_loss_refuses_a_model_in_another_phase():
+    model = tiny_racnn()
+    loss = ZoomLoss(pretrain_updates=1)
+    loss.bind(model)
+    model.train()
+    model.step_schedule(0, 0)
+    out = model(torch.randn(2, 3, SIZE, SIZE))
+    with pytest.raises(RuntimeError, match="phase"):
+        loss(out, torch.zeros(2, dtype=torch.long), update=5)
+
+
+def _grads_after_step(model, loss, update):
+    model.zero_grad(set_to_none=True)
+    model.step_schedule(update, 0)
+    torch.manual_seed(update)
+    out = model(torch.randn(4, 3, SIZE, SIZE))
+    loss(out, torch.randint(0, CLASSES, (4,)), update=update)["loss"].backward()
+    groups = {"backbones": [], "classifiers": [], "apns": [], "fusion": []}
+    for name, p in model.named_parameters():
+        groups[name.split(".")[0]].append(p.grad is not None and bool(p.grad.abs().sum() > 0))
+    return {k: (all(v), any(v)) for k, v in groups.items()}  # (every param has a grad, some param has)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_each_phase_updates_only_its_parameters(share):
+    model = tiny_racnn(share_backbone=share)
+    loss = ZoomLoss(pretrain_updates=1, cls_steps=1, apn_steps=1)
+    loss.bind(model)
+    model.train()
+    pre, cls, apn = (_grads_after_step(model, loss, u) for u in range(3))
+    # (an APN's last layer starts at zero, so at first only that layer has a non-zero gradient)
+    # pretraining: classifiers, backbones, fusion from the CE terms; the APNs from their regression
+    assert pre["backbones"][1] and pre["classifiers"][0] and pre["fusion"][0] and pre["apns"][1]
+    # classification: boxes fixed -> no APN gradient
+    assert cls["backbones"][1] and cls["classifiers"][0] and cls["fusion"][0] and not cls["apns"][1]
+    # proposal: ranking loss only -> APNs alone
+    assert apn["apns"][1]
+    assert not apn["backbones"][1] and not apn["classifiers"][1] and not apn["fusion"][1]
+
+
+def test_every_racnn_recipe_loads_and_synth_racnn_builds():
+    names = [r for r in available_recipes() if r.endswith("_racnn")]
+    assert {"synth_racnn", "cub_racnn", "cars_racnn"} <= set(names)
+    for name in names:
+        cfg = load_recipe([f"recipe={name}"])
+        assert cfg.model.arch == "racnn" and cfg.model.zoom.scales in (2, 3)
+    cfg = load_recipe(["recipe=synth_racnn"])
+    model = build_model(cfg.model, CLASSES, cfg.data.image_size)
+    criterion = build_criterion(cfg, steps_per_epoch=7)
+    assert isinstance(model, RACNN) and isinstance(criterion, ZoomLoss)
+    assert criterion.schedule.pretrain_updates == cfg.train.zoom.pretrain_epochs * 7
+
+
+# --- several processes ------------------------------------------------------------------------
+
+
+def _ddp_phases_worker():
+    """Each rank: a tiny RA-CNN under DDP with find_unused_parameters, one update per phase."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    model = tiny_racnn()
+    loss = ZoomLoss(pretrain_updates=1, cls_steps=1, apn_steps=1)
+    loss.bind(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model)
+    model.train()
+    for update in range(5):  # pretrain, cls, apn, cls, apn
+        raw.step_schedule(update, 0)
+        torch.manual_seed(100 * acc.process_index + update)  # different data per rank
+        before = {n: p.detach().clone() for n, p in raw.named_parameters()}
+        terms = loss(model(torch.randn(4, 3, SIZE, SIZE)), torch.randint(0, CLASSES, (4,)), update=update)
+        acc.backward(terms["loss"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if raw.phase == APN:  # backbones and classifiers sat out: unchanged
+            for n, p in raw.named_parameters():
+                if not n.startswith("apns."):
+                    assert torch.equal(p, before[n]), n
+    flat = torch.cat([p.detach().flatten() for p in raw.parameters()])
+    gathered = acc.gather(flat[None])
+    assert torch.equal(gathered[0], gathered[1]), "the ranks' weights drifted apart"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_through_every_phase():
+    from accelerate import debug_launcher
+
+    debug_launcher(_ddp_phases_worker, num_processes=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "fgvc" / "train.py").is_file(), reason="fgvc/train.py not written yet")
+def test_synth_racnn_trains_with_two_processes(tmp_path, synth_root):
+    out = tmp_path / "racnn"
+    proc = accelerate_launch("train.py", "recipe=synth_racnn", "train.epochs=2", "train.zoom.pretrain_epochs=1",
+                             "train.zoom.cls_steps=1", "train.zoom.apn_steps=1", f"output_dir={out}",
+                             f"data.root={synth_root}", *TINY_DATA)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"top1_scale0", "top1_scale1", "top1_scale2"} <= set(metrics["test"])
