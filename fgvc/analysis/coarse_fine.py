@@ -318,6 +318,7 @@ def plot(rows: list[Row], path: Path, title: str) -> dict:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     markers = {"coarse": "s", "fine": "*", "fine-untrained": "X", "dcn": "o", "exit": "^"}
     points = {"labels": [r.path for r in rows], "top1": [r.top1 for r in rows],
@@ -328,12 +329,15 @@ def plot(rows: list[Row], path: Path, title: str) -> dict:
                                         "CPU latency per image, batch 1 (ms)")):
         for kind, marker in markers.items():
             sel = [r for r in rows if r.kind == kind]
+            if not sel:
+                continue
             ax.scatter([getattr(r, key) for r in sel], [r.top1 for r in sel], marker=marker, s=60, label=kind)
         for r in rows:
             ax.annotate(r.path, (getattr(r, key), r.top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = sorted((getattr(r, key), r.top1) for r in rows if getattr(r, front_key))
         ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels overlap
         ax.set_xlabel(xlabel)
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3)

@@ -127,6 +127,8 @@ def train(cfg: DictConfig) -> dict:
         optimizer, sched=t.scheduler, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs, min_lr=t.min_lr,
         step_on_epochs=False, updates_per_epoch=updates_per_epoch)
     criterion = build_criterion(cfg, updates_per_epoch)
+    if hasattr(criterion, "bind"):  # RA-CNN: the model switches phase on its loss's schedule
+        criterion.bind(model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     raw = accelerator.unwrap_model(model)
     ema = ModelEmaV3(raw, decay=t.ema_decay) if t.ema else None  # after prepare: on the model's device

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from fgvc.errors import UserError
 from fgvc.models.attention.gate import GatedStage
-from fgvc.models.attention.patch import (attach_after_stage, attach_in_blocks, backbone_stages, check_kind,
-                                         make_block, pick_stages)
+from fgvc.models.attention.patch import (Stage, attach_after_stage, attach_in_blocks, backbone_stages,
+                                         check_kind, make_block, pick_stages)
 from fgvc.models.attention.stn import SpatialTransformer
 from fgvc.models.weights import load_backbone_weights, read_state_dict
 
@@ -88,14 +88,15 @@ class Classifier(nn.Module):
                                 "set model.attention.placement=stage (its default).")
             self.stn = SpatialTransformer(identity_init=identity)
             return
-        stages = pick_stages(backbone_stages(self.net, backbone), list(attention_stages), backbone)
+        all_stages = backbone_stages(self.net, backbone)
+        stages = pick_stages(all_stages, list(attention_stages), backbone)
         if attention == "gate":
-            self._add_gates(stages, num_classes, attention_placement, identity, backbone)
+            self._add_gates(stages, all_stages[-1], num_classes, attention_placement, identity)
             return
         for stage in stages:
-            side = max(1, image_size // stage.reduction)
 
-            def make(channels: int, side: int = side) -> nn.Module:
+            def make(channels: int, stage: Stage = stage) -> nn.Module:
+                side = max(1, image_size // stage.reduction)  # feature-map side at the recipe's image size
                 block = make_block(attention, channels, side, attention_reduction, attention_kernel_size, identity)
                 block.fgvc_stage = stage.index  # read by the AttentionRecorder
                 return block
@@ -107,8 +108,8 @@ class Classifier(nn.Module):
             else:
                 attach_in_blocks(self.net, stage, backbone, make)
 
-    def _add_gates(self, stages, num_classes: int, placement: str, identity: bool, backbone: str) -> None:
-        deepest = backbone_stages(self.net, backbone)[-1]
+    def _add_gates(self, stages: list[Stage], deepest: Stage, num_classes: int, placement: str,
+                   identity: bool) -> None:
         if placement != "stage":
             raise UserError("model.attention.type=gate gates whole stages with the deepest one; "
                             "set model.attention.placement=stage.")

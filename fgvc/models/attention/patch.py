@@ -37,7 +37,7 @@ CLASSIFIER_LEVEL = ("gate", "stn")  # built by the classifier itself (gates need
 TIMM_PREFIX = "timm_"  # `timm_cbam` = timm's own CbamModule, for comparisons with fgvc's `cbam`
 TIMM_NAMES = ("se", "ese", "eca", "ecam", "ceca", "ge", "gc", "gca", "cbam", "lcbam", "coord", "scoord",
               "ela", "strip", "sk", "splat", "nl", "bat")  # timm.layers.get_attn's same-shape modules
-PROBE_SIDE = 64  # image side of the one probe forward that checks the stages give (B, C, H, W) maps
+PROBE_SIDE = 64  # image side of the one probe forward that checks the stage modules output (B, C, H, W)
 
 # Residual blocks with an attention slot `se`, and the channels the slot sees.
 SLOT_CHANNELS: tuple[tuple[type, Callable[[nn.Module], int]], ...] = (
@@ -86,16 +86,27 @@ def backbone_stages(net: nn.Module, backbone: str) -> list[Stage]:
     if not info or not hasattr(net, "forward_intermediates"):
         raise UserError(f"backbone '{backbone}' has no timm feature_info; pick a timm CNN (resnet50, convnext_tiny, ...).")
     stages = [Stage(i, f["module"], f["num_chs"], f["reduction"]) for i, f in enumerate(info)]
+    shapes: dict[str, tuple] = {}
+
+    def remember(name: str):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            shapes[name] = tuple(output.shape) if isinstance(output, Tensor) else ()
+        return hook
+
+    handles = [net.get_submodule(s.module).register_forward_hook(remember(s.module)) for s in stages]
     was_training = net.training
     net.eval()
     try:
         with torch.no_grad():
-            _, maps = net.forward_intermediates(torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE), output_fmt="NCHW")
+            net.forward_features(torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE))
     except Exception:  # fixed-size transformers and the like
-        maps = []
+        shapes.clear()
     finally:
         net.train(was_training)
-    if len(maps) != len(stages) or any(m.ndim != 4 or m.shape[1] != s.channels for m, s in zip(maps, stages)):
+        for handle in handles:
+            handle.remove()
+    # the stage modules themselves must output (B, C, H, W): a ViT block outputs (B, N, C) tokens
+    if any(len(shapes.get(s.module, ())) != 4 or shapes[s.module][1] != s.channels for s in stages):
         raise UserError(f"backbone '{backbone}' does not give (B, C, H, W) stage maps; attention needs a CNN "
                         "(resnet, resnext, convnext, efficientnet, regnet, ...).")
     return stages
