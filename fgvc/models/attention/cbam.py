@@ -14,8 +14,9 @@ the authors' code):
 
 Made cheap on the CPU (the pooling and elementwise passes over the feature map, not the
 multiply-adds, are the cost): the MLP runs once on the stacked (2B, C) average and max vectors as
-linear layers instead of twice as 1x1 convolutions; the channel-refined map F' is the only full-size
-tensor allocated, and without autograd (inference) F'' is written into it in place.
+linear layers instead of twice as 1x1 convolutions; the channel mean of F' is one batched
+matrix-vector product over x instead of a channel reduction; the channel-refined map F' is the only
+full-size tensor allocated, and without autograd (inference) F'' is written into it in place.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ class SpatialGate(nn.Module):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1) if norm else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:                                    # (B, C, H, W)
-        mean, mx = x.mean(1, keepdim=True), x.amax(1, keepdim=True)            # (B, 1, H, W) each
+    def forward(self, x: Tensor, mean: Tensor | None = None) -> Tensor:        # (B, C, H, W)
+        """`mean`: mean_c(x) when the caller has it already (CBAM computes it more cheaply)."""
+        mx = x.amax(1, keepdim=True)                                           # (B, 1, H, W)
+        mean = x.mean(1, keepdim=True) if mean is None else mean               # (B, 1, H, W)
         pooled = torch.cat([mx, mean] if self.max_first else [mean, mx], 1)    # (B, 2, H, W)
         return self.bn(self.conv(pooled)).sigmoid()                            # (B, 1, H, W)
 
@@ -75,8 +78,15 @@ class CBAM(nn.Module):
         self.gamma_spatial = make_gamma(identity_init)
 
     def forward(self, x: Tensor) -> Tensor:                                    # (B, C, H, W)
-        refined = apply_gate(x, self.channel(x)[:, :, None, None], self.gamma_channel)  # F', (B, C, H, W)
-        s = self.spatial(refined)                                              # (B, 1, H, W)
+        b, c, h, w = x.shape
+        weights = self.channel(x)                                              # M_c, (B, C)
+        if self.gamma_channel is not None:
+            weights = 1 + self.gamma_channel * (weights - 1)                   # identity start
+        refined = x * weights[:, :, None, None]                                # F', (B, C, H, W)
+        # mean_c(F') = sum_c M_c x_c / C: one batched matrix-vector product over x, cheaper than a
+        # channel reduction over F' on the CPU (equal up to float rounding)
+        mean = torch.bmm((weights / c).unsqueeze(1), x.reshape(b, c, h * w)).view(b, 1, h, w)  # (B, 1, H, W)
+        s = self.spatial(refined, mean)                                        # M_s, (B, 1, H, W)
         if self.gamma_spatial is None and not torch.is_grad_enabled():
             return refined.mul_(s)  # F'' in place: `refined` is this block's own tensor
         return apply_gate(refined, s, self.gamma_spatial)                      # F'', (B, C, H, W)
