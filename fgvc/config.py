@@ -28,7 +28,7 @@ class SyntheticConfig:
     """The built-in synthetic fine-grained set (see fgvc/data/synthetic.py)."""
 
     num_classes: int = 12
-    train_per_class: int = 40
+    train_per_class: int = 80
     test_per_class: int = 20
     image_size: int = 96  # side of the written images, pixels
     part_scale: float = 0.09  # radius of a discriminative part, as a fraction of the image side
@@ -46,7 +46,7 @@ class DataConfig:
     val_fraction: float = 0.1  # stratified share of train held out for model selection
     num_workers: int = 2
     aircraft_level: str = "variant"  # variant | family | manufacturer
-    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # RandomResizedCrop area
+    crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop area
     hflip: float = 0.5  # probability of a horizontal flip
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
     eval_resize: float = 1.143  # evaluation: resize the short side to size*this, centre crop
@@ -118,9 +118,9 @@ class DcnTrainConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 15
     batch_size: int = 32  # per process
-    lr: float = 0.05
+    lr: float = 0.1
     weight_decay: float = 5.0e-4
     warmup_epochs: int = 1
     optimizer: str = "sgd"  # any timm optimizer name

@@ -1,0 +1,221 @@
+"""The synthetic benchmark: every `synth_` recipe, several seeds, one table a user reads first.
+
+    python fgvc/benchmark.py synthetic --seeds 0 1 2 --out results/synthetic
+
+trains each recipe with each seed through the real training path (`fgvc/train.py`, one process per
+run), then measures every finished run the same way: test accuracy (mean ± std over seeds),
+parameters, FLOPs and CPU latency per image, training time, and where the model looks (pointing
+game of its class activation map and of its own attention map, and the part the CAM's peak lands on
+most often). A second experiment trains a backbone on a *different* synthetic task (other classes,
+other cue colours), then fine-tunes CBAM from it with `model.attention.init=default` and
+`identity`, against the plain backbone fine-tuned the same way: does an identity start protect
+pretrained features? Finished runs are reused, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ["synth_baseline", "synth_se", "synth_cbam", "synth_residual", "synth_gate", "synth_stn",
+           "synth_racnn", "synth_dcn", "synth_dcn_fine"]
+PRETRAIN_TASK = ["data.synthetic.num_classes=9", "data.synthetic.seed=101"]  # another task: other classes and colours
+FINETUNE = [("plain from pretrained", "synth_baseline", []),
+            ("cbam init=default from pretrained", "synth_cbam", ["model.attention.init=default"]),
+            ("cbam init=identity from pretrained", "synth_cbam", ["model.attention.init=identity"])]
+LATENCY_SECONDS = 0.5  # per model, batch 1, after training (blocked_autorange's minimum run time)
+LOCALIZE_IMAGES = 48  # test images scored per run (seed 0 only)
+OWN_MAP_PREFIX = ("se_", "cbam_", "residual_", "gate_", "stn_", "zoom", "dcn_")
+
+
+@dataclass
+class RunRow:
+    method: str
+    seeds: list[int] = field(default_factory=list)
+    top1: list[float] = field(default_factory=list)
+    mean_class: list[float] = field(default_factory=list)
+    train_time: list[float] = field(default_factory=list)
+    params: int = 0
+    flops: int = 0
+    latency_ms: float = 0.0
+    pointing_cam: float = float("nan")
+    own_map: str = ""
+    pointing_own: float = float("nan")
+    top_part: str = ""
+
+
+def train_run(recipe: str, seed: int, out: Path, extra: list[str], log) -> Path:
+    """Train one run unless it has finished already; returns its folder."""
+    if (out / "metrics.json").is_file():
+        log(f"reuse {out}")
+        return out
+    cmd = [sys.executable, str(ROOT / "fgvc" / "train.py"), f"recipe={recipe}", f"seed={seed}",
+           f"output_dir={out}", *extra]
+    cmd += ["train.resume=auto"] if out.exists() else []
+    log("run " + " ".join(cmd[1:]))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training {recipe} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    return out
+
+
+def measure(run_dir: Path) -> tuple[int, int, float]:
+    """Parameters, FLOPs per image (2 per multiply-add) and median CPU latency per image (batch 1)."""
+    from fgvc.analysis.cost import count_flops, count_parameters, summarize, time_calls
+    from fgvc.engine.runs import load_run
+
+    run = load_run(run_dir)
+    x = torch.randn(1, 3, run.image_size, run.image_size)
+    flops = count_flops(run.model, x)
+    latency = summarize(time_calls(run.model, x, LATENCY_SECONDS))
+    return count_parameters(run.model), flops, latency.median_ms
+
+
+def looks(run_dir: Path, out: Path) -> tuple[float, str, float, str]:
+    """CAM pointing game, the method's own map and its pointing game, and CAM's most hit part."""
+    from fgvc.analysis.localization import localize_run
+
+    report = localize_run(run_dir, out_dir=out, num_images=LOCALIZE_IMAGES, draw=4)
+    sources = report["sources"]
+    cam = sources.get("cam", {})
+    own = [s for s in sources if s.startswith(OWN_MAP_PREFIX)]
+    own_name = own[-1] if own else ""
+    hits = cam.get("part_hits", {})
+    top_part = max(hits, key=lambda p: hits[p] if hits[p] == hits[p] else -1) if hits else ""
+    return (cam.get("pointing", float("nan")), own_name,
+            sources[own_name].get("pointing", float("nan")) if own_name else float("nan"), top_part)
+
+
+def _ms(values: list[float], scale: float = 100.0) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[str], methods: list[str],
+                  identity_experiment: bool = True, log=print) -> list[RunRow]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in methods:
+        row = RunRow(method)
+        for seed in seeds:
+            run = train_run(method, seed, runs_dir / f"{method}-s{seed}", overrides, log)
+            m = json.loads((run / "metrics.json").read_text())
+            row.seeds.append(seed)
+            row.top1.append(m["test"]["top1"])
+            row.mean_class.append(m["test"]["mean_class_acc"])
+            row.train_time.append(m["train_time_s"])
+        first = runs_dir / f"{method}-s{seeds[0]}"
+        row.params, row.flops, row.latency_ms = measure(first)
+        row.pointing_cam, row.own_map, row.pointing_own, row.top_part = looks(first, out / "localization" / method)
+        rows.append(row)
+        log(f"{method}: top-1 {_ms(row.top1)}")
+
+    finetune_rows = []
+    if identity_experiment:
+        pre = train_run("synth_baseline", seeds[0], runs_dir / "pretrain-other-task", overrides + PRETRAIN_TASK, log)
+        weights = backbone_weights(pre)
+        for label, recipe, extra in FINETUNE:
+            row = RunRow(label)
+            for seed in seeds:
+                name = f"finetune-{recipe}-{extra[0].split('=')[-1] if extra else 'plain'}-s{seed}"
+                run = train_run(recipe, seed, runs_dir / name, overrides + extra + [f"model.weights={weights}"], log)
+                m = json.loads((run / "metrics.json").read_text())
+                row.seeds.append(seed)
+                row.top1.append(m["test"]["top1"])
+                row.mean_class.append(m["test"]["mean_class_acc"])
+                row.train_time.append(m["train_time_s"])
+            finetune_rows.append(row)
+    write_outputs(rows, finetune_rows, seeds, out, overrides)
+    return rows + finetune_rows
+
+
+def backbone_weights(run_dir: Path) -> Path:
+    """The pretrained run's backbone without its classifier, as a plain timm state dict."""
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir / "backbone.safetensors"
+    if not path.is_file():
+        state = load_file(str(run_dir / "model.safetensors"))
+        meta = json.loads((run_dir / "model.json").read_text())
+        import timm
+
+        head = timm.create_model(meta["model"]["backbone"], pretrained=False).pretrained_cfg.get("classifier", "fc")
+        save_file({k.removeprefix("net."): v for k, v in state.items()
+                   if k.startswith("net.") and not k.removeprefix("net.").startswith(head)}, str(path))
+    return path
+
+
+def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, overrides: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    command = "python fgvc/benchmark.py synthetic --seeds " + " ".join(map(str, seeds)) + \
+              (" --set " + " ".join(overrides) if overrides else "")
+    header = [f"# Synthetic benchmark", "",
+              f"Command: `{command}`  ",
+              f"Date: {datetime.date.today().isoformat()}, commit {commit or 'unknown'}{' (with local changes)' if dirty else ''}, "
+              f"machine: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
+              f"Python {platform.python_version()}.  ",
+              f"Test split of the synthetic set; accuracy as mean ± std over seeds {seeds}; cost of the seed-{seeds[0]} "
+              f"model (FLOPs = 2 per multiply-add, torch's FlopCounterMode; latency: median, batch 1, CPU); "
+              f"pointing game on {LOCALIZE_IMAGES} test images (peak within 0.1 × box diagonal of a visible part).", ""]
+    table = ["| method | top-1 % | mean class % | params | MFLOPs / image | latency ms / image | train time s | "
+             "pointing (CAM) | own map | pointing (own) | CAM peak most often on |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        table.append(f"| {r.method} | {_ms(r.top1)} | {_ms(r.mean_class)} | {r.params / 1e6:.3f} M | "
+                     f"{r.flops / 1e6:.1f} | {r.latency_ms:.2f} | {statistics.fmean(r.train_time):.0f} | "
+                     f"{r.pointing_cam:.2f} | {r.own_map or '–'} | "
+                     f"{'–' if r.pointing_own != r.pointing_own else f'{r.pointing_own:.2f}'} | {r.top_part or '–'} |")
+    lines = header + table
+    if finetune:
+        lines += ["", "## Identity start from a backbone pretrained on another synthetic task", "",
+                  f"`synth_baseline` trained on a different task ({' '.join(PRETRAIN_TASK)}), its backbone then "
+                  "fine-tuned on the benchmark task (`model.weights=`).", "",
+                  "| fine-tuned | top-1 % | mean class % |", "|---|---:|---:|"]
+        lines += [f"| {r.method} | {_ms(r.top1)} | {_ms(r.mean_class)} |" for r in finetune]
+    lines += ["", "Pictures: `localization/<method>/grid_000.png` (and `index.html` there); plot: `accuracy_vs_flops.png`."]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seeds", "top1_mean", "top1_std", "mean_class_mean", "params", "flops", "latency_ms",
+                    "train_time_s", "pointing_cam", "own_map", "pointing_own", "top_part"])
+        for r in rows + finetune:
+            w.writerow([r.method, " ".join(map(str, r.seeds)), statistics.fmean(r.top1),
+                        statistics.stdev(r.top1) if len(r.top1) > 1 else 0.0, statistics.fmean(r.mean_class),
+                        r.params, r.flops, r.latency_ms, statistics.fmean(r.train_time), r.pointing_cam, r.own_map,
+                        r.pointing_own, r.top_part])
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        mean = statistics.fmean(r.top1) * 100
+        std = statistics.stdev(r.top1) * 100 if len(r.top1) > 1 else 0.0
+        ax.errorbar(r.flops / 1e6, mean, yerr=std, fmt="o", capsize=3)
+        ax.annotate(r.method.removeprefix("synth_"), (r.flops / 1e6, mean), textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("MFLOPs per image (log)")
+    ax.set_ylabel("test top-1 %")
+    ax.set_title("synthetic benchmark: accuracy against FLOPs")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_flops.png", dpi=120)
+    plt.close(fig)
