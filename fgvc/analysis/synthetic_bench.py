@@ -81,11 +81,8 @@ def measure(run_dir: Path) -> tuple[int, int, float]:
     return count_parameters(run.model), flops, latency.median_ms
 
 
-def looks(run_dir: Path, out: Path) -> tuple[float, str, float, str]:
+def looks(report: dict) -> tuple[float, str, float, str]:
     """CAM pointing game, the method's own map and its pointing game, and CAM's most hit part."""
-    from fgvc.analysis.localization import localize_run
-
-    report = localize_run(run_dir, out_dir=out, num_images=LOCALIZE_IMAGES, draw=4)
     sources = report["sources"]
     cam = sources.get("cam", {})
     own = [s for s in sources if s.startswith(OWN_MAP_PREFIX)]
@@ -107,7 +104,9 @@ def _ms(values: list[float], scale: float = 100.0) -> str:
 def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[str], methods: list[str],
                   identity_experiment: bool = True, log=print) -> list[RunRow]:
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    from fgvc.analysis.localization import compare_table, localize_run
+
+    rows, reports = [], []
     for method in methods:
         row = RunRow(method)
         for seed in seeds:
@@ -119,7 +118,8 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
             row.train_time.append(m["train_time_s"])
         first = runs_dir / f"{method}-s{seeds[0]}"
         row.params, row.flops, row.latency_ms = measure(first)
-        row.pointing_cam, row.own_map, row.pointing_own, row.top_part = looks(first, out / "localization" / method)
+        reports.append(localize_run(first, out_dir=out / "localization" / method, num_images=LOCALIZE_IMAGES, draw=4))
+        row.pointing_cam, row.own_map, row.pointing_own, row.top_part = looks(reports[-1])
         rows.append(row)
         log(f"{method}: top-1 {_ms(row.top1)}")
 
@@ -139,6 +139,12 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
                 row.train_time.append(m["train_time_s"])
             finetune_rows.append(row)
     write_outputs(rows, finetune_rows, seeds, out, overrides)
+    (out / "localization" / "README.md").write_text(
+        f"# Where the synthetic models look (seed {seeds[0]}, {LOCALIZE_IMAGES} test images)\n\n"
+        "Made by the synthetic benchmark (see ../README.md for the command). Every map source of every "
+        "method, against the uniform random and centred Gaussian baselines; `pointing_class_parts` counts "
+        "only the parts that carry the class (beak, wings). Pictures: `<method>/grid_*.png`, "
+        "`<method>/index.html`.\n\n" + compare_table(reports, methods))
     return rows + finetune_rows
 
 
