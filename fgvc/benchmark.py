@@ -1,4 +1,7 @@
-"""Benchmarks: `python fgvc/benchmark.py attention [--batch 8] [--out results/attention_benchmark.md]`.
+"""Benchmarks:
+
+    python fgvc/benchmark.py attention [--batch 8] [--out results/attention_benchmark.md]
+    python fgvc/benchmark.py synthetic [--seeds 0 1 2] [--out results/synthetic] [--set key=value ...]
 
 A small dispatcher; the measuring lives in fgvc/analysis/cost.py.
 """
@@ -94,7 +97,26 @@ def main(argv: list[str] | None = None) -> int:
     att.add_argument("--rounds", type=int, default=3, help="alternating timing rounds over all models")
     att.add_argument("--min-run-time", type=float, default=1.0, help="seconds per model per round")
     att.add_argument("--out", default="", help="also write the tables to this markdown file")
+    syn = sub.add_parser("synthetic", help="every synth_ recipe x seeds: accuracy, cost, localization table")
+    syn.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    syn.add_argument("--out", default="results/synthetic")
+    syn.add_argument("--runs", default="runs/bench", help="where the benchmark's run folders go (reused)")
+    syn.add_argument("--methods", nargs="+", default=None, help="a subset of the synth_ recipes")
+    syn.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="recipe overrides for every run (e.g. a tiny budget)")
+    syn.add_argument("--no-identity", action="store_true", help="skip the identity-init experiment")
     args = parser.parse_args(argv)
+    if args.command == "synthetic":
+        from fgvc.analysis.synthetic_bench import METHODS, run_benchmark
+        from fgvc.config import load_recipe
+
+        methods = args.methods or METHODS
+        for m in methods:  # every recipe and override is checked before hours of training start
+            load_recipe([f"recipe={m}", *args.set])
+        run_benchmark(args.seeds, Path(args.out), Path(args.runs), list(args.set), methods,
+                      identity_experiment=not args.no_identity)
+        print(Path(args.out, "README.md").read_text())
+        return 0
     if args.command == "attention":
         table = attention_benchmark(args.batch, args.rounds, args.min_run_time)
         print(table)

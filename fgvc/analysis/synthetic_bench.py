@@ -106,6 +106,7 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
     out.mkdir(parents=True, exist_ok=True)
     from fgvc.analysis.localization import compare_table, localize_run
 
+    source = code_version()  # what trained the runs: taken before hours of work, not after
     rows, reports = [], []
     for method in methods:
         row = RunRow(method)
@@ -138,7 +139,7 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
                 row.mean_class.append(m["test"]["mean_class_acc"])
                 row.train_time.append(m["train_time_s"])
             finetune_rows.append(row)
-    write_outputs(rows, finetune_rows, seeds, out, overrides)
+    write_outputs(rows, finetune_rows, seeds, out, overrides, source)
     (out / "localization" / "README.md").write_text(
         f"# Where the synthetic models look (seed {seeds[0]}, {LOCALIZE_IMAGES} test images)\n\n"
         "Made by the synthetic benchmark (see ../README.md for the command). Every map source of every "
@@ -164,20 +165,26 @@ def backbone_weights(run_dir: Path) -> Path:
     return path
 
 
-def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, overrides: list[str]) -> None:
+def code_version() -> str:
+    """The git commit of the code, marked when the work tree differs from it."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return f"commit {commit or 'unknown'}" + (" (with local changes)" if dirty else "")
+
+
+def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, overrides: list[str],
+                  source: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
     command = "python fgvc/benchmark.py synthetic --seeds " + " ".join(map(str, seeds)) + \
               (" --set " + " ".join(overrides) if overrides else "")
     header = [f"# Synthetic benchmark", "",
               f"Command: `{command}`  ",
-              f"Date: {datetime.date.today().isoformat()}, commit {commit or 'unknown'}{' (with local changes)' if dirty else ''}, "
+              f"Date: {datetime.date.today().isoformat()}, {source}, "
               f"machine: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
               f"Python {platform.python_version()}.  ",
               f"Test split of the synthetic set; accuracy as mean ± std over seeds {seeds}; cost of the seed-{seeds[0]} "
@@ -188,7 +195,7 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         table.append(f"| {r.method} | {_ms(r.top1)} | {_ms(r.mean_class)} | {r.params / 1e6:.3f} M | "
-                     f"{r.flops / 1e6:.1f} | {r.latency_ms:.2f} | {statistics.fmean(r.train_time):.0f} | "
+                     f"{r.flops / 1e6:.1f} | {r.latency_ms:.2f} | {statistics.fmean(r.train_time):.1f} | "
                      f"{r.pointing_cam:.2f} | {r.own_map or '–'} | "
                      f"{'–' if r.pointing_own != r.pointing_own else f'{r.pointing_own:.2f}'} | {r.top_part or '–'} |")
     lines = header + table
