@@ -2,6 +2,7 @@
 
     python fgvc/benchmark.py attention [--batch 8] [--out results/attention_benchmark.md]
     python fgvc/benchmark.py synthetic [--seeds 0 1 2] [--out results/synthetic] [--set key=value ...]
+    python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 3] [--out results/train_speed.md]
 
 A small dispatcher; the measuring lives in fgvc/analysis/cost.py.
 """
@@ -105,7 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                      help="recipe overrides for every run (e.g. a tiny budget)")
     syn.add_argument("--no-identity", action="store_true", help="skip the identity-init experiment")
+    spd = sub.add_parser("train", help="images/s of the real training path against a bare loop and the data alone")
+    spd.add_argument("--recipe", default="synth_baseline")
+    spd.add_argument("--epochs", type=int, default=3)
+    spd.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    spd.add_argument("--out", default="", help="also write the table to this markdown file")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        from fgvc.analysis.train_speed import train_speed
+
+        table = train_speed(args.recipe, args.epochs, list(args.set))
+        print(table)
+        if args.out:
+            command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(f"# Training speed\n\nCommand: `{command}`\n\n{table}\n")
+        return 0
     if args.command == "synthetic":
         from fgvc.analysis.synthetic_bench import METHODS, run_benchmark
         from fgvc.config import load_recipe

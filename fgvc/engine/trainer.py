@@ -152,8 +152,10 @@ def train(cfg: DictConfig) -> dict:
         data.train.transform.set_random_seed(cfg.seed * AUGMENT_SEED_STRIDE + epoch * 1000 + accelerator.process_index)
         losses = train_one_epoch(model, raw, criterion, optimizer, scheduler, ema, mixup, train_loader,
                                  accelerator, state, epoch, t)
-        state.train_time += time.perf_counter() - start
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **losses}
+        seconds = time.perf_counter() - start
+        state.train_time += seconds
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **losses, "train_seconds": seconds,
+               "train_images": len(data.train)}
         candidates = {"model": model} | ({"ema": ema} if ema is not None else {})
         scores = {}
         for name, net in candidates.items():

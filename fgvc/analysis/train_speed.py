@@ -1,0 +1,107 @@
+"""How fast the real training path runs, against a bare loop on the same model.
+
+    python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 3] [--set key=value ...]
+
+Three measurements in one run, on the same recipe:
+- the real path: `fgvc/train.py`'s loop (data loading, augmentation, logging, checkpointing), images
+  per second of its training epochs after the first (which pays for start-up);
+- a bare loop: forward, backward and step of the same model, optimizer and batch size on tensors
+  already in memory, no data loading, no logging;
+- the data pipeline alone: the same training DataLoader (workers, decoding, augmentation) iterated
+  without a model.
+Goals (issue 7): real path >= 90% of the bare loop; data pipeline >= 2x what the model consumes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fgvc.config import load_recipe
+
+WARMUP_EPOCHS = 1  # epochs not timed: first-call costs (allocator, worker start, JIT-like caches)
+
+
+def real_path(cfg) -> float:
+    """Images per second of the trainer's training epochs (train time only, after warm-up)."""
+    from fgvc.engine.trainer import train
+
+    train(cfg)
+    rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[WARMUP_EPOCHS:] or rows
+    return statistics.fmean(r["train_images"] / r["train_seconds"] for r in timed)
+
+
+def bare_loop(cfg, num_images: int) -> float:
+    """Images per second of forward + backward + step on in-memory tensors, same model and optimizer."""
+    import timm.optim
+
+    from fgvc.data.build import read_index
+    from fgvc.engine.losses import build_criterion
+    from fgvc.engine.trainer import param_groups
+    from fgvc.models.build import build_model
+
+    t = cfg.train
+    torch.manual_seed(cfg.seed)
+    index = read_index(cfg.data)
+    model = build_model(cfg.model, index.num_classes, cfg.data.image_size).train()
+    optimizer = timm.optim.create_optimizer_v2(param_groups(model, t.lr, t.weight_decay, t.new_lr_mult),
+                                               opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum)
+    steps = max(1, num_images // t.batch_size)
+    criterion = build_criterion(cfg, steps)
+    if hasattr(criterion, "bind"):
+        criterion.bind(model)
+    size = cfg.data.image_size
+    images = torch.randn(steps, t.batch_size, 3, size, size)
+    labels = torch.randint(0, index.num_classes, (steps, t.batch_size))
+    rates = []
+    for epoch in range(WARMUP_EPOCHS + 2):
+        start = time.perf_counter()
+        for i in range(steps):
+            if hasattr(model, "step_schedule"):
+                model.step_schedule(epoch * steps + i, epoch)
+            loss = criterion(model(images[i]), labels[i], update=epoch * steps + i, epoch=epoch)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        rates.append(steps * t.batch_size / (time.perf_counter() - start))
+    return statistics.fmean(rates[WARMUP_EPOCHS:])
+
+
+def data_pipeline(cfg) -> tuple[float, int]:
+    """Images per second of the training DataLoader alone, and the number of training images."""
+    from fgvc.data.build import build_datasets
+    from fgvc.engine.trainer import data_backbone, make_loader, mean_std
+
+    mean, std = mean_std(data_backbone(cfg.model))
+    data = build_datasets(cfg.data, cfg.seed, mean, std)
+    loader = make_loader(data.train, cfg.train.batch_size, cfg.data.num_workers, True)
+    rates = []
+    for _ in range(WARMUP_EPOCHS + 2):
+        start, n = time.perf_counter(), 0
+        for batch in loader:
+            n += len(batch["label"])
+        rates.append(n / (time.perf_counter() - start))
+    return statistics.fmean(rates[WARMUP_EPOCHS:]), len(data.train)
+
+
+def train_speed(recipe: str, epochs: int, overrides: list[str]) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_recipe([f"recipe={recipe}", f"train.epochs={epochs}", f"output_dir={tmp}/run", *overrides])
+        data_rate, num_images = data_pipeline(cfg)
+        bare = bare_loop(cfg, num_images)
+        real = real_path(cfg)
+    lines = [f"### Training speed: `{recipe}` ({cfg.model.arch}, {cfg.model.backbone}, {cfg.data.image_size} px, "
+             f"batch {cfg.train.batch_size}, {cfg.data.num_workers} workers, {torch.get_num_threads()} threads)", "",
+             "| path | images / s | against the bare loop |", "|---|---:|---:|",
+             f"| bare loop (tensors in memory) | {bare:.1f} | 100% |",
+             f"| fgvc/train.py loop (data, augmentation, logging, checkpoints) | {real:.1f} | {100 * real / bare:.0f}% |",
+             f"| data pipeline alone | {data_rate:.1f} | {data_rate / bare:.1f}x |", "",
+             f"Goals: train.py loop >= 90% of the bare loop ({'met' if real >= 0.9 * bare else 'not met'}); "
+             f"data pipeline >= 2x the model's rate ({'met' if data_rate >= 2 * bare else 'not met'})."]
+    return "\n".join(lines)

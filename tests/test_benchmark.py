@@ -1,0 +1,59 @@
+"""The benchmark commands run end to end on a tiny budget and write tables of the promised shape."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from conftest import run_script
+
+pytestmark = pytest.mark.slow
+
+TINY = ["data.synthetic.num_classes=4", "data.synthetic.train_per_class=6", "data.synthetic.test_per_class=3",
+        "data.synthetic.image_size=48", "data.image_size=32", "train.epochs=1", "data.num_workers=0",
+        "train.batch_size=8"]
+METHODS = ["synth_baseline", "synth_cbam", "synth_racnn"]
+
+
+def test_synthetic_benchmark_table(tmp_path):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    args = ["synthetic", "--seeds", "0", "1", "--out", str(out), "--runs", str(runs), "--methods", *METHODS,
+            "--set", f"data.root={tmp_path / 'data'}", *TINY]
+    proc = run_script("benchmark.py", *args, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = (out / "README.md").read_text()
+    assert "Command: `python fgvc/benchmark.py synthetic --seeds 0 1" in page and "commit" in page
+    table = [line for line in page.splitlines() if line.startswith("| synth_")]
+    assert [line.split("|")[1].strip() for line in table] == METHODS
+    header = next(line for line in page.splitlines() if line.startswith("| method"))
+    assert len(header.split("|")) == len(table[0].split("|")) == 13  # 11 columns
+    for line in table:
+        assert "±" in line.split("|")[2]  # mean ± std over the two seeds
+    assert "identity from pretrained" in page
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["method"] for r in rows[:3]] == METHODS and all(r["seeds"] == "0 1" for r in rows)
+    assert (out / "accuracy_vs_flops.png").stat().st_size > 0
+    assert "| synth_cbam | cam |" in (out / "localization" / "README.md").read_text()
+    assert list((out / "localization" / "synth_racnn").glob("grid_*.png"))
+    # finished runs are reused: a second call trains nothing
+    again = run_script("benchmark.py", *args, timeout=900)
+    assert again.returncode == 0
+    assert not [line for line in again.stdout.splitlines() if line.startswith("run ")]
+    assert sum(line.startswith("reuse ") for line in again.stdout.splitlines()) == 3 * 2 + 1 + 3 * 2
+
+
+def test_bad_override_stops_before_training(tmp_path):
+    proc = run_script("benchmark.py", "synthetic", "--runs", str(tmp_path), "--set", "train.epochz=1", timeout=120)
+    assert proc.returncode == 2 and "did you mean 'train.epochs'" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_speed_table(tmp_path):
+    out = tmp_path / "speed.md"
+    proc = run_script("benchmark.py", "train", "--epochs", "2", "--out", str(out), "--set",
+                      f"data.root={tmp_path / 'data'}", *TINY, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for row in ("bare loop", "fgvc/train.py loop", "data pipeline alone"):
+        assert f"| {row}" in text
+    assert "Goals:" in text
