@@ -36,6 +36,15 @@ class RunError(UserError):
     exit_code = RUN_EXIT
 
 
+def one_sentence(err: UserError) -> str:
+    """The user's sentence, also when a DataLoader worker re-raised it wrapped in a traceback."""
+    text = str(err).strip()
+    if "Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(f"{type(err).__name__}: ", 1)[-1]
+    return text
+
+
 def cli_main(fn: F) -> F:
     """Run an entry point; a `UserError` prints `error: <sentence>` and exits non-zero."""
 
@@ -44,7 +53,7 @@ def cli_main(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_sentence(err)}", file=sys.stderr)
             raise SystemExit(err.exit_code) from None
 
     return wrapper  # type: ignore[return-value]

@@ -110,3 +110,24 @@ def test_predict_reports_unreadable_image_and_predicts_the_rest(tiny_run, synth_
 def test_missing_run_folder_is_one_sentence(tmp_path):
     proc = run_script("evaluate.py", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "is not a finished fgvc run folder" in proc.stderr
+
+
+def test_corrupt_image_is_named_even_from_a_worker(tmp_path, synth_root, tiny_run):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    victim = sorted(data.rglob("*.jpg"))[0]
+    victim.write_bytes(b"garbage")
+    proc = run_script("train.py", "recipe=synth_baseline", "train.epochs=1", f"output_dir={tmp_path / 'run'}",
+                      f"data.root={data}", *TINY_DATA, "data.num_workers=1")
+    assert proc.returncode == 3
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: image '") and victim.name in last and "intact copy" in last
+
+
+def test_bad_data_root_makes_no_run_folder(tmp_path):
+    proc = run_script("train.py", "recipe=cub_baseline", f"data.root={tmp_path / 'missing'}",
+                      f"output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 3 and "does not exist" in proc.stderr
+    assert not (tmp_path / "run").exists()  # a retry is not refused as an "unfinished run"

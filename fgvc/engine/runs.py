@@ -50,7 +50,9 @@ def check_run_dir(cfg: DictConfig) -> str:
     call it before any of them writes; raises UserError where the user must decide."""
     out = Path(cfg.output_dir)
     finished = (out / "metrics.json").is_file()
-    started = out.is_dir() and any(out.iterdir())
+    started = (out / "metrics.jsonl").is_file() or bool(checkpoints(out)) if out.is_dir() else False
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir '{out}' is a file; choose a folder.")
     if cfg.overwrite:
         return "overwrite" if started else "new"
     if cfg.train.resume:
@@ -70,7 +72,7 @@ def check_run_dir(cfg: DictConfig) -> str:
 def prepare_run_dir(cfg: DictConfig, action: str) -> Path:
     """Create the folder (main process only) and save the resolved recipe."""
     out = Path(cfg.output_dir)
-    if action == "overwrite":
+    if action == "overwrite" and out.is_dir():
         shutil.rmtree(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.yaml", to_yaml(cfg))

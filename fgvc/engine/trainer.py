@@ -30,7 +30,7 @@ from timm.data import Mixup, resolve_data_config
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from fgvc.data.build import build_datasets
+from fgvc.data.build import build_datasets, read_index
 from fgvc.data.dataset import worker_init_fn
 from fgvc.engine.losses import build_criterion
 from fgvc.engine.metrics import predict, split_metrics
@@ -100,16 +100,16 @@ def train(cfg: DictConfig) -> dict:
         log_with="tensorboard" if t.tensorboard else None, project_dir=cfg.output_dir)
     set_seed(cfg.seed)
     console = Console(quiet=not accelerator.is_main_process)
+    with accelerator.main_process_first():  # the synthetic set is generated once
+        index = read_index(cfg.data)
+    model = build_model(cfg.model, index.num_classes, cfg.data.image_size)
+    mean, std = mean_std(data_backbone(cfg.model))
+    data = build_datasets(cfg.data, cfg.seed, mean, std, index=index)
+    # the run folder is made only once data and model are known to be fine
     if accelerator.is_main_process:
-        out = prepare_run_dir(cfg, action)
+        prepare_run_dir(cfg, action)
     accelerator.wait_for_everyone()
     out = Path(cfg.output_dir)
-
-    mean, std = mean_std(data_backbone(cfg.model))
-    with accelerator.main_process_first():  # the synthetic set is generated once
-        data = build_datasets(cfg.data, cfg.seed, mean, std)
-    index = data.index
-    model = build_model(cfg.model, index.num_classes, cfg.data.image_size)
     if accelerator.is_main_process:
         atomic_write_text(out / "model.json", json.dumps(
             model_meta(cfg, index.class_names, index.part_names, mean, std), indent=1))
