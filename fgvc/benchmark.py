@@ -89,6 +89,15 @@ def attention_benchmark(batch: int, rounds: int, min_run_time: float) -> str:
     return "\n".join(lines)
 
 
+def write_table(table: str, title: str, out: str, argv: list[str] | None) -> None:
+    """Print a benchmark's table; with --out also write it, with the command that made it."""
+    print(table)
+    if out:
+        command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(f"# {title}\n\nCommand: `{command}`\n\n{table}\n")
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fgvc/benchmark.py", description=__doc__)
@@ -115,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from fgvc.analysis.train_speed import train_speed
 
-        table = train_speed(args.recipe, args.epochs, list(args.set))
-        print(table)
-        if args.out:
-            command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(f"# Training speed\n\nCommand: `{command}`\n\n{table}\n")
+        write_table(train_speed(args.recipe, args.epochs, list(args.set)), "Training speed", args.out, argv)
         return 0
     if args.command == "synthetic":
         from fgvc.analysis.synthetic_bench import METHODS, run_benchmark
@@ -134,12 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(Path(args.out, "README.md").read_text())
         return 0
     if args.command == "attention":
-        table = attention_benchmark(args.batch, args.rounds, args.min_run_time)
-        print(table)
-        if args.out:
-            command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(f"# Attention cost\n\nCommand: `{command}`\n\n{table}\n")
+        write_table(attention_benchmark(args.batch, args.rounds, args.min_run_time), "Attention cost", args.out, argv)
     return 0
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import execute_notebook
 import torch
 import torch.nn.functional as F
 
@@ -222,7 +223,7 @@ def _env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_dcn_run(tmp_path_factory) -> Path:
     if not (ROOT / "fgvc" / "train.py").is_file():
         pytest.skip("fgvc/train.py does not exist yet (the lead's engine); the report test needs a trained run")
     tmp = tmp_path_factory.mktemp("dcn_run")
@@ -236,35 +237,25 @@ def tiny_run(tmp_path_factory) -> Path:
     return out
 
 
-def test_report_runs_on_a_tiny_trained_run(tiny_run):
-    cmd = [sys.executable, str(ROOT / "fgvc" / "report.py"), "coarse-fine", str(tiny_run), "--k", "1,2",
+def test_report_runs_on_a_tiny_trained_run(tiny_dcn_run):
+    cmd = [sys.executable, str(ROOT / "fgvc" / "report.py"), "coarse-fine", str(tiny_dcn_run), "--k", "1,2",
            "--shares", "0.5", "--thresholds", "2", "--batch", "4", "--min-run-time", "0.01"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert all((tiny_run / name).is_file() for name in FILES)
-    rows = check_report_files(tiny_run)
+    assert all((tiny_dcn_run / name).is_file() for name in FILES)
+    rows = check_report_files(tiny_dcn_run)
     assert [r["kind"] for r in rows] == ["coarse", "fine-untrained", "dcn", "dcn", "exit", "exit", "exit"]
     assert "coarse" in done.stdout and "Goal" in done.stdout
 
 
-def test_report_refuses_a_run_that_is_not_dcn(tiny_run, tmp_path):
+def test_report_refuses_a_run_that_is_not_dcn(tiny_dcn_run, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "fgvc" / "report.py"), "coarse-fine", str(tmp_path)],
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and done.stderr.startswith("error:")
 
 
-def test_notebook_executes(tiny_run, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(ROOT / "notebooks" / "coarse_vs_fine.ipynb", as_version=4)
-    env = _env() | {"FGVC_DCN_RUN": str(tiny_run), "FGVC_DCN_FINE_RUN": "", "FGVC_REPORT_FAST": "1"}
-    old = os.environ.copy()
-    os.environ.update(env)
-    try:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": str(ROOT)}}).execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+def test_notebook_executes(tiny_dcn_run, tmp_path):
+    nb = execute_notebook("coarse_vs_fine.ipynb", _env() | {"FGVC_DCN_RUN": str(tiny_dcn_run), "FGVC_DCN_FINE_RUN": "",
+                                                         "FGVC_REPORT_FAST": "1"})
     assert any("coarse_fine.png" in str(o) or o.get("output_type") == "display_data"
                for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_DATA, run_script
+from conftest import TINY_DATA, execute_notebook, run_script
 from fgvc.analysis.drawing import ImageView, draw_grid, save_figure, to_display
 from fgvc.analysis.localization import (box_iou, box_masks, centre_gaussian, energy_in_box, peaks, pointing_game,
                                         random_maps, render_html, score_maps)
@@ -278,18 +277,7 @@ def test_page_of_a_set_without_parts_says_box_scores_only(tmp_path):
 
 
 def test_notebook_executes(tiny_run, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(ROOT / "notebooks" / "part_localization.ipynb", as_version=4)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stripped in git
-    old = os.environ.copy()
-    os.environ["FGVC_LOC_RUN"] = str(tiny_run)
-    try:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": str(ROOT)}}).execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    nb = execute_notebook("part_localization.ipynb", {"FGVC_LOC_RUN": str(tiny_run)})
     assert (tiny_run / "localization" / "index.html").is_file()
     assert any(o.get("output_type") == "display_data" for c in nb.cells if c.cell_type == "code"
                for o in c.get("outputs", []))

@@ -53,6 +53,14 @@ class RunRow:
     pointing_own: float = float("nan")
     top_part: str = ""
 
+    def add(self, seed: int, run_dir: Path) -> None:
+        """Take one finished run's test accuracy and training time."""
+        m = json.loads((run_dir / "metrics.json").read_text())
+        self.seeds.append(seed)
+        self.top1.append(m["test"]["top1"])
+        self.mean_class.append(m["test"]["mean_class_acc"])
+        self.train_time.append(m["train_time_s"])
+
 
 def train_run(recipe: str, seed: int, out: Path, extra: list[str], log) -> Path:
     """Train one run unless it has finished already; returns its folder."""
@@ -111,12 +119,7 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
     for method in methods:
         row = RunRow(method)
         for seed in seeds:
-            run = train_run(method, seed, runs_dir / f"{method}-s{seed}", overrides, log)
-            m = json.loads((run / "metrics.json").read_text())
-            row.seeds.append(seed)
-            row.top1.append(m["test"]["top1"])
-            row.mean_class.append(m["test"]["mean_class_acc"])
-            row.train_time.append(m["train_time_s"])
+            row.add(seed, train_run(method, seed, runs_dir / f"{method}-s{seed}", overrides, log))
         first = runs_dir / f"{method}-s{seeds[0]}"
         row.params, row.flops, row.latency_ms = measure(first)
         reports.append(localize_run(first, out_dir=out / "localization" / method, num_images=LOCALIZE_IMAGES, draw=4))
@@ -132,12 +135,7 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
             row = RunRow(label)
             for seed in seeds:
                 name = f"finetune-{recipe}-{extra[0].split('=')[-1] if extra else 'plain'}-s{seed}"
-                run = train_run(recipe, seed, runs_dir / name, overrides + extra + [f"model.weights={weights}"], log)
-                m = json.loads((run / "metrics.json").read_text())
-                row.seeds.append(seed)
-                row.top1.append(m["test"]["top1"])
-                row.mean_class.append(m["test"]["mean_class_acc"])
-                row.train_time.append(m["train_time_s"])
+                row.add(seed, train_run(recipe, seed, runs_dir / name, overrides + extra + [f"model.weights={weights}"], log))
             finetune_rows.append(row)
     write_outputs(rows, finetune_rows, seeds, out, overrides, source)
     (out / "localization" / "README.md").write_text(
@@ -182,7 +180,7 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
 
     command = "python fgvc/benchmark.py synthetic --seeds " + " ".join(map(str, seeds)) + \
               (" --set " + " ".join(overrides) if overrides else "")
-    header = [f"# Synthetic benchmark", "",
+    header = ["# Synthetic benchmark", "",
               f"Command: `{command}`  ",
               f"Date: {datetime.date.today().isoformat()}, {source}, "
               f"machine: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
