@@ -44,7 +44,11 @@ def main(argv: list[str]) -> int:
     cfg = run.cfg
     if args.data_root:
         cfg.data.root = args.data_root
-    accelerator = Accelerator(mixed_precision="no")
+    import torch
+
+    precision = cfg.train.mixed_precision  # evaluate as the run was validated; fp16 needs a GPU
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp16" and not torch.cuda.is_available()
+                              else precision)
     with accelerator.main_process_first():
         data = build_datasets(cfg.data, cfg.seed, run.mean, run.std)
     dataset = data.test if args.split == "test" else data.val

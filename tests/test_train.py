@@ -131,3 +131,21 @@ def test_bad_data_root_makes_no_run_folder(tmp_path):
                       f"output_dir={tmp_path / 'run'}")
     assert proc.returncode == 3 and "does not exist" in proc.stderr
     assert not (tmp_path / "run").exists()  # a retry is not refused as an "unfinished run"
+
+
+def test_ema_mixup_accumulation_bf16_tensorboard(tmp_path, synth_root):
+    out = tmp_path / "opts"
+    proc = run_script("train.py", "recipe=synth_baseline", "train.epochs=2", f"output_dir={out}",
+                      f"data.root={synth_root}", *TINY_DATA, "train.ema=true", "train.mixup=0.2", "train.cutmix=1.0",
+                      "train.grad_accum_steps=2", "train.mixed_precision=bf16", "train.clip_grad=1.0",
+                      "train.tensorboard=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selected"] == "ema"
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert "val_ema_top1" in first and "val_top1" in first
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    # the saved weights are the EMA weights that were selected and tested
+    proc = run_script("evaluate.py", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "eval.json").read_text())["top1"] == pytest.approx(metrics["test"]["top1"])

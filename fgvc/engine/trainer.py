@@ -156,7 +156,7 @@ def train(cfg: DictConfig) -> dict:
         state.train_time += seconds
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **losses, "train_seconds": seconds,
                "train_images": len(data.train)}
-        candidates = {"model": model} | ({"ema": ema} if ema is not None else {})
+        candidates = {"model": model} | ({"ema": ema.module} if ema is not None else {})
         scores = {}
         for name, net in candidates.items():
             if val_loader is not None:
