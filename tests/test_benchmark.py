@@ -30,6 +30,7 @@ def test_synthetic_benchmark_table(tmp_path):
     for line in table:
         assert "±" in line.split("|")[2]  # mean ± std over the two seeds
     assert "identity from pretrained" in page
+    assert "| zoom1 |" in page and "| zoom2 centred baseline |" in page  # RA-CNN boxes against the parts
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["method"] for r in rows[:3]] == METHODS and all(r["seeds"] == "0 1" for r in rows)
     assert (out / "accuracy_vs_flops.png").stat().st_size > 0

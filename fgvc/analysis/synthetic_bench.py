@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["synth_baseline", "synth_se", "synth_cbam", "synth_residual", "synth_gate", "synth_stn",
@@ -89,6 +90,35 @@ def measure(run_dir: Path) -> tuple[int, int, float]:
     return count_parameters(run.model), flops, latency.median_ms
 
 
+@torch.no_grad()
+def zoom_part_coverage(run_dir: Path) -> dict[str, float]:
+    """RA-CNN: the share of visible class-carrying parts (beak, wings) that lie inside each zoom's
+    box, over the test split; next to a centred box of the same size per image (the baseline a
+    zoom must beat to have found something)."""
+    from fgvc.data.build import build_datasets
+    from fgvc.data.synthetic import class_parts
+    from fgvc.engine.runs import load_run
+    from fgvc.engine.trainer import make_loader
+
+    run = load_run(run_dir)
+    data = build_datasets(run.cfg.data, run.cfg.seed, run.mean, run.std)
+    cols = [data.index.part_names.index(p) for p in class_parts()]
+    inside: dict[str, list[Tensor]] = {}
+    centre = run.image_size / 2
+    for batch in make_loader(data.test, run.cfg.train.batch_size, 0, False):
+        out = run.model(batch["image"])
+        parts = batch["parts"][:, cols]  # (B, P, 3)
+        visible = parts[..., 2] > 0
+        for z, box in enumerate(out.boxes, 1):  # (B, 3) cx, cy, half side in input pixels
+            for name, (cx, cy) in ((f"zoom{z}", (box[:, 0], box[:, 1])),
+                                   (f"zoom{z} centred baseline", (torch.full_like(box[:, 0], centre),) * 2)):
+                half = box[:, 2]
+                hit = ((parts[..., 0] - cx[:, None]).abs() <= half[:, None]) & \
+                      ((parts[..., 1] - cy[:, None]).abs() <= half[:, None])
+                inside.setdefault(name, []).append(hit[visible].float())
+    return {name: torch.cat(v).mean().item() for name, v in inside.items()}
+
+
 def looks(report: dict) -> tuple[float, str, float, str]:
     """CAM pointing game, the method's own map and its pointing game, and CAM's most hit part."""
     sources = report["sources"]
@@ -137,7 +167,8 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
                 name = f"finetune-{recipe}-{extra[0].split('=')[-1] if extra else 'plain'}-s{seed}"
                 row.add(seed, train_run(recipe, seed, runs_dir / name, overrides + extra + [f"model.weights={weights}"], log))
             finetune_rows.append(row)
-    write_outputs(rows, finetune_rows, seeds, out, overrides, source)
+    coverage = {m: zoom_part_coverage(runs_dir / f"{m}-s{seeds[0]}") for m in methods if "racnn" in m}
+    write_outputs(rows, finetune_rows, seeds, out, overrides, source, coverage)
     (out / "localization" / "README.md").write_text(
         f"# Where the synthetic models look (seed {seeds[0]}, {LOCALIZE_IMAGES} test images)\n\n"
         "Made by the synthetic benchmark (see ../README.md for the command). Every map source of every "
@@ -172,7 +203,7 @@ def code_version() -> str:
 
 
 def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, overrides: list[str],
-                  source: str) -> None:
+                  source: str, coverage: dict[str, dict[str, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,6 +228,11 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
                      f"{r.pointing_cam:.2f} | {r.own_map or '–'} | "
                      f"{'–' if r.pointing_own != r.pointing_own else f'{r.pointing_own:.2f}'} | {r.top_part or '–'} |")
     lines = header + table
+    for method, cov in coverage.items():
+        lines += ["", f"## Where the zooms of {method} go (seed {seeds[0]}, test split)", "",
+                  "Share of the visible class-carrying parts (beak, wings) inside each zoom's box, against a "
+                  "box of the same size centred in the image.", "", "| box | parts inside |", "|---|---:|"]
+        lines += [f"| {name} | {100 * v:.1f}% |" for name, v in cov.items()]
     if finetune:
         lines += ["", "## Identity start from a backbone pretrained on another synthetic task", "",
                   f"`synth_baseline` trained on a different task ({' '.join(PRETRAIN_TASK)}), its backbone then "
