@@ -46,7 +46,7 @@ def test_repeat_from_saved_recipe_alone(tiny_run, tmp_path):
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, synth_root):
-    args = ["recipe=synth_baseline", "train.epochs=3", f"data.root={synth_root}", *TINY_DATA]
+    args = ["recipe=synth_baseline", "train.epochs=3", "train.ema=true", f"data.root={synth_root}", *TINY_DATA]
     whole = run_script("train.py", *args, f"output_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-2000:]
     killed = run_script("train.py", *args, f"output_dir={tmp_path / 'cut'}", env={"FGVC_KILL_AFTER_EPOCH": "2"})

@@ -133,11 +133,10 @@ def train(cfg: DictConfig) -> dict:
     raw = accelerator.unwrap_model(model)
     ema = ModelEmaV3(raw, decay=t.ema_decay) if t.ema else None  # after prepare: on the model's device
     state = TrainState()
-    for obj in (scheduler, state) + ((ema,) if ema is not None else ()):
-        accelerator.register_for_checkpointing(obj)
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        accelerator.load_state(str(resume_from))  # model, optimizer, RNG: safetensors / weights_only
+        load_extras(resume_from, state, scheduler, ema)
         if accelerator.is_main_process:
             truncate_log(out / "metrics.jsonl", state.epoch)
         console.print(f"resumed from {resume_from} (epoch {state.epoch})")
@@ -177,7 +176,7 @@ def train(cfg: DictConfig) -> dict:
             console.print(epoch_table(row))
         if t.tensorboard:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
-        save_checkpoint(accelerator, out, state, t.keep_checkpoints)
+        save_checkpoint(accelerator, out, state, scheduler, ema, t.keep_checkpoints)
         if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(state.epoch):  # tests: a kill right after a save
             os._exit(KILLED_EXIT)
 
@@ -250,9 +249,13 @@ def truncate_log(path: Path, epochs_done: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, keep: int) -> None:
-    """Accelerate's full state into a temporary folder, renamed into place once complete, so a kill
-    at any moment leaves the previous checkpoint intact. Called on every process."""
+STATE_FILE, EMA_FILE = "fgvc_state.json", "ema.safetensors"
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, scheduler, ema, keep: int) -> None:
+    """Accelerate's state (model, optimizer, RNG) plus ours (counters and schedule as JSON, EMA as
+    safetensors: nothing that loads by unpickling) into a temporary folder, renamed into place once
+    complete, so a kill at any moment leaves the previous checkpoint intact. Called on every process."""
     final = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.epoch:04d}"
     tmp = out / "checkpoints" / f".tmp_{CHECKPOINT_PREFIX}{state.epoch:04d}"
     if accelerator.is_main_process:
@@ -261,13 +264,23 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, keep
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "fgvc_state.json").write_text(json.dumps(state.state_dict()))
+        if ema is not None:
+            save_weights(ema.module, tmp / EMA_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({"train": state.state_dict(), "scheduler": scheduler.state_dict()}))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         for old in checkpoints(out)[:-max(1, keep)]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def load_extras(folder: Path, state: TrainState, scheduler, ema) -> None:
+    saved = json.loads((folder / STATE_FILE).read_text())
+    state.load_state_dict(saved["train"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if ema is not None:
+        ema.module.load_state_dict(load_file(str(folder / EMA_FILE)))
 
 
 EPOCH_COLUMNS = {"lr": "lr", "train_loss": "train loss", "val_top1": "val top-1",
