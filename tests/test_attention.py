@@ -285,3 +285,22 @@ def test_bad_combinations_raise_one_sentence(kwargs, phrase):
 def test_transformer_backbone_is_refused():
     with pytest.raises(UserError, match="needs a CNN|attention needs a CNN"):
         Classifier("test_vit", 5, attention="cbam", image_size=SIDE)
+
+
+@pytest.mark.parametrize("a,bx,by", [(0.0, 0.0, 0.0), (1e6, 1e6, -1e6), (-1e6, 5.0, 5.0), (3.0, -40.0, 2.0)])
+def test_stn_window_is_bounded_and_starts_at_identity(a, bx, by):
+    from fgvc.models.attention.stn import MIN_SCALE, Localization
+
+    loc = Localization()
+    with torch.no_grad():
+        loc.fc[-1].bias.copy_(torch.tensor([a, bx, by]))
+    theta = loc(torch.randn(2, 3, 32, 32))
+    s, tx, ty = theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 2]
+    assert torch.equal(theta[:, 0, 0], theta[:, 1, 1]) and not theta[:, 0, 1].any() and not theta[:, 1, 0].any()
+    assert (s >= MIN_SCALE - 1e-6).all() and (s <= 1.5).all() and torch.isfinite(theta).all()
+    zoom_in = s < 1
+    assert ((tx.abs() <= (1 - s).clamp(min=0) + 1e-6) & (ty.abs() <= (1 - s).clamp(min=0) + 1e-6)).all()
+    if (a, bx, by) == (0.0, 0.0, 0.0):
+        assert torch.equal(theta, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(2, 2, 3))
+    if a > 100:
+        assert zoom_in.all() and torch.allclose(s, torch.full_like(s, MIN_SCALE))
