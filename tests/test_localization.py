@@ -281,3 +281,14 @@ def test_notebook_executes(tiny_run, tmp_path):
     assert (tiny_run / "localization" / "index.html").is_file()
     assert any(o.get("output_type") == "display_data" for c in nb.cells if c.cell_type == "code"
                for o in c.get("outputs", []))
+
+
+def test_peak_of_an_upsampled_coarse_map_is_its_plateau_centre_and_a_flat_map_has_none():
+    from fgvc.analysis.localization import peaks
+
+    coarse = torch.tensor([[[0.0, 0.0], [0.0, 1.0]]])  # the bottom-right cell is hottest
+    fine = torch.nn.functional.interpolate(coarse[:, None], size=(64, 64), mode="bilinear",
+                                           align_corners=False)[:, 0]
+    x, y = peaks(fine)[0].tolist()
+    assert x > 48 and y > 48  # inside the hot corner's plateau, not its first (top-left) pixel
+    assert torch.isnan(peaks(torch.ones(1, 8, 8))).all()

@@ -43,10 +43,19 @@ SCORES = ("pointing", "pointing_class_parts", "energy_in_box", "box_iou")
 
 
 def peaks(maps: Tensor) -> Tensor:
-    """(B, H, W) -> (B, 2) x, y of each map's largest pixel (its centre; the first on ties)."""
+    """(B, H, W) -> (B, 2) x, y of each map's peak: the centroid of the pixels holding its largest
+    value (pixel centres). A coarse map upsampled bilinearly has a plateau, not a pixel, at its top;
+    taking the first pixel of it would pull every peak to the plateau's top-left corner. A constant
+    map has no peak: nan, which counts as a miss."""
     b, h, w = maps.shape
-    flat = maps.flatten(1).argmax(1)  # (B,)
-    return torch.stack([(flat % w).float() + 0.5, torch.div(flat, w, rounding_mode="floor").float() + 0.5], 1)
+    top = maps.flatten(1).amax(1)[:, None, None]  # (B, 1, 1)
+    at_top = (maps == top).float()  # (B, H, W)
+    ys = torch.arange(h, dtype=maps.dtype, device=maps.device)[:, None] + 0.5
+    xs = torch.arange(w, dtype=maps.dtype, device=maps.device)[None, :] + 0.5
+    n = at_top.sum((1, 2))
+    centre = torch.stack([(at_top * xs).sum((1, 2)) / n, (at_top * ys).sum((1, 2)) / n], 1)  # (B, 2)
+    constant = maps.flatten(1).amin(1) == top.flatten()
+    return torch.where(constant[:, None], torch.full_like(centre, float("nan")), centre)
 
 
 def box_diagonal(boxes: Tensor) -> Tensor:
