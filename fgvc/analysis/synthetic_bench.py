@@ -197,8 +197,8 @@ def backbone_weights(run_dir: Path) -> Path:
 def code_version() -> str:
     """The git commit of the code, marked when the work tree differs from it."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()  # results/ is what this writes
     return f"commit {commit or 'unknown'}" + (" (with local changes)" if dirty else "")
 
 
