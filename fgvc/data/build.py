@@ -56,20 +56,24 @@ class DataSplits:
     test: FGVCDataset
 
 
-def build_transform(data: DictConfig, train: bool, mean, std, flip_pairs) -> PairedTransform:
+def build_transform(data: DictConfig, train: bool, mean, std, flip_pairs, annotations: bool = True) -> PairedTransform:
     return PairedTransform(data.image_size, train, tuple(mean), tuple(std), crop_scale=tuple(data.crop_scale),
                            hflip=data.hflip, color_jitter=data.color_jitter, eval_resize=data.eval_resize,
-                           flip_pairs=flip_pairs)
+                           flip_pairs=flip_pairs, annotations=annotations)
 
 
-def build_datasets(data: DictConfig, seed: int, mean, std, index: DatasetIndex | None = None) -> DataSplits:
-    """Train (augmented), validation (carved from train, evaluation transform) and test sets."""
+def build_datasets(data: DictConfig, seed: int, mean, std, index: DatasetIndex | None = None,
+                   train_annotations: bool = False) -> DataSplits:
+    """Train (augmented), validation (carved from train, evaluation transform) and test sets.
+    Validation and test items carry the box and parts; training items only when asked (the
+    training loop reads neither, and carrying them costs more than the augmentation itself)."""
     index = index or read_index(data)
     train_s, val_s = split_train_val(index.train, data.val_fraction, seed)
     P = len(index.part_names)
 
     def make(samples: list[Sample], train: bool) -> FGVCDataset:
-        return FGVCDataset(samples, build_transform(data, train, mean, std, index.flip_pairs),
+        annotations = train_annotations or not train
+        return FGVCDataset(samples, build_transform(data, train, mean, std, index.flip_pairs, annotations),
                            index.bottom_crop, P)
 
     return DataSplits(index, make(train_s, True), make(val_s, False) if val_s else None, make(index.test, False))

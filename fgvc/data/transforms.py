@@ -21,13 +21,18 @@ MIN_BOX_SIDE = 1.0  # pixels; albumentations rejects degenerate boxes
 
 class PairedTransform:
     """Image + box + keypoints -> normalised (3, S, S) tensor, box (4,) x1 y1 x2 y2 and parts
-    (P, 3) x y visible, all in network-input pixels. A flip swaps `flip_pairs` of parts."""
+    (P, 3) x y visible, all in network-input pixels. A flip swaps `flip_pairs` of parts.
+
+    With `annotations=False` the box and parts are not carried (they come back as nan / invisible):
+    albumentations' box and keypoint bookkeeping costs more than the crop itself, and the training
+    loop reads neither, so the training set skips it (measured in results/train_speed.md)."""
 
     def __init__(self, image_size: int, train: bool, mean: tuple[float, ...], std: tuple[float, ...],
                  crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5,
                  color_jitter: float = 0.0, eval_resize: float = 1.143,
-                 flip_pairs: list[tuple[int, int]] | None = None) -> None:
+                 flip_pairs: list[tuple[int, int]] | None = None, annotations: bool = True) -> None:
         self.image_size = image_size
+        self.annotations = annotations
         self.hflip = hflip if train else 0.0
         self.flip_pairs = list(flip_pairs or [])
         if train:
@@ -38,12 +43,15 @@ class PairedTransform:
         else:
             ops = [A.SmallestMaxSize(max_size=round(image_size * eval_resize)),
                    A.CenterCrop(height=image_size, width=image_size)]
-        self.geometry = A.Compose(
-            ops,
-            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["box_ids"], clip=True, min_area=0,
-                                     min_visibility=0.0),
-            keypoint_params=A.KeypointParams(format="xy", remove_invisible=False, label_fields=["part_ids"]),
-        )
+        if annotations:
+            self.geometry = A.Compose(
+                ops,
+                bbox_params=A.BboxParams(format="pascal_voc", label_fields=["box_ids"], clip=True, min_area=0,
+                                         min_visibility=0.0),
+                keypoint_params=A.KeypointParams(format="xy", remove_invisible=False, label_fields=["part_ids"]),
+            )
+        else:
+            self.geometry = A.Compose(ops)
         self.normalize = A.Normalize(mean=mean, std=std, max_pixel_value=255.0)
         self.rng = np.random.default_rng()
 
@@ -54,6 +62,14 @@ class PairedTransform:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, image: np.ndarray, box: np.ndarray | None, parts: np.ndarray | None):
+        if not self.annotations:
+            img = self.geometry(image=image)["image"]
+            if self.hflip and self.rng.random() < self.hflip:
+                img = img[:, ::-1]
+            img = self.normalize(image=np.ascontiguousarray(img))["image"]
+            n_parts = 0 if parts is None else len(parts)
+            return (torch.from_numpy(img.transpose(2, 0, 1).copy()), torch.from_numpy(NO_BOX.copy()),
+                    torch.zeros(n_parts, 3))
         h, w = image.shape[:2]
         boxes, box_ids = [], []
         if box is not None and np.all(np.isfinite(box)):
