@@ -179,18 +179,14 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
 
 
 def backbone_weights(run_dir: Path) -> Path:
-    """The pretrained run's backbone without its classifier, as a plain timm state dict."""
+    """The pretrained run's timm network as a plain timm state dict (its classifier included: loading
+    through `model.weights` skips the classifier, which has another number of classes)."""
     from safetensors.torch import load_file, save_file
 
     path = run_dir / "backbone.safetensors"
     if not path.is_file():
         state = load_file(str(run_dir / "model.safetensors"))
-        meta = json.loads((run_dir / "model.json").read_text())
-        import timm
-
-        head = timm.create_model(meta["model"]["backbone"], pretrained=False).pretrained_cfg.get("classifier", "fc")
-        save_file({k.removeprefix("net."): v for k, v in state.items()
-                   if k.startswith("net.") and not k.removeprefix("net.").startswith(head)}, str(path))
+        save_file({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}, str(path))
     return path
 
 

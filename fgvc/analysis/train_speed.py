@@ -39,19 +39,16 @@ def real_path(cfg) -> float:
 
 def bare_loop(cfg, num_images: int) -> float:
     """Images per second of forward + backward + step on in-memory tensors, same model and optimizer."""
-    import timm.optim
-
     from fgvc.data.build import read_index
     from fgvc.engine.losses import build_criterion
-    from fgvc.engine.trainer import param_groups
+    from fgvc.engine.trainer import build_optimizer
     from fgvc.models.build import build_model
 
     t = cfg.train
     torch.manual_seed(cfg.seed)
     index = read_index(cfg.data)
     model = build_model(cfg.model, index.num_classes, cfg.data.image_size).train()
-    optimizer = timm.optim.create_optimizer_v2(param_groups(model, t.lr, t.weight_decay, t.new_lr_mult),
-                                               opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum)
+    optimizer = build_optimizer(model, t)
     steps = max(1, num_images // t.batch_size)
     criterion = build_criterion(cfg, steps)
     if hasattr(criterion, "bind"):

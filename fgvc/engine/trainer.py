@@ -73,6 +73,12 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, new_lr_
     return list(groups.values())
 
 
+def build_optimizer(model: torch.nn.Module, t: DictConfig) -> torch.optim.Optimizer:
+    """timm's optimizer named by train.optimizer over `param_groups`."""
+    return timm.optim.create_optimizer_v2(param_groups(model, t.lr, t.weight_decay, t.new_lr_mult), opt=t.optimizer,
+                                          lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum)
+
+
 def mean_std(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation of the timm model's pretrained configuration."""
     pcfg = timm.models.get_pretrained_cfg(backbone) or timm.models.get_pretrained_cfg(backbone.split(".")[0])
@@ -120,9 +126,7 @@ def train(cfg: DictConfig) -> dict:
     train_loader = make_loader(data.train, t.batch_size, cfg.data.num_workers, True, drop_last=mixup is not None)
     val_loader = make_loader(data.val, t.batch_size, cfg.data.num_workers, False) if data.val else None
     updates_per_epoch = max(1, math.ceil(len(train_loader) / accelerator.num_processes / t.grad_accum_steps))
-    optimizer = timm.optim.create_optimizer_v2(param_groups(model, t.lr, t.weight_decay, t.new_lr_mult),
-                                               opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
-                                               momentum=t.momentum)
+    optimizer = build_optimizer(model, t)
     scheduler, _ = timm.scheduler.create_scheduler_v2(
         optimizer, sched=t.scheduler, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs, min_lr=t.min_lr,
         step_on_epochs=False, updates_per_epoch=updates_per_epoch)
@@ -132,6 +136,7 @@ def train(cfg: DictConfig) -> dict:
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     raw = accelerator.unwrap_model(model)
     ema = ModelEmaV3(raw, decay=t.ema_decay) if t.ema else None  # after prepare: on the model's device
+    selected = "ema" if ema is not None else "model"  # whose weights are validated, kept and tested
     state = TrainState()
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
@@ -162,7 +167,6 @@ def train(cfg: DictConfig) -> dict:
                 m = split_metrics(predict(net, val_loader, accelerator), index.num_classes)
                 row |= {f"val_{name}_{k}" if name != "model" else f"val_{k}": v for k, v in m.items()}
                 scores[name] = m["top1"]
-        selected = "ema" if ema is not None else "model"
         score = scores.get(selected, float(epoch))  # no validation split: the last epoch is kept
         if score > state.best_top1:
             state.best_top1, state.best_epoch = score, epoch + 1
@@ -182,7 +186,7 @@ def train(cfg: DictConfig) -> dict:
 
     # the selected weights, evaluated once on the test split
     raw.load_state_dict(load_file(str(out / "model.safetensors")))
-    results = {"best_epoch": state.best_epoch, "selected": "ema" if ema is not None else "model",
+    results = {"best_epoch": state.best_epoch, "selected": selected,
                "train_time_s": round(state.train_time, 2)}
     results["val"] = (split_metrics(predict(model, val_loader, accelerator), index.num_classes)
                       if val_loader is not None else {"num_samples": 0})
