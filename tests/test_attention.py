@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from fgvc.config import load_recipe
 from fgvc.errors import UserError
+from fgvc.models.attention.cbam import channel_max
 from fgvc.models.attention import (CBAM, AttentionGate, AttentionRecorder, ResidualAttention, SoftMask,
                                    SpatialTransformer, SqueezeExcite, mask_depth)
 from fgvc.models.build import build_model
@@ -136,6 +137,47 @@ def test_cbam_matches_timm_cbammodule(train):
     assert torch.allclose(ours(x), theirs(x), atol=1e-5)
     with torch.no_grad():  # the in-place inference path gives the same numbers
         assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 5, 40, 64])
+def test_channel_max_by_halving_equals_amax_values_and_gradients(channels):
+    x = torch.randn(2, channels, 4, 5, requires_grad=True)
+    ours = channel_max(x)
+    assert torch.equal(ours, x.amax(1, keepdim=True))
+    (grad_ours,) = torch.autograd.grad((ours * torch.arange(20.0).view(4, 5)).sum(), x)
+    (grad_amax,) = torch.autograd.grad((x.amax(1, keepdim=True) * torch.arange(20.0).view(4, 5)).sum(), x)
+    assert torch.equal(grad_ours, grad_amax)
+
+
+@pytest.mark.parametrize("block", [lambda: SqueezeExcite(24), lambda: CBAM(24), lambda: CBAM(24, identity_init=True)])
+def test_inplace_blocks_overwrite_their_input_only_in_inference(block):
+    torch.manual_seed(0)
+    plain = block().eval()
+    inplace = block().eval()
+    inplace.load_state_dict(plain.state_dict())
+    inplace.inplace = True
+    x = torch.randn(2, 24, 6, 6, requires_grad=True)
+    out = inplace(x)  # autograd on: x is left alone, the gradient is the plain block's
+    assert torch.equal(out, plain(x))
+    assert torch.equal(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(plain(x).sum(), x)[0])
+    with torch.no_grad():
+        x = torch.randn(2, 24, 6, 6)
+        expected = plain(x)
+        assert torch.equal(x, x.clone()) and inplace(x) is x and torch.equal(x, expected)
+
+
+def test_block_placement_writes_in_place_and_gives_the_same_logits():
+    torch.manual_seed(0)
+    model = make("resnet", "cbam", "block").eval()
+    blocks = [m for m in model.modules() if isinstance(m, CBAM)]
+    assert blocks and all(b.inplace for b in blocks)
+    assert not any(m.inplace for m in make("resnet", "cbam", "stage").modules() if isinstance(m, CBAM))
+    x = torch.randn(2, 3, SIDE, SIDE)
+    with torch.no_grad():
+        fast = model(x)
+        for b in blocks:
+            b.inplace = False
+        assert torch.equal(fast, model(x))
 
 
 # ---- placement in every family: identity start, untouched weights ----

@@ -97,7 +97,8 @@ class Classifier(nn.Module):
 
             def make(channels: int, stage: Stage = stage) -> nn.Module:
                 side = max(1, image_size // stage.reduction)  # feature-map side at the recipe's image size
-                block = make_block(attention, channels, side, attention_reduction, attention_kernel_size, identity)
+                block = make_block(attention, channels, side, attention_reduction, attention_kernel_size, identity,
+                                   inplace=attention_placement == "block")
                 block.fgvc_stage = stage.index  # read by the AttentionRecorder
                 return block
 

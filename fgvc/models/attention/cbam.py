@@ -13,10 +13,15 @@ the authors' code):
 - `spatial_norm`: both put a batch norm after the 7x7 convolution; False drops it (eq. 3 as written).
 
 Made cheap on the CPU (the pooling and elementwise passes over the feature map, not the
-multiply-adds, are the cost): the MLP runs once on the stacked (2B, C) average and max vectors as
-linear layers instead of twice as 1x1 convolutions; the channel mean of F' is one batched
-matrix-vector product over x instead of a channel reduction; the channel-refined map F' is the only
-full-size tensor allocated, and without autograd (inference) F'' is written into it in place.
+multiply-adds, are the cost; see results/attention_benchmark.md):
+- the MLP runs once on the stacked (2B, C) average and max vectors as linear layers instead of
+  twice as 1x1 convolutions;
+- the channel mean of F' is one batched matrix-vector product over x instead of a reduction over F';
+- the channel max is taken by pairwise halving (`channel_max`): elementwise maxima of contiguous
+  channel halves, exact, and 1.5-4x faster than `amax(1)`, a reduction over a strided dimension;
+- F' is the only full-size tensor allocated, and without autograd F'' is written into it in place;
+  with `inplace=True` (the block's input is its own, as in a residual block's attention slot) F' is
+  written into x too, and inference allocates no full-size tensor at all.
 """
 
 from __future__ import annotations
@@ -47,6 +52,17 @@ class ChannelGate(nn.Module):
         return (avg + mx).sigmoid()                                            # (B, C)
 
 
+def channel_max(x: Tensor) -> Tensor:
+    """max_c x, (B, C, H, W) -> (B, 1, H, W), by pairwise halving (exact; works with autograd)."""
+    while x.shape[1] > 1:
+        half = x.shape[1] // 2
+        top = torch.maximum(x[:, :half], x[:, half:2 * half])                  # (B, C // 2, H, W)
+        if x.shape[1] % 2:  # an odd channel left over joins the first
+            top = torch.cat([torch.maximum(top[:, :1], x[:, 2 * half:]), top[:, 1:]], 1)
+        x = top
+    return x
+
+
 class SpatialGate(nn.Module):
     """M_s (eq. 3): sigmoid(conv_kxk([max_c; mean_c])), (B, C, H, W) -> (B, 1, H, W)."""
 
@@ -60,7 +76,7 @@ class SpatialGate(nn.Module):
 
     def forward(self, x: Tensor, mean: Tensor | None = None) -> Tensor:        # (B, C, H, W)
         """`mean`: mean_c(x) when the caller has it already (CBAM computes it more cheaply)."""
-        mx = x.amax(1, keepdim=True)                                           # (B, 1, H, W)
+        mx = channel_max(x)                                                    # (B, 1, H, W)
         mean = x.mean(1, keepdim=True) if mean is None else mean               # (B, 1, H, W)
         pooled = torch.cat([mx, mean] if self.max_first else [mean, mx], 1)    # (B, 2, H, W)
         return self.bn(self.conv(pooled)).sigmoid()                            # (B, 1, H, W)
@@ -70,8 +86,11 @@ class CBAM(nn.Module):
     """Channel gate, then spatial gate on the channel-refined map (eq. 1)."""
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, mlp_bias: bool = True,
-                 spatial_order: str = "max_mean", spatial_norm: bool = True, identity_init: bool = False) -> None:
+                 spatial_order: str = "max_mean", spatial_norm: bool = True, identity_init: bool = False,
+                 inplace: bool = False) -> None:
+        """`inplace`: in inference, write the output into x (only where nothing else reads x)."""
         super().__init__()
+        self.inplace = inplace
         self.channel = ChannelGate(channels, reduction, mlp_bias)
         self.spatial = SpatialGate(kernel_size, spatial_order, spatial_norm)
         self.gamma_channel = make_gamma(identity_init)
@@ -82,14 +101,13 @@ class CBAM(nn.Module):
         weights = self.channel(x)                                              # M_c, (B, C)
         if self.gamma_channel is not None:
             weights = 1 + self.gamma_channel * (weights - 1)                   # identity start
-        refined = x * weights[:, :, None, None]                                # F', (B, C, H, W)
         # mean_c(F') = sum_c M_c x_c / C: one batched matrix-vector product over x, cheaper than a
-        # channel reduction over F' on the CPU (equal up to float rounding)
+        # channel reduction over F' on the CPU (equal up to float rounding); taken before x may be overwritten
         mean = torch.bmm((weights / c).unsqueeze(1), x.reshape(b, c, h * w)).view(b, 1, h, w)  # (B, 1, H, W)
+        refined = apply_gate(x, weights[:, :, None, None], None, self.inplace)  # F', (B, C, H, W)
         s = self.spatial(refined, mean)                                        # M_s, (B, 1, H, W)
-        if self.gamma_spatial is None and not torch.is_grad_enabled():
-            return refined.mul_(s)  # F'' in place: `refined` is this block's own tensor
-        return apply_gate(refined, s, self.gamma_spatial)                      # F'', (B, C, H, W)
+        # `refined` is this block's own tensor (or x, when the block may overwrite it)
+        return apply_gate(refined, s, self.gamma_spatial, inplace=True)        # F'', (B, C, H, W)
 
     def load_timm(self, timm_cbam: nn.Module) -> None:
         """Copy timm's CbamModule weights (build this block with mlp_bias=False, spatial_order='mean_max')."""

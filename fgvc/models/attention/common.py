@@ -20,11 +20,18 @@ def make_gamma(identity_init: bool) -> nn.Parameter | None:
     return nn.Parameter(torch.zeros(())) if identity_init else None
 
 
-def apply_gate(x: Tensor, gate: Tensor, gamma: Tensor | None) -> Tensor:
-    """x * gate (the paper), or x * (1 + gamma * (gate - 1)) for an identity start."""
-    if gamma is None:
-        return x * gate
-    return x * (1 + gamma * (gate - 1))
+def apply_gate(x: Tensor, gate: Tensor, gamma: Tensor | None, inplace: bool = False) -> Tensor:
+    """x * gate (the paper), or x * (1 + gamma * (gate - 1)) for an identity start.
+
+    `inplace`: the caller owns `x` and nothing else reads it later, so without autograd (inference)
+    the product is written into `x`. On the CPU a fresh full-size output costs as much as the
+    multiplication itself (allocation and first-touch page faults); with autograd on it never applies.
+    """
+    if gamma is not None:
+        gate = 1 + gamma * (gate - 1)  # on the small gate tensor; exactly 1 at gamma = 0
+    if inplace and not torch.is_grad_enabled():
+        return x.mul_(gate)
+    return x * gate
 
 
 class IdentityStart(nn.Module):

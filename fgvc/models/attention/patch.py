@@ -124,12 +124,15 @@ def pick_stages(stages: list[Stage], indices: list[int], backbone: str) -> list[
 
 
 def make_block(kind: str, channels: int, feature_side: int, reduction: int = 16, kernel_size: int = 7,
-               identity_init: bool = False) -> nn.Module:
-    """One attention block for a (B, channels, side, side) map that returns a map of the same shape."""
+               identity_init: bool = False, inplace: bool = False) -> nn.Module:
+    """One attention block for a (B, channels, side, side) map that returns a map of the same shape.
+
+    `inplace`: the block's input is its own (a residual block's attention slot, see `attach_in_blocks`),
+    so fgvc's SE and CBAM may write their output into it in inference."""
     if kind == "se":
-        return SqueezeExcite(channels, reduction, identity_init=identity_init)
+        return SqueezeExcite(channels, reduction, identity_init=identity_init, inplace=inplace)
     if kind == "cbam":
-        return CBAM(channels, reduction, kernel_size, identity_init=identity_init)
+        return CBAM(channels, reduction, kernel_size, identity_init=identity_init, inplace=inplace)
     if kind == "residual":
         return ResidualAttention(channels, feature_side, identity_init=identity_init)
     name = kind.removeprefix(TIMM_PREFIX)
@@ -157,7 +160,10 @@ def residual_blocks(net: nn.Module, stage: Stage) -> list[tuple[nn.Module, int]]
 
 
 def attach_in_blocks(net: nn.Module, stage: Stage, backbone: str, make: Callable[[int], nn.Module]) -> list[nn.Module]:
-    """Put `make(channels)` into the attention slot of every residual block of `stage`; returns the new blocks."""
+    """Put `make(channels)` into the attention slot of every residual block of `stage`; returns the new blocks.
+
+    What reaches a slot is a fresh tensor that only the slot reads (the output of the block's last
+    norm/activation, or of the family's own SE), so the new block may overwrite it in inference."""
     blocks = residual_blocks(net, stage)
     if not blocks:
         raise UserError(f"model.attention.placement=block needs residual blocks with an attention slot (timm ResNet/"

@@ -38,14 +38,17 @@ class SqueezeExcite(nn.Module):
     """SE block: y = x * sigmoid(W2 relu(W1 mean_hw(x))). `divisor=8` matches timm's SEModule widths."""
 
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True, divisor: int = 1,
-                 identity_init: bool = False) -> None:
+                 identity_init: bool = False, inplace: bool = False) -> None:
+        """`inplace`: in inference, write y into x (only where nothing else reads x, e.g. a residual
+        block's attention slot; see `apply_gate`)."""
         super().__init__()
         self.excite = ChannelExcitation(channels, reduced_width(channels, reduction, divisor), bias)
         self.gamma = make_gamma(identity_init)
+        self.inplace = inplace
 
     def forward(self, x: Tensor) -> Tensor:                    # (B, C, H, W)
         s = self.excite(x.mean((2, 3)))                        # (B, C)
-        return apply_gate(x, s[:, :, None, None], self.gamma)  # (B, C, H, W)
+        return apply_gate(x, s[:, :, None, None], self.gamma, self.inplace)  # (B, C, H, W)
 
     def load_timm(self, timm_se: nn.Module) -> None:
         """Copy the weights of timm's SEModule (1x1 convolutions) into this block's linear layers."""
