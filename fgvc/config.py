@@ -31,8 +31,8 @@ class SyntheticConfig:
     train_per_class: int = 80
     test_per_class: int = 20
     image_size: int = 96  # side of the written images, pixels
-    part_scale: float = 0.09  # radius of a discriminative part, as a fraction of the image side
-    distractors: int = 3  # class-independent parts drawn on every bird
+    part_scale: float = 0.06  # size of the discriminative parts (beak, wing patch), fraction of the image side
+    distractors: int = 6  # clutter blobs on the background, most in the cue colours
     noise: float = 0.08  # std of pixel noise (0..1 scale)
     cue_strength: float = 1.0  # 1 = the class cue is fully visible; lower is harder
     seed: int = 0  # the data set's own seed, independent of the training seed
@@ -44,7 +44,8 @@ class DataConfig:
     root: str = "data/synthetic"
     image_size: int = 64  # network input side, pixels
     val_fraction: float = 0.1  # stratified share of train held out for model selection
-    num_workers: int = 2
+    num_workers: int = 0  # loading processes; 0 = in the training process (the synthetic set, cached whole)
+    cache_mb: int = 256  # decoded images kept in memory per data set and loading process; 0 = off
     aircraft_level: str = "variant"  # variant | family | manufacturer
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop area
     hflip: float = 0.5  # probability of a horizontal flip
@@ -262,6 +263,8 @@ def check_choices(cfg: DictConfig) -> None:
             raise UserError(f"recipe key '{key}' is '{value}' but must be one of: {', '.join(choices)}.")
     if cfg.data.val_fraction < 0 or cfg.data.val_fraction >= 1:
         raise UserError(f"data.val_fraction is {cfg.data.val_fraction} but must be in [0, 1).")
+    if cfg.data.num_workers < 0 or cfg.data.cache_mb < 0:
+        raise UserError("data.num_workers and data.cache_mb must each be 0 or more.")
     if cfg.train.grad_accum_steps < 1 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise UserError("train.epochs, train.batch_size and train.grad_accum_steps must each be at least 1.")
 

@@ -1,6 +1,6 @@
 """How fast the real training path runs, against a bare loop on the same model.
 
-    python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 3] [--set key=value ...]
+    python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 6] [--set key=value ...]
 
 Three measurements in one run, on the same recipe:
 - the real path: `fgvc/train.py`'s loop (data loading, augmentation, logging, checkpointing), images
@@ -10,6 +10,9 @@ Three measurements in one run, on the same recipe:
 - the data pipeline alone: the same training DataLoader (workers, decoding, augmentation) iterated
   without a model.
 Goals (issue 7): real path >= 90% of the bare loop; data pipeline >= 2x what the model consumes.
+
+Each rate is the median over epochs (after warm-up); the bare loop is timed before and after the
+real path and its epochs pooled, so a change in machine load during the run shows in both.
 """
 
 from __future__ import annotations
@@ -28,17 +31,18 @@ WARMUP_EPOCHS = 1  # epochs not timed: first-call costs (allocator, worker start
 
 
 def real_path(cfg) -> float:
-    """Images per second of the trainer's training epochs (train time only, after warm-up)."""
+    """Images per second of the trainer's training epochs (train time only, after warm-up), median."""
     from fgvc.engine.trainer import train
 
     train(cfg)
     rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     timed = rows[WARMUP_EPOCHS:] or rows
-    return statistics.fmean(r["train_images"] / r["train_seconds"] for r in timed)
+    return statistics.median(r["train_images"] / r["train_seconds"] for r in timed)
 
 
-def bare_loop(cfg, num_images: int) -> float:
-    """Images per second of forward + backward + step on in-memory tensors, same model and optimizer."""
+def bare_loop(cfg, num_images: int, epochs: int) -> list[float]:
+    """Images per second of each epoch (after warm-up) of forward + backward + step on in-memory
+    tensors, same model and optimizer."""
     from fgvc.data.build import read_index
     from fgvc.engine.losses import build_criterion
     from fgvc.engine.trainer import build_optimizer
@@ -57,7 +61,7 @@ def bare_loop(cfg, num_images: int) -> float:
     images = torch.randn(steps, t.batch_size, 3, size, size)
     labels = torch.randint(0, index.num_classes, (steps, t.batch_size))
     rates = []
-    for epoch in range(WARMUP_EPOCHS + 2):
+    for epoch in range(WARMUP_EPOCHS + epochs):
         start = time.perf_counter()
         for i in range(steps):
             if hasattr(model, "step_schedule"):
@@ -67,7 +71,7 @@ def bare_loop(cfg, num_images: int) -> float:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         rates.append(steps * t.batch_size / (time.perf_counter() - start))
-    return statistics.fmean(rates[WARMUP_EPOCHS:])
+    return rates[WARMUP_EPOCHS:]
 
 
 def data_pipeline(cfg) -> tuple[float, int]:
@@ -79,20 +83,23 @@ def data_pipeline(cfg) -> tuple[float, int]:
     data = build_datasets(cfg.data, cfg.seed, mean, std)
     loader = make_loader(data.train, cfg.train.batch_size, cfg.data.num_workers, True)
     rates = []
-    for _ in range(WARMUP_EPOCHS + 2):
+    for epoch in range(WARMUP_EPOCHS + 3):
+        data.train.set_epoch(epoch)
         start, n = time.perf_counter(), 0
         for batch in loader:
             n += len(batch["label"])
         rates.append(n / (time.perf_counter() - start))
-    return statistics.fmean(rates[WARMUP_EPOCHS:]), len(data.train)
+    return statistics.median(rates[WARMUP_EPOCHS:]), len(data.train)
 
 
 def train_speed(recipe: str, epochs: int, overrides: list[str]) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_recipe([f"recipe={recipe}", f"train.epochs={epochs}", f"output_dir={tmp}/run", *overrides])
         data_rate, num_images = data_pipeline(cfg)
-        bare = bare_loop(cfg, num_images)
+        timed = max(1, epochs - WARMUP_EPOCHS)
+        before = bare_loop(cfg, num_images, timed)
         real = real_path(cfg)
+        bare = statistics.median(before + bare_loop(cfg, num_images, timed))
     lines = [f"### Training speed: `{recipe}` ({cfg.model.arch}, {cfg.model.backbone}, {cfg.data.image_size} px, "
              f"batch {cfg.train.batch_size}, {cfg.data.num_workers} workers, {torch.get_num_threads()} threads)", "",
              "| path | images / s | against the bare loop |", "|---|---:|---:|",

@@ -74,6 +74,6 @@ def build_datasets(data: DictConfig, seed: int, mean, std, index: DatasetIndex |
     def make(samples: list[Sample], train: bool) -> FGVCDataset:
         annotations = train_annotations or not train
         return FGVCDataset(samples, build_transform(data, train, mean, std, index.flip_pairs, annotations),
-                           index.bottom_crop, P)
+                           index.bottom_crop, P, seed=seed if train else None, cache_mb=data.cache_mb)
 
     return DataSplits(index, make(train_s, True), make(val_s, False) if val_s else None, make(index.test, False))

@@ -36,8 +36,8 @@ class SyntheticSpec:
     train_per_class: int = 40
     test_per_class: int = 20
     image_size: int = 96
-    part_scale: float = 0.09
-    distractors: int = 3
+    part_scale: float = 0.06
+    distractors: int = 6
     noise: float = 0.08
     cue_strength: float = 1.0
     seed: int = 0

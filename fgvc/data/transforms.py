@@ -8,6 +8,7 @@ the backbone's mean/std normalisation.
 from __future__ import annotations
 
 import os
+import random
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no update check against PyPI on import
 
@@ -56,10 +57,11 @@ class PairedTransform:
         self.rng = np.random.default_rng()
 
     def set_random_seed(self, seed: int) -> None:
-        """Reseed every random choice (albumentations' and the flip's): call in each DataLoader
-        worker, or at each epoch when loading in the main process."""
-        self.geometry.set_random_seed(seed)
+        """Reseed every random choice (albumentations' and the flip's) from one generator pair.
+        Called before every training image (fgvc/data/dataset.py), so it is kept cheap: albumentations'
+        own `set_random_seed` would build a generator pair for the pipeline and each step."""
         self.rng = np.random.default_rng(seed)
+        self.geometry.set_random_state(self.rng, random.Random(seed))
 
     def __call__(self, image: np.ndarray, box: np.ndarray | None, parts: np.ndarray | None):
         if not self.annotations:

@@ -31,7 +31,6 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from fgvc.data.build import build_datasets, read_index
-from fgvc.data.dataset import worker_init_fn
 from fgvc.engine.losses import build_criterion
 from fgvc.engine.metrics import predict, split_metrics
 from fgvc.engine.runs import (CHECKPOINT_PREFIX, atomic_write_text, check_run_dir, checkpoints, model_meta,
@@ -42,7 +41,6 @@ from fgvc.models.build import build_model
 MULTI_OUTPUT_ARCHS = ("racnn", "dcn")  # some parameters sit out some steps: DDP must allow it
 KILL_AFTER_EPOCH_ENV = "FGVC_KILL_AFTER_EPOCH"  # tests simulate `kill -9` at an epoch boundary
 KILLED_EXIT = 137
-AUGMENT_SEED_STRIDE = 100_003  # separates the per-epoch augmentation seeds of runs with other seeds
 
 
 class TrainState:
@@ -91,9 +89,10 @@ def data_backbone(model_cfg: DictConfig) -> str:
 
 
 def make_loader(dataset, batch_size: int, workers: int, train: bool, drop_last: bool = False) -> DataLoader:
+    """Workers live as long as the loader (augmentation is seeded per sample and epoch, see
+    fgvc/data/dataset.py), so an epoch pays neither their start nor a cold image cache."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
-                      drop_last=drop_last, worker_init_fn=worker_init_fn if workers else None,
-                      persistent_workers=False, pin_memory=False)
+                      drop_last=drop_last, persistent_workers=workers > 0, pin_memory=False)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -153,7 +152,7 @@ def train(cfg: DictConfig) -> dict:
     for epoch in range(state.epoch, t.epochs):
         start = time.perf_counter()
         train_loader.set_epoch(epoch)
-        data.train.transform.set_random_seed(cfg.seed * AUGMENT_SEED_STRIDE + epoch * 1000 + accelerator.process_index)
+        data.train.set_epoch(epoch)  # augmentation = f(seed, epoch, sample)
         losses = train_one_epoch(model, raw, criterion, optimizer, scheduler, ema, mixup, train_loader,
                                  accelerator, state, epoch, t)
         seconds = time.perf_counter() - start
