@@ -119,7 +119,7 @@ class DcnTrainConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 15
+    epochs: int = 30
     batch_size: int = 32  # per process
     lr: float = 0.1
     weight_decay: float = 5.0e-4

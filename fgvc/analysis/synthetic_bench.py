@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fgvc.errors import RunError
+
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["synth_baseline", "synth_se", "synth_cbam", "synth_residual", "synth_gate", "synth_stn",
            "synth_racnn", "synth_dcn", "synth_dcn_fine"]
@@ -63,13 +65,39 @@ class RunRow:
         self.train_time.append(m["train_time_s"])
 
 
+def recipe_difference(run_dir: Path, args: list[str]) -> tuple[str, object, object] | None:
+    """(key, saved value, wanted value) of the first recipe key whose value in a run folder's
+    recipe.yaml differs from what `args` would train now; None when they agree."""
+    from omegaconf import OmegaConf
+
+    from fgvc.config import load_recipe
+
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "recipe.yaml"), resolve=True)
+    wanted = OmegaConf.to_container(load_recipe(args), resolve=True)
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    a, b = flat(saved), flat(wanted)
+    key = next((k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)), None)
+    return None if key is None else (key, a.get(key), b.get(key))
+
+
 def train_run(recipe: str, seed: int, out: Path, extra: list[str], log) -> Path:
-    """Train one run unless it has finished already; returns its folder."""
+    """Train one run unless it has finished already with the same recipe; returns its folder."""
+    args = [f"recipe={recipe}", f"seed={seed}", f"output_dir={out}", *extra]
     if (out / "metrics.json").is_file():
+        differs = recipe_difference(out, args)  # a finished run is reused only for the same recipe
+        if differs is not None:
+            key, saved, wanted = differs
+            raise RunError(f"the finished run '{out}' has {key}={saved} but the benchmark now trains {key}={wanted}; "
+                           "move the run away or give the benchmark another --runs folder.")
         log(f"reuse {out}")
         return out
-    cmd = [sys.executable, str(ROOT / "fgvc" / "train.py"), f"recipe={recipe}", f"seed={seed}",
-           f"output_dir={out}", *extra]
+    cmd = [sys.executable, str(ROOT / "fgvc" / "train.py"), *args]
     cmd += ["train.resume=auto"] if out.exists() else []
     log("run " + " ".join(cmd[1:]))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
