@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         methods = args.methods or METHODS
         for m in methods:  # every recipe and override is checked before hours of training start
             load_recipe([f"recipe={m}", *args.set])
+        command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         run_benchmark(args.seeds, Path(args.out), Path(args.runs), list(args.set), methods,
-                      identity_experiment=not args.no_identity)
+                      identity_experiment=not args.no_identity, command=command)
         print(Path(args.out, "README.md").read_text())
         return 0
     if args.command == "attention":

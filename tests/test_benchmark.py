@@ -23,6 +23,7 @@ def test_synthetic_benchmark_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     page = (out / "README.md").read_text()
     assert "Command: `python fgvc/benchmark.py synthetic --seeds 0 1" in page and "commit" in page
+    assert "--methods synth_baseline synth_cbam synth_racnn" in page  # the whole command line
     table = [line for line in page.splitlines() if line.startswith("| synth_")]
     assert [line.split("|")[1].strip() for line in table] == METHODS
     header = next(line for line in page.splitlines() if line.startswith("| method"))

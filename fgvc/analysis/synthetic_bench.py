@@ -168,7 +168,8 @@ def _ms(values: list[float], scale: float = 100.0) -> str:
 
 
 def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[str], methods: list[str],
-                  identity_experiment: bool = True, log=print) -> list[RunRow]:
+                  identity_experiment: bool = True, log=print, command: str = "") -> list[RunRow]:
+    """`command`: the command line to print on the page (default: the one the seeds and overrides make)."""
     out.mkdir(parents=True, exist_ok=True)
     from fgvc.analysis.localization import compare_table, localize_run
 
@@ -196,7 +197,7 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
                 row.add(seed, train_run(recipe, seed, runs_dir / name, overrides + extra + [f"model.weights={weights}"], log))
             finetune_rows.append(row)
     coverage = {m: zoom_part_coverage(runs_dir / f"{m}-s{seeds[0]}") for m in methods if "racnn" in m}
-    write_outputs(rows, finetune_rows, seeds, out, overrides, source, coverage)
+    write_outputs(rows, finetune_rows, seeds, out, overrides, source, coverage, command)
     (out / "localization" / "README.md").write_text(
         f"# Where the synthetic models look (seed {seeds[0]}, {LOCALIZE_IMAGES} test images)\n\n"
         "Made by the synthetic benchmark (see ../README.md for the command). Every map source of every "
@@ -227,14 +228,14 @@ def code_version() -> str:
 
 
 def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, overrides: list[str],
-                  source: str, coverage: dict[str, dict[str, float]]) -> None:
+                  source: str, coverage: dict[str, dict[str, float]], command: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    command = "python fgvc/benchmark.py synthetic --seeds " + " ".join(map(str, seeds)) + \
-              (" --set " + " ".join(overrides) if overrides else "")
+    command = command or ("python fgvc/benchmark.py synthetic --seeds " + " ".join(map(str, seeds)) +
+                          (" --set " + " ".join(overrides) if overrides else ""))
     header = ["# Synthetic benchmark", "",
               f"Command: `{command}`  ",
               f"Date: {datetime.date.today().isoformat()}, {source}, "
