@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods:  # every recipe and override is checked before hours of training start
             load_recipe([f"recipe={m}", *args.set])
         command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        run_benchmark(args.seeds, Path(args.out), Path(args.runs), list(args.set), methods,
-                      identity_experiment=not args.no_identity, command=command)
+        run_benchmark(args.seeds, Path(args.out), Path(args.runs), list(args.set), methods, command,
+                      identity_experiment=not args.no_identity)
         print(Path(args.out, "README.md").read_text())
         return 0
     if args.command == "attention":

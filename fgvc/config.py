@@ -269,5 +269,16 @@ def check_choices(cfg: DictConfig) -> None:
         raise UserError("train.epochs, train.batch_size and train.grad_accum_steps must each be at least 1.")
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested recipe container as {"data.image_size": 64, ...}."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat |= flatten(v, f"{prefix}{k}.")
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)

@@ -70,18 +70,10 @@ def recipe_difference(run_dir: Path, args: list[str]) -> tuple[str, object, obje
     recipe.yaml differs from what `args` would train now; None when they agree."""
     from omegaconf import OmegaConf
 
-    from fgvc.config import load_recipe
+    from fgvc.config import flatten, load_recipe
 
-    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "recipe.yaml"), resolve=True)
-    wanted = OmegaConf.to_container(load_recipe(args), resolve=True)
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-        return out
-
-    a, b = flat(saved), flat(wanted)
+    a = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "recipe.yaml"), resolve=True))
+    b = flatten(OmegaConf.to_container(load_recipe(args), resolve=True))
     key = next((k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)), None)
     return None if key is None else (key, a.get(key), b.get(key))
 
@@ -168,8 +160,8 @@ def _ms(values: list[float], scale: float = 100.0) -> str:
 
 
 def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[str], methods: list[str],
-                  identity_experiment: bool = True, log=print, command: str = "") -> list[RunRow]:
-    """`command`: the command line to print on the page (default: the one the seeds and overrides make)."""
+                  command: str, identity_experiment: bool = True, log=print) -> list[RunRow]:
+    """`command`: the command line printed on the page."""
     out.mkdir(parents=True, exist_ok=True)
     from fgvc.analysis.localization import compare_table, localize_run
 
@@ -197,7 +189,7 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
                 row.add(seed, train_run(recipe, seed, runs_dir / name, overrides + extra + [f"model.weights={weights}"], log))
             finetune_rows.append(row)
     coverage = {m: zoom_part_coverage(runs_dir / f"{m}-s{seeds[0]}") for m in methods if "racnn" in m}
-    write_outputs(rows, finetune_rows, seeds, out, overrides, source, coverage, command)
+    write_outputs(rows, finetune_rows, seeds, out, source, coverage, command)
     (out / "localization" / "README.md").write_text(
         f"# Where the synthetic models look (seed {seeds[0]}, {LOCALIZE_IMAGES} test images)\n\n"
         "Made by the synthetic benchmark (see ../README.md for the command). Every map source of every "
@@ -227,15 +219,13 @@ def code_version() -> str:
     return f"commit {commit or 'unknown'}" + (" (with local changes)" if dirty else "")
 
 
-def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, overrides: list[str],
-                  source: str, coverage: dict[str, dict[str, float]], command: str = "") -> None:
+def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, source: str,
+                  coverage: dict[str, dict[str, float]], command: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    command = command or ("python fgvc/benchmark.py synthetic --seeds " + " ".join(map(str, seeds)) +
-                          (" --set " + " ".join(overrides) if overrides else ""))
     header = ["# Synthetic benchmark", "",
               f"Command: `{command}`  ",
               f"Date: {datetime.date.today().isoformat()}, {source}, "

@@ -68,10 +68,8 @@ class PairedTransform:
             img = self.geometry(image=image)["image"]
             if self.hflip and self.rng.random() < self.hflip:
                 img = img[:, ::-1]
-            img = self.normalize(image=np.ascontiguousarray(img))["image"]
             n_parts = 0 if parts is None else len(parts)
-            return (torch.from_numpy(img.transpose(2, 0, 1).copy()), torch.from_numpy(NO_BOX.copy()),
-                    torch.zeros(n_parts, 3))
+            return self._to_tensor(img), torch.from_numpy(NO_BOX.copy()), torch.zeros(n_parts, 3)
         h, w = image.shape[:2]
         boxes, box_ids = [], []
         if box is not None and np.all(np.isfinite(box)):
@@ -104,6 +102,9 @@ class PairedTransform:
                 parts_out[vis, 0] = width - parts_out[vis, 0]
                 for left, right in self.flip_pairs:  # a flip turns the left wing into the right one
                     parts_out[[left, right]] = parts_out[[right, left]]
+        return self._to_tensor(img), torch.from_numpy(box_out), torch.from_numpy(parts_out)
+
+    def _to_tensor(self, img: np.ndarray) -> torch.Tensor:
+        """(S, S, 3) uint8, possibly a flipped view -> normalised (3, S, S) float tensor."""
         img = self.normalize(image=np.ascontiguousarray(img))["image"]
-        tensor = torch.from_numpy(img.transpose(2, 0, 1).copy())  # (3, S, S)
-        return tensor, torch.from_numpy(box_out), torch.from_numpy(parts_out)
+        return torch.from_numpy(img.transpose(2, 0, 1).copy())

@@ -30,6 +30,7 @@ from timm.data import Mixup, resolve_data_config
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
+from fgvc.config import flatten
 from fgvc.data.build import build_datasets, read_index
 from fgvc.engine.losses import build_criterion
 from fgvc.engine.metrics import predict, split_metrics
@@ -145,7 +146,7 @@ def train(cfg: DictConfig) -> dict:
             truncate_log(out / "metrics.jsonl", state.epoch)
         console.print(f"resumed from {resume_from} (epoch {state.epoch})")
     if t.tensorboard:
-        flat = {k: v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+        flat = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
                 if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("tensorboard", config=flat)
 
@@ -298,13 +299,3 @@ def epoch_table(row: dict) -> Table:
         table.add_column(EPOCH_COLUMNS[k], justify="right")
     table.add_row(*[f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in shown])
     return table
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat |= _flatten(v, f"{prefix}{k}.")
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
