@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     from fgvc.engine.metrics import (confusion_matrix, expected_calibration_error, most_confused, predict,
                                      split_metrics)
     from fgvc.engine.runs import atomic_write_text, load_run
-    from fgvc.engine.trainer import make_loader
+    from fgvc.data.build import make_loader
 
     run = load_run(args.run_dir)
     cfg = run.cfg

@@ -9,7 +9,7 @@ import torch
 import fgvc.data.dataset as dataset_module
 from fgvc.config import load_recipe
 from fgvc.data.build import build_datasets
-from fgvc.engine.trainer import make_loader
+from fgvc.data.build import make_loader
 from conftest import TINY_DATA
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

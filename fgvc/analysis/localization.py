@@ -199,7 +199,7 @@ def localize_run(run_dir: str | Path, out_dir: str | Path | None = None, split: 
     from fgvc.data.build import build_datasets
     from fgvc.data.synthetic import class_parts
     from fgvc.engine.runs import atomic_write_text, load_run
-    from fgvc.engine.trainer import make_loader
+    from fgvc.data.build import make_loader
     from fgvc.errors import UserError
 
     say = console.print if console is not None else (lambda *a, **k: None)

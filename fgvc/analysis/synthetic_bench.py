@@ -118,7 +118,7 @@ def zoom_part_coverage(run_dir: Path) -> dict[str, float]:
     from fgvc.data.build import build_datasets
     from fgvc.data.synthetic import class_parts
     from fgvc.engine.runs import load_run
-    from fgvc.engine.trainer import make_loader
+    from fgvc.data.build import make_loader
 
     run = load_run(run_dir)
     data = build_datasets(run.cfg.data, run.cfg.seed, run.mean, run.std)

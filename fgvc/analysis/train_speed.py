@@ -45,7 +45,7 @@ def bare_loop(cfg, num_images: int, epochs: int) -> list[float]:
     tensors, same model and optimizer."""
     from fgvc.data.build import read_index
     from fgvc.engine.losses import build_criterion
-    from fgvc.engine.trainer import build_optimizer
+    from fgvc.engine.optim import build_optimizer
     from fgvc.models.build import build_model
 
     t = cfg.train
@@ -77,7 +77,8 @@ def bare_loop(cfg, num_images: int, epochs: int) -> list[float]:
 def data_pipeline(cfg) -> tuple[float, int]:
     """Images per second of the training DataLoader alone, and the number of training images."""
     from fgvc.data.build import build_datasets
-    from fgvc.engine.trainer import data_backbone, make_loader, mean_std
+    from fgvc.data.build import make_loader
+    from fgvc.models.build import data_backbone, mean_std
 
     mean, std = mean_std(data_backbone(cfg.model))
     data = build_datasets(cfg.data, cfg.seed, mean, std)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader
 
 from fgvc.data import aircraft, cars, cub, folder, nabirds  # noqa: F401  (register the readers)
 from fgvc.data.dataset import FGVCDataset
@@ -77,3 +78,10 @@ def build_datasets(data: DictConfig, seed: int, mean, std, index: DatasetIndex |
                            index.bottom_crop, P, seed=seed if train else None, cache_mb=data.cache_mb)
 
     return DataSplits(index, make(train_s, True), make(val_s, False) if val_s else None, make(index.test, False))
+
+
+def make_loader(dataset, batch_size: int, workers: int, train: bool, drop_last: bool = False) -> DataLoader:
+    """Workers live as long as the loader (augmentation is seeded per sample and epoch, see
+    fgvc/data/dataset.py), so an epoch pays neither their start nor a cold image cache."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
+                      drop_last=drop_last, persistent_workers=workers > 0, pin_memory=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import timm
 from omegaconf import DictConfig
+from timm.data import resolve_data_config
 from torch import nn
 
 from fgvc.registry import Registry
@@ -51,3 +53,14 @@ def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.
     if not hasattr(model, "pretrained_names"):
         model.pretrained_names = set()
     return model
+
+
+def mean_std(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation of the timm model's pretrained configuration."""
+    pcfg = timm.models.get_pretrained_cfg(backbone) or timm.models.get_pretrained_cfg(backbone.split(".")[0])
+    cfg = resolve_data_config({}, pretrained_cfg=pcfg.to_dict() if pcfg is not None else {})
+    return tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def data_backbone(model_cfg: DictConfig) -> str:
+    return model_cfg.dcn.fine_backbone if model_cfg.arch == "dcn" else model_cfg.backbone

@@ -1,0 +1,67 @@
+"""Checkpoints: Accelerate's state plus fgvc's counters (JSON) and EMA weights (safetensors), written
+atomically so that a kill at any moment leaves the previous checkpoint intact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from fgvc.engine.runs import CHECKPOINT_PREFIX, atomic_write_text, checkpoints, save_weights
+
+
+class TrainState:
+    """Counters checkpointed with the model: where the run is and which epoch is best so far."""
+
+    def __init__(self) -> None:
+        self.epoch, self.update, self.best_top1, self.best_epoch, self.train_time = 0, 0, -1.0, -1, 0.0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+def truncate_log(path: Path, epochs_done: int) -> None:
+    """Keep the lines of the epochs a resumed checkpoint holds (a kill may have logged one more)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epochs_done]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+STATE_FILE, EMA_FILE = "fgvc_state.json", "ema.safetensors"
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, scheduler, ema, keep: int) -> None:
+    """Accelerate's state (model, optimizer, RNG) plus ours (counters and schedule as JSON, EMA as
+    safetensors: nothing that loads by unpickling) into a temporary folder, renamed into place once
+    complete, so a kill at any moment leaves the previous checkpoint intact. Called on every process."""
+    final = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.epoch:04d}"
+    tmp = out / "checkpoints" / f".tmp_{CHECKPOINT_PREFIX}{state.epoch:04d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            save_weights(ema.module, tmp / EMA_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({"train": state.state_dict(), "scheduler": scheduler.state_dict()}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in checkpoints(out)[:-max(1, keep)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_extras(folder: Path, state: TrainState, scheduler, ema) -> None:
+    saved = json.loads((folder / STATE_FILE).read_text())
+    state.load_state_dict(saved["train"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if ema is not None:
+        ema.module.load_state_dict(load_file(str(folder / EMA_FILE)))
