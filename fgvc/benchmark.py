@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     spd.add_argument("--out", default="", help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     if args.command == "train":
-        from fgvc.analysis.train_speed import train_speed
+        from fgvc.engine.train_speed import train_speed
 
         write_table(train_speed(args.recipe, args.epochs, list(args.set)), "Training speed", args.out, argv)
         return 0

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from fgvc.analysis.coarse_fine import (COLUMNS, FILES, coarse_fine_rows, count_flops, read_csv,
                                        read_plot_points, write_report)
 from fgvc.errors import UserError
-from fgvc.models.dcn import (ALWAYS_EXIT, DCN, NEVER_EXIT, DcnLoss, choose_threshold, entropy_saliency,
-                             escalate)
+from fgvc.engine.losses import DcnLoss
+from fgvc.models.dcn import ALWAYS_EXIT, DCN, NEVER_EXIT, choose_threshold, entropy_saliency, escalate
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = 64  # input side
@@ -172,7 +172,7 @@ def test_recipes_build_the_model_and_loss():
         cfg = load_recipe([f"recipe={name}"])
         net = build_model(cfg.model, 12, cfg.data.image_size)
         assert isinstance(net, DCN) and net.whole_image is whole
-        assert isinstance(build_criterion(cfg, 10), DcnLoss)
+        assert isinstance(build_criterion(cfg), DcnLoss)
     for name in ("cub_dcn", "cars_dcn"):  # real-data recipes resolve (weights are not fetched here)
         cfg = load_recipe([f"recipe={name}"])
         assert cfg.model.arch == "dcn" and cfg.data.image_size == 448

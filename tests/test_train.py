@@ -4,9 +4,12 @@ non-finite loss, overwrite protection, evaluate and predict."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import TINY_DATA, accelerate_launch, run_script
+from conftest import ROOT, TINY_DATA, accelerate_launch, run_script
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -49,7 +52,9 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, synth_root):
     args = ["recipe=synth_baseline", "train.epochs=3", "train.ema=true", f"data.root={synth_root}", *TINY_DATA]
     whole = run_script("train.py", *args, f"output_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = run_script("train.py", *args, f"output_dir={tmp_path / 'cut'}", env={"FGVC_KILL_AFTER_EPOCH": "2"})
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_after_epoch.py"), "2", *args,
+                             f"output_dir={tmp_path / 'cut'}"], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert killed.returncode == 137 and not (tmp_path / "cut" / "metrics.json").exists()
     (tmp_path / "cut" / "checkpoints" / ".tmp_epoch_0003").mkdir()  # a half-written save is ignored
     again = run_script("train.py", *args, f"output_dir={tmp_path / 'cut'}")

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from fgvc.config import available_recipes, load_recipe
-from fgvc.engine.losses import build_criterion
+from fgvc.engine.losses import ZoomLoss, build_criterion, build_schedule, ranking_loss, true_class_probability
 from fgvc.errors import UserError
 from fgvc.models.build import build_model
-from fgvc.models.zoom import (APN, CLS, JOINT, PRETRAIN, RACNN, ZoomLoss, ZoomOutput, box_from_raw, compose_boxes,
-                              peak_response_box, ranking_loss, true_class_probability, zoom, zoom_phase)
+from fgvc.models.zoom import (APN, CLS, JOINT, PRETRAIN, RACNN, ZoomOutput, ZoomSchedule, box_from_raw, compose_boxes,
+                              peak_response_box, zoom, zoom_phase)
 
-from conftest import ROOT, TINY_DATA, accelerate_launch
+from conftest import TINY_DATA, accelerate_launch
 
 STEEP = 1e4  # a mask this steep is exactly 0/1 at pixel centres in float32: a hard crop
 SIZE, CLASSES = 32, 5  # tiny model input
@@ -145,14 +145,12 @@ def test_ranking_loss_is_zero_when_the_finer_scale_wins_by_the_margin_and_positi
 
 def test_loss_terms_are_named_and_weighted_by_phase():
     model = tiny_racnn()
-    loss = ZoomLoss(rank_margin=0.05, rank_weight=2.0, pretrain_updates=1, cls_steps=1, apn_steps=1)
-    loss.bind(model)
+    loss = ZoomLoss(rank_margin=0.05, rank_weight=2.0)
     model.train()
     x, y = torch.randn(4, 3, SIZE, SIZE), torch.randint(0, CLASSES, (4,))
     names = {"loss", "ce_scale0", "ce_scale1", "ce_scale2", "ce_fused", "rank", "apn_init"}
-    for update, phase in [(0, PRETRAIN), (1, CLS), (2, APN)]:
-        model.step_schedule(update, 0)
-        t = loss(model(x), y, update=update)
+    for phase in (PRETRAIN, CLS, APN):
+        t = loss(model(x, phase=phase), y)
         assert set(t) == names  # the same names in every phase, for logging
         ce = t["ce_scale0"] + t["ce_scale1"] + t["ce_scale2"] + t["ce_fused"]
         expected = {PRETRAIN: ce + t["apn_init"], CLS: ce, APN: 2.0 * t["rank"]}[phase]
@@ -206,28 +204,23 @@ def test_phases_follow_the_schedule():
     assert zoom_phase(5, 0, 3, 0) == CLS and zoom_phase(5, 0, 0, 3) == APN
 
 
-def test_step_schedule_without_a_bound_schedule_fails_naming_the_fix():
-    with pytest.raises(RuntimeError, match="bind"):
-        tiny_racnn().step_schedule(0, 0)
+def test_the_schedule_is_the_one_owner_of_the_phase_and_the_loss_follows_the_output():
+    schedule = ZoomSchedule(pretrain_updates=1, cls_steps=1, apn_steps=1)
+    assert [schedule.phase(u) for u in range(4)] == [PRETRAIN, CLS, APN, CLS]
+    model, loss = tiny_racnn().train(), ZoomLoss(rank_weight=3.0)
+    x, y = torch.randn(2, 3, SIZE, SIZE), torch.zeros(2, dtype=torch.long)
+    out = model(x, phase=schedule.phase(2))
+    assert out.phase == APN
+    t = loss(out, y)
+    torch.testing.assert_close(t["loss"].detach(), 3.0 * t["rank"])
+    assert model(x).phase == JOINT  # no phase given (evaluation, analysis): the joint loss
 
 
-def test_loss_refuses_a_model_in_another_phase():
-    model = tiny_racnn()
-    loss = ZoomLoss(pretrain_updates=1)
-    loss.bind(model)
-    model.train()
-    model.step_schedule(0, 0)
-    out = model(torch.randn(2, 3, SIZE, SIZE))
-    with pytest.raises(RuntimeError, match="phase"):
-        loss(out, torch.zeros(2, dtype=torch.long), update=5)
-
-
-def _grads_after_step(model, loss, update):
+def _grads_after_step(model, loss, schedule, update):
     model.zero_grad(set_to_none=True)
-    model.step_schedule(update, 0)
     torch.manual_seed(update)
-    out = model(torch.randn(4, 3, SIZE, SIZE))
-    loss(out, torch.randint(0, CLASSES, (4,)), update=update)["loss"].backward()
+    out = model(torch.randn(4, 3, SIZE, SIZE), phase=schedule.phase(update))
+    loss(out, torch.randint(0, CLASSES, (4,)))["loss"].backward()
     groups = {"backbones": [], "classifiers": [], "apns": [], "fusion": []}
     for name, p in model.named_parameters():
         groups[name.split(".")[0]].append(p.grad is not None and bool(p.grad.abs().sum() > 0))
@@ -237,10 +230,9 @@ def _grads_after_step(model, loss, update):
 @pytest.mark.parametrize("share", [False, True])
 def test_each_phase_updates_only_its_parameters(share):
     model = tiny_racnn(share_backbone=share)
-    loss = ZoomLoss(pretrain_updates=1, cls_steps=1, apn_steps=1)
-    loss.bind(model)
+    loss, schedule = ZoomLoss(), ZoomSchedule(pretrain_updates=1, cls_steps=1, apn_steps=1)
     model.train()
-    pre, cls, apn = (_grads_after_step(model, loss, u) for u in range(3))
+    pre, cls, apn = (_grads_after_step(model, loss, schedule, u) for u in range(3))
     # (an APN's last layer starts at zero, so at first only that layer has a non-zero gradient)
     # pretraining: classifiers, backbones, fusion from the CE terms; the APNs from their regression
     assert pre["backbones"][1] and pre["classifiers"][0] and pre["fusion"][0] and pre["apns"][1]
@@ -259,9 +251,11 @@ def test_every_racnn_recipe_loads_and_synth_racnn_builds():
         assert cfg.model.arch == "racnn" and cfg.model.zoom.scales in (2, 3)
     cfg = load_recipe(["recipe=synth_racnn"])
     model = build_model(cfg.model, CLASSES, cfg.data.image_size)
-    criterion = build_criterion(cfg, steps_per_epoch=7)
-    assert isinstance(model, RACNN) and isinstance(criterion, ZoomLoss)
-    assert criterion.schedule.pretrain_updates == cfg.train.zoom.pretrain_epochs * 7
+    assert isinstance(model, RACNN) and isinstance(build_criterion(cfg), ZoomLoss)
+    schedule = build_schedule(cfg, updates_per_epoch=7)
+    assert schedule.pretrain_updates == cfg.train.zoom.pretrain_epochs * 7
+    assert schedule.cls_steps == cfg.train.zoom.cls_steps and schedule.apn_steps == cfg.train.zoom.apn_steps
+    assert build_schedule(load_recipe(["recipe=synth_baseline"]), 7) is None  # no phases outside RA-CNN
 
 
 # --- several processes ------------------------------------------------------------------------
@@ -273,21 +267,20 @@ def _ddp_phases_worker():
 
     acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     model = tiny_racnn()
-    loss = ZoomLoss(pretrain_updates=1, cls_steps=1, apn_steps=1)
-    loss.bind(model)
+    loss, schedule = ZoomLoss(), ZoomSchedule(pretrain_updates=1, cls_steps=1, apn_steps=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     model.train()
     for update in range(5):  # pretrain, cls, apn, cls, apn
-        raw.step_schedule(update, 0)
+        phase = schedule.phase(update)
         torch.manual_seed(100 * acc.process_index + update)  # different data per rank
         before = {n: p.detach().clone() for n, p in raw.named_parameters()}
-        terms = loss(model(torch.randn(4, 3, SIZE, SIZE)), torch.randint(0, CLASSES, (4,)), update=update)
+        terms = loss(model(torch.randn(4, 3, SIZE, SIZE), phase=phase), torch.randint(0, CLASSES, (4,)))
         acc.backward(terms["loss"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if raw.phase == APN:  # backbones and classifiers sat out: unchanged
+        if phase == APN:  # backbones and classifiers sat out: unchanged
             for n, p in raw.named_parameters():
                 if not n.startswith("apns."):
                     assert torch.equal(p, before[n]), n
@@ -304,7 +297,6 @@ def test_ddp_two_processes_through_every_phase():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "fgvc" / "train.py").is_file(), reason="fgvc/train.py not written yet")
 def test_synth_racnn_trains_with_two_processes(tmp_path, synth_root):
     out = tmp_path / "racnn"
     proc = accelerate_launch("train.py", "recipe=synth_racnn", "train.epochs=2", "train.zoom.pretrain_epochs=1",

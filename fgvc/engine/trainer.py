@@ -8,12 +8,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import json
 import math
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import timm
 import timm.scheduler
@@ -32,17 +32,17 @@ from torch.utils.data import DataLoader
 from fgvc.config import flatten
 from fgvc.data.build import DataSplits, build_datasets, make_loader, read_index
 from fgvc.engine.checkpoint import TrainState, load_extras, save_checkpoint, truncate_log
-from fgvc.engine.losses import build_criterion
+from fgvc.engine.losses import build_criterion, build_schedule
 from fgvc.engine.metrics import predict, split_metrics
 from fgvc.engine.optim import build_optimizer
 from fgvc.engine.runs import (atomic_write_text, check_run_dir, model_meta, prepare_run_dir, resolve_resume,
                               save_weights)
 from fgvc.errors import RunError
 from fgvc.models.build import build_model, data_backbone, mean_std
+from fgvc.models.zoom import ZoomSchedule
 
-MULTI_OUTPUT_ARCHS = ("racnn", "dcn")  # some parameters sit out some steps: DDP must allow it
-KILL_AFTER_EPOCH_ENV = "FGVC_KILL_AFTER_EPOCH"  # tests simulate `kill -9` at an epoch boundary
-KILLED_EXIT = 137
+PARTLY_UNUSED_ARCHS = ("racnn", "dcn")  # some parameters sit out some steps: DDP must allow it
+VAL_PREFIX = {"model": "val_", "ema": "val_ema_"}  # metrics.jsonl columns of each validated candidate
 
 
 @dataclass
@@ -57,6 +57,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     criterion: torch.nn.Module
+    schedule: ZoomSchedule | None  # RA-CNN's phases; its one owner, asked before each forward
     ema: ModelEmaV3 | None
     mixup: Mixup | None
     train_loader: DataLoader
@@ -70,7 +71,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     return Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.model.arch in MULTI_OUTPUT_ARCHS)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.model.arch in PARTLY_UNUSED_ARCHS)],
         log_with="tensorboard" if t.tensorboard else None, project_dir=cfg.output_dir)
 
 
@@ -101,9 +102,8 @@ def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Ru
     scheduler, _ = timm.scheduler.create_scheduler_v2(
         optimizer, sched=t.scheduler, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs, min_lr=t.min_lr,
         step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    criterion = build_criterion(cfg, updates_per_epoch)
-    if hasattr(criterion, "bind"):  # RA-CNN: the model switches phase on its loss's schedule
-        criterion.bind(model)
+    criterion = build_criterion(cfg)
+    schedule = build_schedule(cfg, updates_per_epoch)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     raw = accelerator.unwrap_model(model)
     ema = ModelEmaV3(raw, decay=t.ema_decay) if t.ema else None  # after prepare: on the model's device
@@ -119,12 +119,14 @@ def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Ru
         flat = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
                 if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("tensorboard", config=flat)
-    return Run(accelerator, out, data, index.num_classes, model, raw, optimizer, scheduler, criterion, ema, mixup,
+    return Run(accelerator, out, data, index.num_classes, model, raw, optimizer, scheduler, criterion, schedule, ema,
+               mixup,
                train_loader, val_loader, state, "ema" if ema is not None else "model")
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train the recipe; returns (and writes to metrics.json) the selected weights' val and test metrics."""
+def train(cfg: DictConfig, after_checkpoint: Callable[[int], None] | None = None) -> dict:
+    """Train the recipe; returns (and writes to metrics.json) the selected weights' val and test metrics.
+    `after_checkpoint(epoch)` runs after each epoch's checkpoint (tests use it to simulate a kill)."""
     t = cfg.train
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -135,8 +137,7 @@ def train(cfg: DictConfig) -> dict:
         start = time.perf_counter()
         r.train_loader.set_epoch(epoch)
         r.data.train.set_epoch(epoch)  # augmentation = f(seed, epoch, sample)
-        losses = train_one_epoch(r.model, r.raw, r.criterion, r.optimizer, r.scheduler, r.ema, r.mixup,
-                                 r.train_loader, accelerator, r.state, epoch, t)
+        losses = train_one_epoch(r, epoch, t)
         seconds = time.perf_counter() - start
         r.state.train_time += seconds
         row = {"epoch": epoch + 1, "lr": r.optimizer.param_groups[0]["lr"], **losses, "train_seconds": seconds,
@@ -149,8 +150,8 @@ def train(cfg: DictConfig) -> dict:
         if t.tensorboard:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
         save_checkpoint(accelerator, r.out, r.state, r.scheduler, r.ema, t.keep_checkpoints)
-        if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(r.state.epoch):  # tests: a kill right after a save
-            os._exit(KILLED_EXIT)
+        if after_checkpoint is not None:
+            after_checkpoint(r.state.epoch)
 
     results = final_evaluation(r, cfg)
     if accelerator.is_main_process:
@@ -169,7 +170,7 @@ def validate_and_keep(r: Run, epoch: int) -> dict:
     for name, net in candidates.items():
         if r.val_loader is not None:
             m = split_metrics(predict(net, r.val_loader, r.accelerator), r.num_classes)
-            row |= {f"val_{name}_{k}" if name != "model" else f"val_{k}": v for k, v in m.items()}
+            row |= {VAL_PREFIX[name] + k: v for k, v in m.items()}
             scores[name] = m["top1"]
     score = scores.get(r.selected, float(epoch))  # no validation split: the last epoch is kept
     if score > r.state.best_top1:
@@ -193,8 +194,8 @@ def final_evaluation(r: Run, cfg: DictConfig) -> dict:
     return results
 
 
-def train_one_epoch(model, raw, criterion, optimizer, scheduler, ema, mixup, loader, accelerator, state,
-                    epoch: int, t: DictConfig) -> dict[str, float]:
+def train_one_epoch(r: Run, epoch: int, t: DictConfig) -> dict[str, float]:
+    model, optimizer, accelerator, state, loader = r.model, r.optimizer, r.accelerator, r.state, r.train_loader
     model.train()
     sums: dict[str, torch.Tensor] = {}
     steps = 0
@@ -204,13 +205,12 @@ def train_one_epoch(model, raw, criterion, optimizer, scheduler, ema, mixup, loa
         task = bar.add_task("train", total=len(loader), loss="")
         for batch in loader:
             images, target = batch["image"], batch["label"]
-            if mixup is not None:
-                images, target = mixup(images, target)
+            if r.mixup is not None:
+                images, target = r.mixup(images, target)
             with accelerator.accumulate(model):
-                if hasattr(raw, "step_schedule"):
-                    raw.step_schedule(state.update, epoch)
-                out = model(images)
-                terms = criterion(out, target, update=state.update, epoch=epoch)
+                phase = {} if r.schedule is None else {"phase": r.schedule.phase(state.update)}
+                out = model(images, **phase)
+                terms = r.criterion(out, target)
                 accelerator.backward(terms["loss"])
                 if t.clip_grad and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
@@ -218,9 +218,9 @@ def train_one_epoch(model, raw, criterion, optimizer, scheduler, ema, mixup, loa
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 state.update += 1
-                scheduler.step_update(num_updates=state.update)
-                if ema is not None:
-                    ema.update(raw, step=state.update)
+                r.scheduler.step_update(num_updates=state.update)
+                if r.ema is not None:
+                    r.ema.update(r.raw, step=state.update)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             steps += 1

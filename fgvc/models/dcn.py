@@ -10,7 +10,8 @@ patches under those positions, and its features replace the coarse ones there:
 
 Training adds the paper's hint loss ||f_c(x)[i] - sg(proj(f_f(patch_i)))||^2 at the chosen positions
 (sg: stop-gradient), and optionally a cross-entropy on the coarse prediction so that its confidence can
-gate an early exit: images whose coarse prediction is confident enough stop there.
+gate an early exit: images whose coarse prediction is confident enough stop there (the loss, `DcnLoss`,
+lives in fgvc/engine/losses.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fgvc.engine.losses import classification_loss
 from fgvc.errors import UserError
 from fgvc.models.classifier import create_backbone
 
@@ -260,27 +260,3 @@ class DCN(nn.Module):
             return coarse_logits, escalated
         fine = self.refine(x[chosen], coarse_feats[chosen], coarse_logits[chosen], k).logits  # (E, K)
         return coarse_logits.index_copy(0, chosen, fine), escalated
-
-
-class DcnLoss(nn.Module):
-    """CE on the mixed prediction + hint_weight * the paper's hint loss (MSE between the coarse
-    features and the stop-gradient fine features at the refined positions) + coarse_weight * CE on
-    the coarse prediction (it trains the confidence that gates the early exit)."""
-
-    def __init__(self, hint_weight: float = 1.0, coarse_weight: float = 0.5, label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.hint_weight = hint_weight
-        self.coarse_weight = coarse_weight
-        self.label_smoothing = label_smoothing
-
-    def forward(self, output: DcnOutput, target: Tensor, update: int = 0, epoch: int = 0) -> dict[str, Tensor]:
-        ce = classification_loss(output.logits, target, self.label_smoothing)
-        zero = ce.new_zeros(())
-        hint = zero
-        if output.coarse_selected is not None and output.coarse_selected.numel():
-            hint = F.mse_loss(output.coarse_selected, output.fine_selected.detach())
-        coarse_ce = zero
-        if output.coarse_logits is not None:
-            coarse_ce = classification_loss(output.coarse_logits, target, self.label_smoothing)
-        loss = ce + self.hint_weight * hint + self.coarse_weight * coarse_ce
-        return {"loss": loss, "ce": ce, "hint": hint, "coarse_ce": coarse_ce}

@@ -10,10 +10,12 @@ scale's image is that box, cut out with the paper's boxcar mask and enlarged to 
 Training (paper sec. 3.3-3.4):
     L = sum_s L_cls(Y_s, Y*) + sum_s L_rank(p_t^(s), p_t^(s+1)),
     L_rank = max(0, p_t^(s) - p_t^(s+1) + margin)                       (paper eq. 8-9)
-with the schedule of `zoom_phase`: first the classifiers learn with boxes fixed at the strongest
-response of the previous scale's feature map (while each APN is regressed toward that box, which
-is how we pretrain the APNs), then `cls_steps` classification updates (boxes fixed) alternate with
-`apn_steps` proposal updates (ranking loss only; backbones and classifiers untouched).
+(the loss, `ZoomLoss`, lives in fgvc/engine/losses.py) with the schedule of `ZoomSchedule`: first
+the classifiers learn with boxes fixed at the strongest response of the previous scale's feature map
+(while each APN is regressed toward that box, which is how we pretrain the APNs), then `cls_steps`
+classification updates (boxes fixed) alternate with `apn_steps` proposal updates (ranking loss only;
+backbones and classifiers untouched). The schedule has one owner, the training loop: it asks
+`ZoomSchedule.phase(update)` and passes the phase to `RACNN.forward`; the loss reads it from the output.
 
 Boxes are kept in *fractions of the current scale's input side* internally (so they do not depend
 on pixel sizes); `ZoomOutput.boxes` gives them composed back into input-image pixels.
@@ -28,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fgvc.engine.losses import classification_loss
 from fgvc.errors import UserError
 from fgvc.models.classifier import create_backbone
 
@@ -37,9 +38,8 @@ INIT_HALF_SIDE = 0.25  # initial box: a square of half the image side (paper sec
 APN_CHANNELS = 64  # 1x1 conv width before the APN's fully connected layers (keeps them small for ResNet-50)
 APN_GRID = 14  # feature grid the APN reads: VGG-19's conv5_4 at 448 px is 14x14 (the paper's input)
 APN_HIDDEN = 512  # width of the APN's hidden fully connected layer
-APN_INIT_WEIGHT = 1.0  # weight of the APN's regression toward the initial box; only the APNs feel it
 
-# training phases (`zoom_phase`); JOINT = no schedule (evaluation, or a loop without step_schedule)
+# training phases (`zoom_phase`); JOINT = no schedule (evaluation)
 PRETRAIN, CLS, APN, JOINT = "pretrain", "cls", "apn", "joint"
 
 
@@ -220,8 +220,6 @@ class RACNN(nn.Module):
         self.num_scales, self.image_size, self.fuse = scales, image_size, fuse
         self.share_backbone, self.mask_steepness = share_backbone, mask_steepness
         self.init_half_side = max(INIT_HALF_SIDE, min_side / 2)
-        self.schedule: ZoomSchedule | None = None  # set by ZoomLoss.bind(model)
-        self.phase = JOINT
 
         self.backbones = nn.ModuleList()
         self.pretrained_names: set[str] = set()
@@ -236,13 +234,6 @@ class RACNN(nn.Module):
         self.apns = nn.ModuleList(AttentionProposal(channels, grid, min_side) for _ in range(scales - 1))
         self.fusion = nn.Linear(scales * channels, num_classes) if fuse == "features" else None
 
-    def step_schedule(self, update: int, epoch: int) -> None:
-        """Called by the trainer before each training forward: pick the phase (a Python attribute)."""
-        if self.schedule is None:
-            raise RuntimeError("RACNN.step_schedule needs the training schedule; call "
-                               "criterion.bind(model) (ZoomLoss) once after building both.")
-        self.phase = self.schedule.phase(update)
-
     def _scale(self, s: int, x: Tensor, frozen: bool) -> tuple[Tensor, Tensor, Tensor]:
         net = _ScaleNet(self.backbones[0 if self.share_backbone else s], self.classifiers[s])
         if not frozen:
@@ -252,8 +243,8 @@ class RACNN(nn.Module):
         detached = {n: p.detach() for n, p in net.named_parameters()}
         return torch.func.functional_call(net, detached, (x,))
 
-    def forward(self, x: Tensor) -> ZoomOutput:  # (B, 3, H, W)
-        phase = self.phase if self.training else JOINT
+    def forward(self, x: Tensor, phase: str = JOINT) -> ZoomOutput:  # (B, 3, H, W)
+        """`phase`: the training loop's `ZoomSchedule.phase(update)`; JOINT (the default) everywhere else."""
         frozen = phase == APN  # backbones and classifiers are fixed in proposal steps
         image = x
         scale_logits, pooled_all, proposals, init_boxes, absolute = [], [], [], [], []
@@ -289,66 +280,3 @@ class RACNN(nn.Module):
         to_pixels = torch.tensor([w, h, w], dtype=x.dtype, device=x.device)
         return ZoomOutput(logits=logits, scale_logits=scale_logits, boxes=[b * to_pixels for b in absolute],
                           proposals=proposals, init_boxes=init_boxes, phase=phase)
-
-
-# ---------------------------------------------------------------------------------------------
-# The loss
-
-
-def true_class_probability(logits: Tensor, target: Tensor) -> Tensor:
-    """p_t: (B,) softmax probability of the true class (for soft (B, K) targets, its expectation)."""
-    probs = logits.softmax(-1)
-    if target.ndim == 2:
-        return (probs * target).sum(-1)
-    return probs.gather(1, target[:, None]).squeeze(1)
-
-
-def ranking_loss(p_coarse: Tensor, p_fine: Tensor, margin: float) -> Tensor:
-    """Pairwise ranking loss (paper eq. 9): max(0, p_t^(s) - p_t^(s+1) + margin), batch mean."""
-    return (p_coarse - p_fine + margin).clamp(min=0).mean()
-
-
-class ZoomLoss(nn.Module):
-    """Cross-entropy at every scale and on the fusion, the ranking loss between neighbouring scales,
-    and the APNs' regression toward the initial boxes, combined by the schedule's phase:
-
-        PRETRAIN: sum_s ce_s + ce_fused + APN_INIT_WEIGHT * apn_init
-        CLS:      sum_s ce_s + ce_fused
-        APN:      rank_weight * rank
-        JOINT:    sum_s ce_s + ce_fused + rank_weight * rank      (evaluation / no schedule)
-
-    Every term is returned by name (detached) so all of them are logged in every phase."""
-
-    def __init__(self, rank_margin: float = 0.05, rank_weight: float = 1.0, label_smoothing: float = 0.0,
-                 pretrain_updates: int = 0, cls_steps: int = 20, apn_steps: int = 10) -> None:
-        super().__init__()
-        self.rank_margin, self.rank_weight, self.label_smoothing = rank_margin, rank_weight, label_smoothing
-        self.schedule = ZoomSchedule(pretrain_updates, cls_steps, apn_steps)
-
-    def bind(self, model: nn.Module) -> None:
-        """Give the (unwrapped) model this loss's schedule, so both switch phase on the same update."""
-        model.schedule = self.schedule
-
-    def forward(self, output: ZoomOutput, target: Tensor, update: int = 0, epoch: int = 0) -> dict[str, Tensor]:
-        phase = output.phase
-        if phase != JOINT and phase != self.schedule.phase(update):
-            raise RuntimeError(f"the model ran in phase '{phase}' but the loss expects "
-                               f"'{self.schedule.phase(update)}' at update {update}; call "
-                               "criterion.bind(model) and model.step_schedule(update, epoch) before each forward.")
-        ces = [classification_loss(l, target, self.label_smoothing) for l in output.scale_logits]
-        ce_fused = classification_loss(output.logits, target, self.label_smoothing)
-        p_t = [true_class_probability(l, target) for l in output.scale_logits]
-        rank = sum(ranking_loss(p_t[s], p_t[s + 1], self.rank_margin) for s in range(len(p_t) - 1))
-        apn_init = sum(((p - i) ** 2).sum(1).mean() for p, i in zip(output.proposals, output.init_boxes))
-        ce = sum(ces)
-        if phase == PRETRAIN:
-            loss = ce + ce_fused + APN_INIT_WEIGHT * apn_init
-        elif phase == CLS:
-            loss = ce + ce_fused
-        elif phase == APN:
-            loss = self.rank_weight * rank
-        else:
-            loss = ce + ce_fused + self.rank_weight * rank
-        terms = {f"ce_scale{s}": v for s, v in enumerate(ces)}
-        terms.update(ce_fused=ce_fused, rank=rank, apn_init=apn_init)
-        return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}

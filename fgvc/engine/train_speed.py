@@ -1,4 +1,5 @@
-"""How fast the real training path runs, against a bare loop on the same model.
+"""How fast the real training path runs, against a bare loop on the same model. It lives beside
+the trainer (not in fgvc/analysis/, which never reaches into training) because it runs the loop.
 
     python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 6] [--set key=value ...]
 
@@ -9,7 +10,7 @@ Three measurements in one run, on the same recipe:
   already in memory, no data loading, no logging;
 - the data pipeline alone: the same training DataLoader (workers, decoding, augmentation) iterated
   without a model.
-Goals (issue 7): real path >= 90% of the bare loop; data pipeline >= 2x what the model consumes.
+Goals: real path >= 90% of the bare loop; data pipeline >= 2x what the model consumes.
 
 Each rate is the median over epochs (after warm-up); the bare loop is timed before and after the
 real path and its epochs pooled, so a change in machine load during the run shows in both.
@@ -44,7 +45,7 @@ def bare_loop(cfg, num_images: int, epochs: int) -> list[float]:
     """Images per second of each epoch (after warm-up) of forward + backward + step on in-memory
     tensors, same model and optimizer."""
     from fgvc.data.build import read_index
-    from fgvc.engine.losses import build_criterion
+    from fgvc.engine.losses import build_criterion, build_schedule
     from fgvc.engine.optim import build_optimizer
     from fgvc.models.build import build_model
 
@@ -54,9 +55,7 @@ def bare_loop(cfg, num_images: int, epochs: int) -> list[float]:
     model = build_model(cfg.model, index.num_classes, cfg.data.image_size).train()
     optimizer = build_optimizer(model, t)
     steps = max(1, num_images // t.batch_size)
-    criterion = build_criterion(cfg, steps)
-    if hasattr(criterion, "bind"):
-        criterion.bind(model)
+    criterion, schedule = build_criterion(cfg), build_schedule(cfg, steps)
     size = cfg.data.image_size
     images = torch.randn(steps, t.batch_size, 3, size, size)
     labels = torch.randint(0, index.num_classes, (steps, t.batch_size))
@@ -64,9 +63,8 @@ def bare_loop(cfg, num_images: int, epochs: int) -> list[float]:
     for epoch in range(WARMUP_EPOCHS + epochs):
         start = time.perf_counter()
         for i in range(steps):
-            if hasattr(model, "step_schedule"):
-                model.step_schedule(epoch * steps + i, epoch)
-            loss = criterion(model(images[i]), labels[i], update=epoch * steps + i, epoch=epoch)["loss"]
+            phase = {} if schedule is None else {"phase": schedule.phase(epoch * steps + i)}
+            loss = criterion(model(images[i], **phase), labels[i])["loss"]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -76,8 +74,7 @@ def bare_loop(cfg, num_images: int, epochs: int) -> list[float]:
 
 def data_pipeline(cfg) -> tuple[float, int]:
     """Images per second of the training DataLoader alone, and the number of training images."""
-    from fgvc.data.build import build_datasets
-    from fgvc.data.build import make_loader
+    from fgvc.data.build import build_datasets, make_loader
     from fgvc.models.build import data_backbone, mean_std
 
     mean, std = mean_std(data_backbone(cfg.model))
