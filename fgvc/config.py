@@ -3,14 +3,17 @@
 
     cfg = load_recipe(["recipe=cub_cbam", "train.lr=0.01"])
 
-Order of precedence: schema defaults < recipes/NAME.yaml < command-line overrides. Every user
-mistake (unknown recipe, unknown key, wrong type, bad choice) raises `UserError` with one sentence.
+Order of precedence: schema defaults < the recipe's base (`base: cub_baseline`, itself possibly based
+on another) < recipes/NAME.yaml < command-line overrides. A key's allowed values (`one_of`) and the
+model.arch it applies to (`only_for`) sit beside it in the schema; `validate` is the one check of the
+resolved recipe. Every user mistake (unknown recipe, unknown key, wrong type, bad choice, a key the
+model.arch ignores, a value out of range) raises `UserError` with one sentence.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,24 @@ from fgvc.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "synth_baseline"
+BASE_KEY = "base"  # a recipe file's `base: NAME` names the recipe it states differences from
+ARCHS = ("classifier", "racnn", "dcn")
+# timm.layers.get_attn's same-shape modules; `timm_NAME` forces timm's block where fgvc has its own
+TIMM_ATTENTION = ("se", "ese", "eca", "ecam", "ceca", "ge", "gc", "gca", "cbam", "lcbam", "coord", "scoord",
+                  "ela", "strip", "sk", "splat", "nl", "bat")
+ATTENTION_TYPES = ("none", "se", "cbam", "residual", "gate", "stn",
+                   *(n for n in TIMM_ATTENTION if n not in ("se", "cbam")), *(f"timm_{n}" for n in TIMM_ATTENTION))
+
+
+def one_of(default: Any, choices: tuple) -> Any:
+    """A schema field whose value must be one of `choices` (checked by `validate`)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def only_for(*archs: str, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
+    """A schema field (or section) that only these model.arch values read: setting it for another
+    arch is a mistake `validate` reports."""
+    return field(default=default, default_factory=default_factory, metadata={"archs": archs})
 
 
 @dataclass
@@ -40,13 +61,13 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # cub | cars | aircraft | nabirds | synthetic | folder
+    name: str = one_of("synthetic", ("cub", "cars", "aircraft", "nabirds", "synthetic", "folder"))
     root: str = "data/synthetic"
     image_size: int = 64  # network input side, pixels
     val_fraction: float = 0.1  # stratified share of train held out for model selection
     num_workers: int = 0  # loading processes; 0 = in the training process (the synthetic set, cached whole)
     cache_mb: int = 256  # decoded images kept in memory per data set and loading process; 0 = off
-    aircraft_level: str = "variant"  # variant | family | manufacturer
+    aircraft_level: str = one_of("variant", ("variant", "family", "manufacturer"))
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop area
     hflip: float = 0.5  # probability of a horizontal flip
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
@@ -56,10 +77,10 @@ class DataConfig:
 
 @dataclass
 class AttentionConfig:
-    type: str = "none"  # none | se | cbam | residual | gate | stn | a timm attention name
+    type: str = one_of("none", ATTENTION_TYPES)  # fgvc's blocks, or a timm attention name
     stages: list[int] = field(default_factory=lambda: [-1])  # backbone stages by index
-    placement: str = "stage"  # stage | block
-    init: str = "default"  # default | identity
+    placement: str = one_of("stage", ("stage", "block"))
+    init: str = one_of("default", ("default", "identity"))
     reduction: int = 16  # channel bottleneck ratio r (SE, CBAM)
     kernel_size: int = 7  # spatial gate kernel (CBAM)
 
@@ -68,9 +89,9 @@ class AttentionConfig:
 class ZoomConfig:
     """RA-CNN (Fu et al. 2017)."""
 
-    scales: int = 3  # 2 or 3
+    scales: int = one_of(3, (2, 3))  # the paper's settings: one or two zooms
     share_backbone: bool = False
-    fuse: str = "features"  # features | scores
+    fuse: str = one_of("features", ("features", "scores"))
     min_side: float = 0.25  # smallest box side, as a fraction of the input side
     mask_steepness: float = 10.0  # k of the boxcar's sigmoids
 
@@ -85,21 +106,21 @@ class DcnConfig:
     fine_backbone: str = "test_resnet"
     patch_size: int = 32  # fine patch side at full resolution, pixels
     top_k: int = 4  # patches given to the fine network
-    saliency: str = "entropy"  # entropy | gate
+    saliency: str = one_of("entropy", ("entropy", "gate"))
     exit_threshold: float = 2.0  # coarse confidence to stop early; > 1 means never
     whole_image: bool = False  # the full-image fine counterpart: fine backbone on the whole image
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "classifier"  # classifier | racnn | dcn
-    backbone: str = "test_resnet"  # any timm name
+    arch: str = one_of("classifier", ARCHS)
+    backbone: str = only_for("classifier", "racnn", default="test_resnet")  # any timm name (dcn: model.dcn.*)
     pretrained: bool = False
     weights: str = ""  # a local .safetensors / .pth file of backbone weights
-    drop_rate: float = 0.0
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    zoom: ZoomConfig = field(default_factory=ZoomConfig)
-    dcn: DcnConfig = field(default_factory=DcnConfig)
+    drop_rate: float = only_for("classifier", default=0.0)
+    attention: AttentionConfig = only_for("classifier", default_factory=AttentionConfig)
+    zoom: ZoomConfig = only_for("racnn", default_factory=ZoomConfig)
+    dcn: DcnConfig = only_for("dcn", default_factory=DcnConfig)
 
 
 @dataclass
@@ -128,7 +149,7 @@ class TrainConfig:
     momentum: float = 0.9
     scheduler: str = "cosine"  # any timm scheduler name
     min_lr: float = 0.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = one_of("no", ("no", "fp16", "bf16"))
     grad_accum_steps: int = 1
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     label_smoothing: float = 0.1
@@ -141,8 +162,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = False
     log_every: int = 10  # steps between progress-bar loss updates
-    zoom: ZoomTrainConfig = field(default_factory=ZoomTrainConfig)
-    dcn: DcnTrainConfig = field(default_factory=DcnTrainConfig)
+    zoom: ZoomTrainConfig = only_for("racnn", default_factory=ZoomTrainConfig)
+    dcn: DcnTrainConfig = only_for("dcn", default_factory=DcnTrainConfig)
 
 
 @dataclass
@@ -154,18 +175,6 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("cub", "cars", "aircraft", "nabirds", "synthetic", "folder"),
-    "data.aircraft_level": ("variant", "family", "manufacturer"),
-    "model.arch": ("classifier", "racnn", "dcn"),
-    "model.attention.placement": ("stage", "block"),
-    "model.attention.init": ("default", "identity"),
-    "model.zoom.fuse": ("features", "scores"),
-    "model.dcn.saliency": ("entropy", "gate"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
-}
 
 
 def available_recipes() -> list[str]:
@@ -222,6 +231,29 @@ def _parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
     return recipe, rest
 
 
+def _unknown_recipe(name: str, where: str) -> UserError:
+    recipes = available_recipes()
+    close = difflib.get_close_matches(name, recipes, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return UserError(f"recipe '{name}'{where} does not exist; {hint}known recipes: {', '.join(recipes)}")
+
+
+def _layers(path: Path, where: str, chain: tuple[str, ...]) -> list[tuple[DictConfig, str]]:
+    """The recipe file at `path` and, base first, the recipes it is based on: (layer, where) pairs."""
+    layer = OmegaConf.load(path)
+    base = layer.pop(BASE_KEY, None) if isinstance(layer, DictConfig) else None
+    if base is None:
+        return [(layer, where)]
+    base = str(base)
+    if base in chain:
+        raise UserError(f"recipe bases form a cycle ({' -> '.join((*chain, base))}); remove one of their "
+                        f"'{BASE_KEY}:' lines.")
+    base_path = RECIPES_DIR / f"{base}.yaml"
+    if not base_path.is_file():
+        raise _unknown_recipe(base, f" (the {BASE_KEY} of {where})")
+    return _layers(base_path, f"recipes/{base}.yaml", (*chain, base)) + [(layer, where)]
+
+
 def load_recipe(args: list[str] | None = None, recipe_file: str | Path | None = None) -> DictConfig:
     """Build the resolved recipe from `recipe=NAME` (or `recipe_file`) and `key=value` overrides."""
     name, overrides = _parse_overrides(list(args or []))
@@ -232,41 +264,75 @@ def load_recipe(args: list[str] | None = None, recipe_file: str | Path | None = 
         path = Path(recipe_file)
         if not path.is_file():
             raise UserError(f"recipe file '{path}' does not exist; give the recipe.yaml of a run folder.")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
-        if name is not None:
-            cfg.recipe = name
+        layers = _layers(path, str(path), ())
     else:
         name = name or DEFAULT_RECIPE
         path = RECIPES_DIR / f"{name}.yaml"
         if not path.is_file():
-            recipes = available_recipes()
-            close = difflib.get_close_matches(name, recipes, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise UserError(f"recipe '{name}' does not exist; {hint}known recipes: {', '.join(recipes)}")
-        cfg = _merge(cfg, OmegaConf.load(path), f"recipes/{name}.yaml")
+            raise _unknown_recipe(name, "")
+        layers = _layers(path, f"recipes/{name}.yaml", (name,))
+    for layer, where in layers:
+        cfg = _merge(cfg, layer, where)
+    if name is not None:
         cfg.recipe = name
     try:
         dotlist = OmegaConf.from_dotlist(overrides)
     except OmegaConfBaseException as err:
         raise UserError(f"cannot parse the command-line overrides: {str(err).splitlines()[0]}") from None
     cfg = _merge(cfg, dotlist, "command line")
-    check_choices(cfg)
+    validate(cfg)
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{cfg.recipe}"
     return cfg
 
 
-def check_choices(cfg: DictConfig) -> None:
-    for key, choices in CHOICES.items():
+def _schema_fields(schema: type, prefix: str = "") -> list[tuple[str, Field]]:
+    """Every field of the schema, sections before their keys: [("data", ...), ("data.name", ...), ...]."""
+    found = []
+    for f in fields(schema):
+        found.append((prefix + f.name, f))
+        if f.default_factory is not MISSING and is_dataclass(f.default_factory):
+            found += _schema_fields(f.default_factory, f"{prefix}{f.name}.")
+    return found
+
+
+def validate(cfg: DictConfig) -> None:
+    """The one check of a resolved recipe: each key's choices, the keys each model.arch reads, ranges."""
+    defaults = OmegaConf.structured(Recipe)
+    for key, f in _schema_fields(Recipe):
         value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise UserError(f"recipe key '{key}' is '{value}' but must be one of: {', '.join(choices)}.")
-    if cfg.data.val_fraction < 0 or cfg.data.val_fraction >= 1:
-        raise UserError(f"data.val_fraction is {cfg.data.val_fraction} but must be in [0, 1).")
-    if cfg.data.num_workers < 0 or cfg.data.cache_mb < 0:
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise UserError(f"recipe key '{key}' is '{value}' but must be one of: {', '.join(map(str, choices))}.")
+        archs = f.metadata.get("archs")
+        default = OmegaConf.select(defaults, key)
+        if archs is not None and cfg.model.arch not in archs and value != default:
+            changed = key
+            if isinstance(value, DictConfig):  # name the first key of the section that was set
+                mine, theirs = (flatten(OmegaConf.to_container(c), key + ".") for c in (value, default))
+                changed = next(k for k in mine if mine[k] != theirs[k])
+            raise UserError(f"recipe key '{changed}' is set but model.arch={cfg.model.arch} ignores it; drop it, or "
+                            f"use model.arch={' or '.join(archs)}.")
+    d, m, t = cfg.data, cfg.model, cfg.train
+    if d.val_fraction < 0 or d.val_fraction >= 1:
+        raise UserError(f"data.val_fraction is {d.val_fraction} but must be in [0, 1).")
+    if d.num_workers < 0 or d.cache_mb < 0:
         raise UserError("data.num_workers and data.cache_mb must each be 0 or more.")
-    if cfg.train.grad_accum_steps < 1 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
+    if t.grad_accum_steps < 1 or t.batch_size < 1 or t.epochs < 1:
         raise UserError("train.epochs, train.batch_size and train.grad_accum_steps must each be at least 1.")
+    if m.attention.type in ("stn", "gate") and m.attention.placement != "stage":
+        what = "resamples the image before the backbone" if m.attention.type == "stn" else \
+            "gates whole stages with the deepest one"
+        raise UserError(f"model.attention.type={m.attention.type} {what}; set model.attention.placement=stage.")
+    if not 0 < m.zoom.min_side <= 1:
+        raise UserError(f"model.zoom.min_side is {m.zoom.min_side} but must be in (0, 1]; e.g. 0.25.")
+    if m.zoom.mask_steepness <= 0:
+        raise UserError(f"model.zoom.mask_steepness is {m.zoom.mask_steepness} but must be positive; e.g. 10.")
+    if m.dcn.saliency == "gate":
+        raise UserError("model.dcn.saliency='gate' needs an attention gate in the coarse network, which "
+                        "dcn does not build; use model.dcn.saliency=entropy.")
+    if m.dcn.top_k < 0 or m.dcn.patch_size < 1:
+        raise UserError("model.dcn.top_k must be at least 0 and model.dcn.patch_size at least 1.")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

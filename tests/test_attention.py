@@ -266,18 +266,12 @@ def test_each_method_trains_a_few_steps(family, method, placement):
     assert any(not torch.equal(after[n], before) for n, before in attn.items())
 
 
-MY_RECIPES = [f"{d}_{m}" for d in ("cub", "cars", "synth") for m in ("se", "cbam", "residual", "gate", "stn")]
-
-
-@pytest.mark.parametrize("recipe", MY_RECIPES)
-def test_every_recipe_loads(recipe):
-    cfg = load_recipe([f"recipe={recipe}"])
-    assert cfg.model.attention.type == recipe.split("_")[1]
-    base = load_recipe([f"recipe={recipe.split('_')[0]}_baseline"])
-    assert cfg.data == base.data and cfg.train == base.train and cfg.model.backbone == base.model.backbone
-    if recipe.startswith("synth"):
-        model = build_model(cfg.model, num_classes=4, image_size=cfg.data.image_size)
-        assert model(torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)).shape == (2, 4)
+@pytest.mark.parametrize("method", ["se", "cbam", "residual", "gate", "stn"])
+def test_synthetic_attention_recipes_build_a_working_model(method):
+    cfg = load_recipe([f"recipe=synth_{method}"])
+    assert cfg.model.attention.type == method
+    model = build_model(cfg.model, num_classes=4, image_size=cfg.data.image_size)
+    assert model(torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)).shape == (2, 4)
 
 
 def test_recorder_returns_maps_with_stage_and_stride():
@@ -313,8 +307,6 @@ def test_recorder_returns_maps_with_stage_and_stride():
 @pytest.mark.parametrize("kwargs,phrase", [
     (dict(family="convnext", method="cbam", placement="block"), "placement=stage"),
     (dict(family="resnet", method="gate", stages=[-2, -1]), "without it"),
-    (dict(family="resnet", method="gate", placement="block"), "placement=stage"),
-    (dict(family="resnet", method="stn", placement="block"), "placement=stage"),
     (dict(family="resnet", method="cbam", stages=[7]), "has stages 0..4"),
     (dict(family="resnet", method="cbam", placement="block", stages=[0]), "has none"),
     (dict(family="resnet", method="sqeeze"), "is unknown"),

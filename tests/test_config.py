@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import run_script
 from omegaconf import OmegaConf
@@ -30,7 +32,7 @@ def test_default_recipe_is_synth_baseline_and_output_dir_follows_name():
 @pytest.mark.parametrize("name", available_recipes())
 def test_every_recipe_loads(name):
     cfg = load_recipe([f"recipe={name}"])
-    assert cfg.recipe == name
+    assert cfg.recipe == name and "base" not in cfg
 
 
 def test_overrides_are_typed_and_win():
@@ -53,6 +55,67 @@ def test_wrong_type_names_key_and_value():
 def test_bad_choice_lists_choices():
     with pytest.raises(UserError, match=r"'data.name' is 'imagenet' but must be one of: cub, cars"):
         load_recipe(["data.name=imagenet"])
+
+
+def test_a_recipe_states_only_what_differs_from_its_base():
+    base, cbam = load_recipe(["recipe=cub_baseline"]), load_recipe(["recipe=cub_cbam"])
+    assert cbam.model.attention.type == "cbam" and cbam.model.attention.placement == "block"
+    cbam.model.attention = base.model.attention
+    cbam.recipe = base.recipe
+    cbam.output_dir = base.output_dir
+    assert cbam == base  # everything else is cub_baseline's
+    cars = load_recipe(["recipe=cars_cbam"])  # a chain: cars_cbam -> cars_baseline -> cub_baseline
+    assert (cars.data.name, cars.data.root) == ("cars", "data/stanford_cars")
+    assert cars.train == base.train and cars.data.image_size == base.data.image_size
+
+
+@pytest.fixture
+def recipes_dir(tmp_path, monkeypatch):
+    import fgvc.config
+
+    monkeypatch.setattr(fgvc.config, "RECIPES_DIR", tmp_path)
+    return tmp_path
+
+
+def test_bases_chain_and_nearer_recipes_win(recipes_dir):
+    (recipes_dir / "a.yaml").write_text("train: {lr: 0.5, epochs: 7}\ndata: {image_size: 40}\n")
+    (recipes_dir / "b.yaml").write_text("base: a\ntrain: {lr: 0.25}\n")
+    (recipes_dir / "c.yaml").write_text("base: b\ndata: {image_size: 48}\n")
+    cfg = load_recipe(["recipe=c", "train.epochs=9"])
+    assert (cfg.train.lr, cfg.data.image_size, cfg.train.epochs, cfg.recipe) == (0.25, 48, 9, "c")
+    assert "base" not in cfg  # consumed: the saved recipe.yaml is the resolved one
+
+
+def test_a_cycle_of_bases_is_one_sentence(recipes_dir):
+    (recipes_dir / "a.yaml").write_text("base: b\n")
+    (recipes_dir / "b.yaml").write_text("base: a\n")
+    with pytest.raises(UserError, match=r"recipe bases form a cycle \(a -> b -> a\)"):
+        load_recipe(["recipe=a"])
+    (recipes_dir / "c.yaml").write_text("base: nope\n")
+    with pytest.raises(UserError, match=r"recipe 'nope' \(the base of recipes/c.yaml\) does not exist"):
+        load_recipe(["recipe=c"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model.zoom.scales=2"], "'model.zoom.scales' is set but model.arch=classifier ignores it"),
+    (["model.arch=racnn", "model.attention.type=se"], "'model.attention.type' is set but model.arch=racnn"),
+    (["model.arch=dcn", "model.drop_rate=0.2"], "'model.drop_rate' is set but model.arch=dcn"),
+    (["model.arch=classifier", "train.dcn.hint_weight=2.0"], "'train.dcn.hint_weight' is set"),
+    (["model.attention.type=sqeeze"], "'model.attention.type' is 'sqeeze' but must be one of: none, se, cbam"),
+    (["model.attention.type=stn", "model.attention.placement=block"], "set model.attention.placement=stage"),
+    (["model.arch=racnn", "model.zoom.scales=4"], "'model.zoom.scales' is '4' but must be one of: 2, 3"),
+    (["model.arch=racnn", "model.zoom.mask_steepness=0"], "model.zoom.mask_steepness is 0.0"),
+    (["model.arch=dcn", "model.dcn.top_k=-1"], "model.dcn.top_k must be at least 0"),
+])
+def test_one_validation_step_knows_each_arch_and_range(args, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        load_recipe(args)
+
+
+def test_keys_every_arch_reads_are_accepted_for_each():
+    for arch in ("classifier", "racnn", "dcn"):
+        cfg = load_recipe([f"model.arch={arch}", "model.weights=w.safetensors", "model.pretrained=true"])
+        assert cfg.model.weights == "w.safetensors"
 
 
 def test_unknown_recipe_lists_recipes():

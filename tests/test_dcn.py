@@ -157,8 +157,10 @@ def test_whole_image_counterpart_has_the_same_head_shape(x):
 
 
 def test_user_errors_name_the_key():
+    from fgvc.config import load_recipe
+
     with pytest.raises(UserError, match="model.dcn.saliency='gate'"):
-        tiny_dcn(saliency="gate")
+        load_recipe(["recipe=synth_dcn", "model.dcn.saliency=gate"])
     with pytest.raises(UserError, match="model.dcn.coarse_stages"):
         tiny_dcn(coarse_stages=9)
 

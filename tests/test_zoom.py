@@ -190,9 +190,9 @@ def test_pretrained_names_cover_exactly_the_backbones(tmp_path):
 
 def test_bad_settings_are_user_errors():
     with pytest.raises(UserError, match="model.zoom.scales"):
-        tiny_racnn(scales=4)
+        load_recipe(["recipe=synth_racnn", "model.zoom.scales=4"])
     with pytest.raises(UserError, match="model.zoom.min_side"):
-        tiny_racnn(min_side=0.0)
+        load_recipe(["recipe=synth_racnn", "model.zoom.min_side=0.0"])
 
 
 # --- the schedule -----------------------------------------------------------------------------

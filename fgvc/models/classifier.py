@@ -12,13 +12,10 @@ from torch import Tensor, nn
 
 from fgvc.errors import UserError
 from fgvc.models.attention.gate import GatedStage
-from fgvc.models.attention.patch import (Stage, attach_after_stage, attach_in_blocks, backbone_stages,
-                                         check_kind, make_block, pick_stages)
+from fgvc.models.attention.patch import (Stage, attach_after_stage, attach_in_blocks, backbone_stages, make_block,
+                                         pick_stages)
 from fgvc.models.attention.stn import SpatialTransformer
 from fgvc.models.weights import load_backbone_weights, read_state_dict
-
-PLACEMENTS = ("stage", "block")
-INITS = ("default", "identity")
 
 
 def create_backbone(name: str, num_classes: int, pretrained: bool = False, weights: str = "",
@@ -77,21 +74,14 @@ class Classifier(nn.Module):
         self.gate_stages: list[int] = []
         if attention == "none":
             return
-        check_kind(attention)
-        if attention_placement not in PLACEMENTS or attention_init not in INITS:
-            raise UserError(f"model.attention.placement must be one of {PLACEMENTS} and model.attention.init one "
-                            f"of {INITS}; got '{attention_placement}' and '{attention_init}'.")
         identity = attention_init == "identity"
-        if attention == "stn":
-            if attention_placement != "stage":
-                raise UserError("model.attention.type=stn resamples the image before the backbone; "
-                                "set model.attention.placement=stage (its default).")
+        if attention == "stn":  # (fgvc.config.validate: only placement=stage)
             self.stn = SpatialTransformer(identity_init=identity)
             return
         all_stages = backbone_stages(self.net, backbone)
         stages = pick_stages(all_stages, list(attention_stages), backbone)
         if attention == "gate":
-            self._add_gates(stages, all_stages[-1], num_classes, attention_placement, identity)
+            self._add_gates(stages, all_stages[-1], num_classes, identity)
             return
         for stage in stages:
 
@@ -109,11 +99,8 @@ class Classifier(nn.Module):
             else:
                 attach_in_blocks(self.net, stage, backbone, make)
 
-    def _add_gates(self, stages: list[Stage], deepest: Stage, num_classes: int, placement: str,
-                   identity: bool) -> None:
-        if placement != "stage":
-            raise UserError("model.attention.type=gate gates whole stages with the deepest one; "
-                            "set model.attention.placement=stage.")
+    def _add_gates(self, stages: list[Stage], deepest: Stage, num_classes: int, identity: bool) -> None:
+        """(fgvc.config.validate: only placement=stage)"""
         if any(s.index == deepest.index for s in stages):
             raise UserError(f"model.attention.type=gate gates shallower stages with the deepest one "
                             f"({deepest.module}); give model.attention.stages without it, e.g. [-3, -2].")

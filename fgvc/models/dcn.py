@@ -142,13 +142,6 @@ class DCN(nn.Module):
                  exit_threshold: float = NEVER_EXIT, whole_image: bool = False,
                  pretrained: bool = False) -> None:
         super().__init__()
-        if saliency == "gate":
-            raise UserError("model.dcn.saliency='gate' needs an attention gate in the coarse network, which "
-                            "dcn does not build; use model.dcn.saliency=entropy.")
-        if saliency != "entropy":
-            raise UserError(f"model.dcn.saliency is '{saliency}' but must be entropy or gate.")
-        if top_k < 0 or patch_size < 1:
-            raise UserError("model.dcn.top_k must be at least 0 and model.dcn.patch_size at least 1.")
         self.image_size = image_size
         self.coarse_image_size = coarse_image_size or image_size // 2
         self.patch_size = patch_size

@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from fgvc.errors import UserError
 from fgvc.models.classifier import create_backbone
 
-SCALES_ALLOWED = (2, 3)  # the paper's settings: one or two zooms
 INIT_HALF_SIDE = 0.25  # initial box: a square of half the image side (paper sec. 3.4), as a half side
 APN_CHANNELS = 64  # 1x1 conv width before the APN's fully connected layers (keeps them small for ResNet-50)
 APN_GRID = 14  # feature grid the APN reads: VGG-19's conv5_4 at 448 px is 14x14 (the paper's input)
@@ -209,14 +208,6 @@ class RACNN(nn.Module):
                  share_backbone: bool = False, fuse: str = "features", min_side: float = 0.25,
                  mask_steepness: float = 10.0, pretrained: bool = False, weights: str = "") -> None:
         super().__init__()
-        if scales not in SCALES_ALLOWED:
-            raise UserError(f"model.zoom.scales is {scales} but RA-CNN takes 2 or 3 scales; set 2 or 3.")
-        if not 0 < min_side <= 1:
-            raise UserError(f"model.zoom.min_side is {min_side} but must be in (0, 1]; e.g. 0.25.")
-        if fuse not in ("features", "scores"):
-            raise UserError(f"model.zoom.fuse is '{fuse}' but must be 'features' or 'scores'.")
-        if mask_steepness <= 0:
-            raise UserError(f"model.zoom.mask_steepness is {mask_steepness} but must be positive; e.g. 10.")
         self.num_scales, self.image_size, self.fuse = scales, image_size, fuse
         self.share_backbone, self.mask_steepness = share_backbone, mask_steepness
         self.init_half_side = max(INIT_HALF_SIDE, min_side / 2)

@@ -26,17 +26,16 @@ from timm.models import _efficientnet_blocks as effnet_blocks
 from timm.models import regnet, resnet
 from torch import Tensor, nn
 
+from fgvc.config import TIMM_ATTENTION
 from fgvc.errors import UserError
 from fgvc.models.attention.cbam import CBAM
 from fgvc.models.attention.common import IdentityStart
 from fgvc.models.attention.residual import ResidualAttention
 from fgvc.models.attention.se import SqueezeExcite
 
-FGVC_BLOCKS = ("se", "cbam", "residual")  # fgvc's own blocks that go after a stage or into a block
 CLASSIFIER_LEVEL = ("gate", "stn")  # built by the classifier itself (gates need two stages, STN the image)
 TIMM_PREFIX = "timm_"  # `timm_cbam` = timm's own CbamModule, for comparisons with fgvc's `cbam`
-TIMM_NAMES = ("se", "ese", "eca", "ecam", "ceca", "ge", "gc", "gca", "cbam", "lcbam", "coord", "scoord",
-              "ela", "strip", "sk", "splat", "nl", "bat")  # timm.layers.get_attn's same-shape modules
+TIMM_NAMES = TIMM_ATTENTION  # timm.layers.get_attn's same-shape modules (the recipe's choices)
 PROBE_SIDE = 64  # image side of the one probe forward that checks the stage modules output (B, C, H, W)
 
 # Residual blocks with an attention slot `se`, and the channels the slot sees.
@@ -68,16 +67,6 @@ class RunAfter:
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         return self.block(output)
-
-
-def is_known(kind: str) -> bool:
-    return kind in FGVC_BLOCKS or kind in CLASSIFIER_LEVEL or kind.removeprefix(TIMM_PREFIX) in TIMM_NAMES
-
-
-def check_kind(kind: str) -> None:
-    if not is_known(kind):
-        raise UserError(f"model.attention.type '{kind}' is unknown; use none, {', '.join(FGVC_BLOCKS + CLASSIFIER_LEVEL)}, "
-                        f"or a timm attention name ({', '.join(TIMM_NAMES)}).")
 
 
 def backbone_stages(net: nn.Module, backbone: str) -> list[Stage]:
@@ -137,8 +126,9 @@ def make_block(kind: str, channels: int, feature_side: int, reduction: int = 16,
         return ResidualAttention(channels, feature_side, identity_init=identity_init)
     name = kind.removeprefix(TIMM_PREFIX)
     if name not in TIMM_NAMES:
-        check_kind(kind)
-        raise UserError(f"model.attention.type '{kind}' is built by the classifier, not inside a stage or block.")
+        what = ("is built by the classifier, not inside a stage or block" if kind in CLASSIFIER_LEVEL
+                else "is unknown; see fgvc.config.ATTENTION_TYPES")
+        raise UserError(f"model.attention.type '{kind}' {what}.")
     block = timm.layers.create_attn(name, channels)
     return IdentityStart(block) if identity_init else block
 
