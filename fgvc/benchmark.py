@@ -14,8 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `fgvc` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file (python fgvc/benchmark.py): see fgvc/_script.py
+    import _script  # noqa: F401
 
 from fgvc.errors import cli_main  # noqa: E402
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable, TypeVar
 
@@ -50,6 +51,7 @@ def cli_main(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call at every start
         try:
             return fn(*args, **kwargs)
         except UserError as err:

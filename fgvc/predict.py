@@ -11,10 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _script import bootstrap  # noqa: E402
-
-bootstrap()
+if __package__ in (None, ""):  # run as a file (python fgvc/predict.py): see fgvc/_script.py
+    import _script  # noqa: F401
 
 from fgvc.errors import UserError, cli_main  # noqa: E402
 
@@ -32,7 +30,7 @@ def expand(paths: list[str]) -> list[Path]:
 
 
 @cli_main
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("images", nargs="+")
@@ -89,4 +87,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _script import bootstrap  # noqa: E402
-
-bootstrap()
+if __package__ in (None, ""):  # run as a file (python fgvc/report.py): see fgvc/_script.py
+    import _script  # noqa: F401
 
 from fgvc.errors import UserError, cli_main  # noqa: E402
 
@@ -60,7 +57,7 @@ REPORTS = {
 
 
 @cli_main
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fgvc/report.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="report", required=True, metavar="REPORT")
     for name, (help_, add_arguments, _) in REPORTS.items():
@@ -73,4 +70,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

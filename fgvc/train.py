@@ -7,19 +7,17 @@ its saved recipe alone.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _script import bootstrap  # noqa: E402
-
-bootstrap()
+if __package__ in (None, ""):  # run as a file (python fgvc/train.py): see fgvc/_script.py
+    import _script  # noqa: F401
 
 from fgvc.config import load_recipe  # noqa: E402
 from fgvc.errors import cli_main  # noqa: E402
 
 
 @cli_main
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
@@ -31,4 +29,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -73,7 +73,7 @@ def test_gradient_of_the_ranking_loss_reaches_the_apns_and_boxes():
     model = tiny_racnn()
     model.train()
     out = model(torch.randn(4, 3, SIZE, SIZE))  # JOINT: no schedule, boxes live
-    p_t = [true_class_probability(l, torch.zeros(4, dtype=torch.long)) for l in out.scale_logits]
+    p_t = [true_class_probability(y, torch.zeros(4, dtype=torch.long)) for y in out.scale_logits]
     (ranking_loss(p_t[0], p_t[1], 1.0) + ranking_loss(p_t[1], p_t[2], 1.0)).backward()
     for apn in model.apns:
         assert apn.fc[-1].weight.grad is not None and apn.fc[-1].weight.grad.abs().sum() > 0
@@ -167,7 +167,7 @@ def test_output_has_one_entry_per_scale_and_a_box_per_zoom(scales, share, fuse):
         out = model(torch.randn(2, 3, SIZE, SIZE))
     assert isinstance(out, ZoomOutput) and out.phase == JOINT
     assert out.logits.shape == (2, CLASSES)
-    assert len(out.scale_logits) == scales and all(l.shape == (2, CLASSES) for l in out.scale_logits)
+    assert len(out.scale_logits) == scales and all(y.shape == (2, CLASSES) for y in out.scale_logits)
     assert len(out.boxes) == scales - 1 and all(b.shape == (2, 3) for b in out.boxes)
     assert list(out.named_logits()) == [f"scale{s}" for s in range(scales)]
     assert len(model.backbones) == (1 if share else scales)

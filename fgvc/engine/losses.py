@@ -68,9 +68,9 @@ class ZoomLoss(nn.Module):
         self.rank_margin, self.rank_weight, self.label_smoothing = rank_margin, rank_weight, label_smoothing
 
     def forward(self, output: ZoomOutput, target: Tensor) -> dict[str, Tensor]:
-        ces = [classification_loss(l, target, self.label_smoothing) for l in output.scale_logits]
+        ces = [classification_loss(y, target, self.label_smoothing) for y in output.scale_logits]
         ce_fused = classification_loss(output.logits, target, self.label_smoothing)
-        p_t = [true_class_probability(l, target) for l in output.scale_logits]
+        p_t = [true_class_probability(y, target) for y in output.scale_logits]
         rank = sum(ranking_loss(p_t[s], p_t[s + 1], self.rank_margin) for s in range(len(p_t) - 1))
         apn_init = sum(((p - i) ** 2).sum(1).mean() for p, i in zip(output.proposals, output.init_boxes))
         ce = sum(ces)

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fgvc.errors import UserError
 from fgvc.models.classifier import create_backbone
 
 INIT_HALF_SIDE = 0.25  # initial box: a square of half the image side (paper sec. 3.4), as a half side
@@ -264,7 +263,7 @@ class RACNN(nn.Module):
             normed = [F.normalize(p.detach(), dim=1) for p in pooled_all]  # (B, C) each, unit norm
             logits = self.fusion(torch.cat(normed, 1))  # (B, S*C) -> (B, K)
         else:
-            logits = torch.stack([l.detach() for l in scale_logits]).sum(0)  # (B, K)
+            logits = torch.stack([y.detach() for y in scale_logits]).sum(0)  # (B, K)
         if phase == APN:  # not in the proposal loss: no path to the fusion weights (DDP unused check)
             logits = logits.detach()
         h, w = x.shape[-2:]
