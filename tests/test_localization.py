@@ -276,6 +276,7 @@ def test_page_of_a_set_without_parts_says_box_scores_only(tmp_path):
     assert "box scores only" in page and 'src="grid_000.png"' in page and "pointing" not in page.split("<table>")[1]
 
 
+@pytest.mark.slow
 def test_notebook_executes(tiny_run, tmp_path):
     nb = execute_notebook("part_localization.ipynb", {"FGVC_LOC_RUN": str(tiny_run)})
     assert (tiny_run / "localization" / "index.html").is_file()

@@ -27,8 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 
+from fgvc.analysis.cost import count_flops, count_parameters, latency
 from fgvc.engine.metrics import accuracy_metrics
 from fgvc.errors import UserError
 from fgvc.models.dcn import DCN, choose_threshold, escalate, threshold_for_cost
@@ -45,7 +45,7 @@ FILES = ("coarse_fine.md", "coarse_fine.csv", "coarse_fine.png")
 
 @dataclass
 class Row:
-    path: str  # row label
+    label: str  # what the row measured: coarse, fine (whole image), dcn k=..., exit t=... k=...
     kind: str  # coarse | fine | fine-untrained | dcn | exit
     k: int  # positions refined (-1: not applicable)
     threshold: float  # early-exit confidence threshold (nan: not applicable)
@@ -68,26 +68,18 @@ COLUMNS = [f.name for f in fields(Row)]
 
 # --- measurements --------------------------------------------------------------------------------
 
-def count_flops(fn: Callable[[Tensor], object], x: Tensor) -> float:
-    """FLOPs (2 per multiply-add) of `fn(x)`, backward work inside it (saliency) included."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(x)
-    return float(counter.get_total_flops())
-
-
-def measure_latency(fn: Callable[[], object], min_run_time: float) -> tuple[float, float]:
-    """(median, interquartile range) in milliseconds of `fn()` on this CPU, torch.utils.benchmark."""
-    from torch.utils import benchmark
-
-    with torch.no_grad():
-        fn()  # warm-up
-        m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) \
-            .blocked_autorange(min_run_time=min_run_time)
-    return m.median * 1e3, m.iqr * 1e3
-
-
-def count_params(*modules: nn.Module | None) -> float:
-    return sum(p.numel() for m in modules if m is not None for p in m.parameters()) / 1e6
+def timing(fn: Callable[[Tensor], object], big: Tensor, min_run_time: float,
+           per_image: Tensor | None = None) -> tuple[float, float, float, float]:
+    """Per-image milliseconds of `fn`, (median, IQR) at batch 1 and (median, IQR) at the batch `big`,
+    with fgvc/analysis/cost.py's timer at this process's thread count. `per_image`: a data-dependent
+    path, timed at batch 1 over these images in turn."""
+    threads = torch.get_num_threads()
+    if per_image is None:
+        b1, n1 = latency(fn, big[:1], min_run_time, threads), 1
+    else:
+        b1, n1 = latency(lambda xs: [fn(x[None]) for x in xs], per_image, min_run_time, threads), len(per_image)
+    bn = latency(fn, big, min_run_time, threads)
+    return b1.median_ms / n1, b1.iqr_ms / n1, bn.median_ms / len(big), bn.iqr_ms / len(big)
 
 
 @torch.no_grad()
@@ -166,21 +158,12 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
         m = accuracy_metrics(logits, y, num_classes)
         return 100 * m["top1"], 100 * m["mean_class_acc"]
 
-    def timing(fn: Callable[[Tensor], object], per_image_inputs: Tensor | None = None) -> tuple[float, ...]:
-        if per_image_inputs is None:
-            b1 = measure_latency(lambda: fn(one), min_run_time)
-        else:  # a data-dependent path: batch 1 over several images in turn, per image
-            b1 = tuple(v / len(per_image_inputs) for v in measure_latency(
-                lambda: [fn(img[None]) for img in per_image_inputs], min_run_time))
-        bn = measure_latency(lambda: fn(big), min_run_time)
-        return b1[0], b1[1], bn[0] / len(big), bn[1] / len(big)
-
     rows: list[Row] = []
     nan = float("nan")
-    coarse_params = count_params(model.coarse, model.head)
+    coarse_params = count_parameters(model.coarse, model.head) / 1e6
     coarse_flops = count_flops(lambda x: model(x, top_k=0), one)
     rows.append(Row("coarse", "coarse", 0, nan, "", 0.0, *acc(coarse_logits), coarse_flops / 1e9,
-                    coarse_params, *timing(lambda x: model(x, top_k=0))))
+                    coarse_params, *timing(lambda x: model(x, top_k=0), big, min_run_time)))
 
     # the full-image fine network
     if fine_model is not None:
@@ -189,21 +172,21 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
         y, lg = plain_logits(fine_fn, fine_test_loader or test_loader)
         fine_big = images(fine_test_loader, batch) if fine_test_loader is not None else big
         fine_row = Row(fine_label or "fine (whole image)", "fine", -1, nan, "", 1.0, *acc(lg, y),
-                       count_flops(fine_fn, fine_big[:1]) / 1e9, count_params(fine_model),
-                       *_timing_on(fine_fn, fine_big, min_run_time))
+                       count_flops(fine_fn, fine_big[:1]) / 1e9, count_parameters(fine_model) / 1e6,
+                       *timing(fine_fn, fine_big, min_run_time))
     else:
         y, lg = plain_logits(model.forward_whole_image, test_loader)
         fine_row = Row(fine_label or "fine (whole image, this model's fine net, untrained for it)", "fine-untrained", -1,
                        nan, "", 1.0, *acc(lg, y), count_flops(model.forward_whole_image, one) / 1e9,
-                       count_params(model.fine, model.project, model.head),
-                       *timing(model.forward_whole_image))
+                       count_parameters(model.fine, model.project, model.head) / 1e6,
+                       *timing(model.forward_whole_image, big, min_run_time))
     rows.append(fine_row)
 
     dcn_flops: dict[int, float] = {}
     for k in ks:
         dcn_flops[k] = count_flops(lambda x, k=k: model(x, top_k=k), one)
         rows.append(Row(f"dcn k={k}", "dcn", k, nan, "", 1.0, *acc(by_k[k]), dcn_flops[k] / 1e9,
-                        count_params(model), *timing(lambda x, k=k: model(x, top_k=k))))
+                        count_parameters(model) / 1e6, *timing(lambda x, k=k: model(x, top_k=k), big, min_run_time)))
     if k_exit not in dcn_flops:
         dcn_flops[k_exit] = count_flops(lambda x: model(x, top_k=k_exit), one)
 
@@ -221,7 +204,7 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
         flops = coarse_flops + share * (dcn_flops[k_exit] - coarse_flops)
         run = lambda x, t=t: model.early_exit(x, t, k_exit)  # noqa: E731
         rows.append(Row(f"exit t={t:.3g} k={k_exit}", "exit", k_exit, t, how, share, *acc(logits), flops / 1e9,
-                        count_params(model), *timing(run, per_image_inputs=big[:LATENCY_IMAGES])))
+                        count_parameters(model) / 1e6, *timing(run, big, min_run_time, per_image=big[:LATENCY_IMAGES])))
 
     for row, on_f, on_l in zip(rows, pareto([(r.gflops, r.top1) for r in rows]),
                                pareto([(r.lat_b1_ms, r.top1) for r in rows])):
@@ -236,12 +219,6 @@ def _logits_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
     return fn
 
 
-def _timing_on(fn: Callable[[Tensor], object], big: Tensor, min_run_time: float) -> tuple[float, ...]:
-    b1 = measure_latency(lambda: fn(big[:1]), min_run_time)
-    bn = measure_latency(lambda: fn(big), min_run_time)
-    return b1[0], b1[1], bn[0] / len(big), bn[1] / len(big)
-
-
 def goal_line(rows: list[Row]) -> str:
     """The issue's goal: within 0.5 points of the full-image fine network, at most 35% of its
     FLOPs and at least 2x faster (batch 1). Says which row reaches it, or the closest."""
@@ -249,16 +226,16 @@ def goal_line(rows: list[Row]) -> str:
     candidates = [r for r in rows if r.kind in ("dcn", "exit") and r.top1 >= fine.top1 - GOAL_ACCURACY_GAP]
     if not candidates:
         best = max((r for r in rows if r.kind in ("dcn", "exit")), key=lambda r: r.top1, default=None)
-        gap = f"; the most accurate, {best.path}, is {fine.top1 - best.top1:.2f} points below" if best else ""
+        gap = f"; the most accurate, {best.label}, is {fine.top1 - best.top1:.2f} points below" if best else ""
         return (f"Goal not reached: no dcn or early-exit setting is within {GOAL_ACCURACY_GAP} points of "
-                f"{fine.path} ({fine.top1:.2f}% top-1){gap}.")
+                f"{fine.label} ({fine.top1:.2f}% top-1){gap}.")
     best = min(candidates, key=lambda r: r.gflops)
     share, speed = best.gflops / fine.gflops, fine.lat_b1_ms / best.lat_b1_ms
     reached = share <= GOAL_FLOPS_SHARE and speed >= GOAL_SPEEDUP
     unfair = " (not a fair comparison: the fine network was not trained on whole images; give --fine-run)" \
         if fine.kind == "fine-untrained" else ""
     return (f"Goal {'reached' if reached else 'not reached'}{unfair}: the cheapest setting within {GOAL_ACCURACY_GAP} "
-            f"points of {fine.path} ({fine.top1:.2f}% top-1) is {best.path} ({best.top1:.2f}%), at "
+            f"points of {fine.label} ({fine.top1:.2f}% top-1) is {best.label} ({best.top1:.2f}%), at "
             f"{100 * share:.0f}% of its FLOPs (goal <= {100 * GOAL_FLOPS_SHARE:.0f}%) and {speed:.2f}x its "
             f"batch-1 speed (goal >= {GOAL_SPEEDUP:g}x).")
 
@@ -268,7 +245,7 @@ def goal_line(rows: list[Row]) -> str:
 MD_FORMATS = {"k": "{:d}", "threshold": "{:.4g}", "escalated": "{:.3f}", "top1": "{:.2f}",
               "mean_class_acc": "{:.2f}", "gflops": "{:.4f}", "params_m": "{:.3f}", "lat_b1_ms": "{:.3f}",
               "lat_b1_iqr_ms": "{:.3f}", "lat_batch_ms": "{:.3f}", "lat_batch_iqr_ms": "{:.3f}"}
-HEADERS = {"path": "path", "kind": "kind", "k": "k", "threshold": "threshold", "chosen_on": "threshold chosen on",
+HEADERS = {"label": "row", "kind": "kind", "k": "k", "threshold": "threshold", "chosen_on": "threshold chosen on",
            "escalated": "escalated (test)", "top1": "top-1 %", "mean_class_acc": "mean class acc %",
            "gflops": "GFLOPs/img", "params_m": "params M", "lat_b1_ms": "ms/img b1",
            "lat_b1_iqr_ms": "IQR b1", "lat_batch_ms": "ms/img batch", "lat_batch_iqr_ms": "IQR batch",
@@ -321,7 +298,7 @@ def plot(rows: list[Row], path: Path, title: str) -> dict:
     from matplotlib.ticker import NullFormatter
 
     markers = {"coarse": "s", "fine": "*", "fine-untrained": "X", "dcn": "o", "exit": "^"}
-    points = {"labels": [r.path for r in rows], "top1": [r.top1 for r in rows],
+    points = {"labels": [r.label for r in rows], "top1": [r.top1 for r in rows],
               "gflops": [r.gflops for r in rows], "lat_b1_ms": [r.lat_b1_ms for r in rows]}
     fig = Figure(figsize=(12, 5))
     for ax, key, front_key, xlabel in ((fig.add_subplot(1, 2, 1), "gflops", "pareto_flops", "GFLOPs per image"),
@@ -333,7 +310,7 @@ def plot(rows: list[Row], path: Path, title: str) -> dict:
                 continue
             ax.scatter([getattr(r, key) for r in sel], [r.top1 for r in sel], marker=marker, s=60, label=kind)
         for r in rows:
-            ax.annotate(r.path, (getattr(r, key), r.top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(r.label, (getattr(r, key), r.top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = sorted((getattr(r, key), r.top1) for r in rows if getattr(r, front_key))
         ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
         ax.set_xscale("log")
@@ -364,7 +341,7 @@ def rich_table(rows: list[Row], title: str):
         table.add_column(name, justify="left" if name == "path" else "right")
     for r in rows:
         front = "/".join(n for n, on in (("FLOPs", r.pareto_flops), ("lat.", r.pareto_latency)) if on)
-        table.add_row(r.path, cell(r, "escalated"), cell(r, "top1"), cell(r, "mean_class_acc"), cell(r, "gflops"),
+        table.add_row(r.label, cell(r, "escalated"), cell(r, "top1"), cell(r, "mean_class_acc"), cell(r, "gflops"),
                       cell(r, "params_m"), f"{r.lat_b1_ms:.2f} ({r.lat_b1_iqr_ms:.2f})",
                       f"{r.lat_batch_ms:.2f} ({r.lat_batch_iqr_ms:.2f})", front)
     return table

@@ -13,16 +13,17 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(*modules: nn.Module | None) -> int:
+    """Parameters of the given modules together (None entries are skipped)."""
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
 
 def count_flops(fn: Callable[[Tensor], object], x: Tensor) -> int:
-    """FLOPs (2 per multiply-add) of one inference call fn(x)."""
+    """FLOPs (2 per multiply-add) of one inference call fn(x), backward work inside it (the DCN's
+    saliency) included."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn(x)
     return int(counter.get_total_flops())
@@ -32,17 +33,20 @@ def count_flops(fn: Callable[[Tensor], object], x: Tensor) -> int:
 class Latency:
     median_ms: float
     iqr_ms: float  # interquartile range of the per-call times
-    calls: int  # number of timed blocks the statistics come from
 
     def __str__(self) -> str:
         return f"{self.median_ms:.1f} ± {self.iqr_ms / 2:.1f}"
 
 
-def time_calls(fn: Callable[[Tensor], object], x: Tensor, min_run_time: float = 1.0) -> list[float]:
-    """Per-call seconds of fn(x) without autograd, from one `blocked_autorange` (after one warm-up call)."""
+def time_calls(fn: Callable[[Tensor], object], x: Tensor, min_run_time: float = 1.0,
+               num_threads: int = 1) -> list[float]:
+    """Per-call seconds of fn(x) without autograd, from one `blocked_autorange` (after one warm-up
+    call) on `num_threads` threads (torch.utils.benchmark's default is one)."""
+    from torch.utils.benchmark import Timer  # imported here: it warns about CUDA on CPU-only machines
+
     with torch.no_grad():
         fn(x)
-        timer = Timer(stmt="fn(x)", globals={"fn": fn, "x": x, "torch": torch})
+        timer = Timer(stmt="fn(x)", globals={"fn": fn, "x": x, "torch": torch}, num_threads=num_threads)
         measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return list(measurement.times)
 
@@ -50,9 +54,14 @@ def time_calls(fn: Callable[[Tensor], object], x: Tensor, min_run_time: float = 
 def summarize(times: list[float]) -> Latency:
     """Median and interquartile range in milliseconds."""
     if len(times) < 2:
-        return Latency(times[0] * 1e3, 0.0, len(times))
+        return Latency(times[0] * 1e3, 0.0)
     q1, _, q3 = statistics.quantiles(times, n=4)
-    return Latency(statistics.median(times) * 1e3, (q3 - q1) * 1e3, len(times))
+    return Latency(statistics.median(times) * 1e3, (q3 - q1) * 1e3)
+
+
+def latency(fn: Callable[[Tensor], object], x: Tensor, min_run_time: float = 1.0, num_threads: int = 1) -> Latency:
+    """Median and interquartile range of one call fn(x), in milliseconds."""
+    return summarize(time_calls(fn, x, min_run_time, num_threads))
 
 
 def interleaved_latency(fns: dict[str, Callable[[Tensor], object]], x: Tensor, rounds: int = 3,
