@@ -293,3 +293,37 @@ def test_peak_of_an_upsampled_coarse_map_is_its_plateau_centre_and_a_flat_map_ha
     x, y = peaks(fine)[0].tolist()
     assert x > 48 and y > 48  # inside the hot corner's plateau, not its first (top-left) pixel
     assert torch.isnan(peaks(torch.ones(1, 8, 8))).all()
+
+
+@pytest.mark.parametrize("name", ["plain", "racnn", "dcn", "dcn_whole"])
+def test_class_activation_maps_average_to_the_logits_they_explain(name):
+    """CAM is the classifier applied before the average pool: averaging it over positions gives back
+    the logits of the path it explains (Classifier: its logits; RA-CNN: scale 0; DCN: the coarse path)."""
+    args = {"plain": ["recipe=synth_baseline"], "racnn": ["recipe=synth_racnn"],
+            "dcn": ["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet"],
+            "dcn_whole": ["recipe=synth_dcn_fine", "model.dcn.fine_backbone=test_resnet"]}[name]
+    cfg = load_recipe([*args, f"data.image_size={SIDE}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3, SIDE).eval()
+    x = torch.randn(2, 3, SIDE, SIDE)
+    with torch.no_grad():
+        cams, out = model.class_activation_maps(x), model(x)
+    explained = {"plain": out, "racnn": getattr(out, "scale_logits", [None])[0],
+                 "dcn": getattr(out, "coarse_logits", None), "dcn_whole": getattr(out, "logits", None)}[name]
+    assert cams.shape[:2] == (2, 3)
+    torch.testing.assert_close(cams.mean((2, 3)), explained, rtol=1e-4, atol=1e-5)
+
+
+def test_the_peak_drawn_is_the_peak_scored(tmp_path):
+    coarse = torch.tensor([[[0.0, 0.0], [0.0, 1.0]]])
+    m = torch.nn.functional.interpolate(coarse[:, None], size=(SIDE, SIDE), mode="bilinear", align_corners=False)[0]
+    view = ImageView(image=np.zeros((SIDE, SIDE, 3), np.float32), title="t", box=np.array([0, 0, SIDE, SIDE], float),
+                     parts=np.zeros((0, 3)), maps={"cam": m[0].numpy()})
+    fig = draw_grid([view], [])
+    marks = [line for line in fig.axes[1].lines if line.get_marker() == "+"]
+    assert len(marks) == 1
+    drawn = (marks[0].get_xdata()[0], marks[0].get_ydata()[0])
+    assert drawn == pytest.approx(tuple(peaks(m).squeeze(0).tolist()))
+    r, c = np.unravel_index(int(m[0].argmax()), (SIDE, SIDE))
+    assert drawn != pytest.approx((c + 0.5, r + 0.5))  # not the plateau's first pixel (an argmax)
+    save_figure(fig, tmp_path / "peak.png")

@@ -2,7 +2,8 @@
 
 Row: the image with its visible part keypoints (coloured by part, named in the figure's legend), the
 bounding box, RA-CNN's zoom boxes per scale and the DCN's chosen patches; then one panel per map,
-overlaid on the image at input resolution, its peak marked. Images are shown with
+overlaid on the image at input resolution, its peak marked (the peak the pointing game scores,
+`fgvc.analysis.localization.peaks`). Images are shown with
 extent (0, W, H, 0): pixel i covers [i, i + 1), the convention of the boxes and keypoints the data
 pipeline returns, so every point lands exactly where the transforms put it.
 """
@@ -20,7 +21,10 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Circle, Rectangle  # noqa: E402
+import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from fgvc.analysis.localization import peaks  # noqa: E402
 
 PANEL_INCHES = 2.2  # side of one panel
 MAP_ALPHA = 0.5  # opacity of a map over its image
@@ -86,11 +90,6 @@ def draw_annotations(ax, view: ImageView, colours: list) -> None:
                edgecolors="black", linewidths=0.6, zorder=3)
 
 
-def _peak(m: np.ndarray) -> tuple[float, float]:
-    r, c = np.unravel_index(int(np.argmax(m)), m.shape)
-    return c + 0.5, r + 0.5
-
-
 def draw_grid(views: list[ImageView], part_names: list[str], radius_fraction: float | None = None) -> Figure:
     """A figure with one row per view: the annotated image, then each map overlaid. With
     `radius_fraction` the pointing-game radius is drawn around each map's peak."""
@@ -112,9 +111,9 @@ def draw_grid(views: list[ImageView], part_names: list[str], radius_fraction: fl
                 ax.imshow(m, extent=(0, w, h, 0), cmap=MAP_CMAP, alpha=MAP_ALPHA, vmin=0, vmax=1,
                           interpolation="bilinear")
                 draw_annotations(ax, view, colours)
-                px, py = _peak(m)
+                px, py = peaks(torch.as_tensor(m)[None])[0].tolist()  # nan for a constant map: no peak
                 ax.plot([px], [py], marker="+", color=PEAK_COLOUR, markersize=10, markeredgewidth=2)
-                if radius_fraction and np.isfinite(diag):
+                if radius_fraction and np.isfinite(diag) and np.isfinite(px):
                     ax.add_patch(Circle((px, py), radius_fraction * diag, fill=False, edgecolor=PEAK_COLOUR,
                                         linewidth=0.8))
             hit = view.scores.get(name, {}).get("pointing")

@@ -143,23 +143,12 @@ def _final_stage(net: nn.Module) -> nn.Module:
 
 @SOURCES.register("cam")
 def cam(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
-    """CAM (Zhou et al. 2016): the class's classifier weights applied at every position of the
-    last feature map, M_k(x, y) = sum_c w_kc f_c(x, y). RA-CNN: the first (whole-image) scale.
-    DCN: the coarse path, g's hidden map times the classifier (g pools after its 1x1 conv)."""
+    """CAM (Zhou et al. 2016, `fgvc.models.classifier.class_activation_map`) from each model's own
+    `class_activation_maps`: the classifier's last features (RA-CNN: the first, whole-image scale;
+    DCN: the coarse path)."""
     size = tuple(images.shape[-2:])
     with torch.no_grad():
-        if isinstance(model, RACNN):
-            feats = model.backbones[0].forward_features(images)  # (B, C, h, w)
-            fc = model.classifiers[0]
-            maps = torch.einsum("bchw,kc->bkhw", feats, fc.weight) + fc.bias[None, :, None, None]
-        elif isinstance(model, DCN):
-            # whole-image mode: the fine network's projected features take the coarse ones' place
-            feats = model.project(model.fine(images)) if model.coarse is None else model.coarse_features(images)
-            head = model.head
-            hidden = F.relu(F.conv2d(feats, head.conv.weight, head.conv.bias))  # (B, C, h, w)
-            maps = torch.einsum("bchw,kc->bkhw", hidden, head.classifier.weight)
-        else:
-            maps = model.class_activation_maps(images)  # (B, K, h, w)
+        maps = model.class_activation_maps(images)  # (B, K, h, w)
         picked = maps[torch.arange(len(classes)), classes]  # (B, h, w)
         full = to_input(picked, size)  # (B, H, W)
         theta = stn_theta(model, images)

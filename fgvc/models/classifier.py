@@ -43,6 +43,14 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, weigh
     return model, loaded
 
 
+def class_activation_map(feats: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """CAM (Zhou et al. 2016): a linear classifier on pooled features applied at every position,
+    M_k(x, y) = sum_c w_kc f_c(x, y) + b_k: (B, C, h, w) -> (B, K, h, w). Every fgvc model's
+    `class_activation_maps` is this on its own last features."""
+    maps = torch.einsum("bchw,kc->bkhw", feats, weight)  # (B, K, h, w)
+    return maps if bias is None else maps + bias[None, :, None, None]
+
+
 class Classifier(nn.Module):
     """Backbone features -> global pool -> linear classifier, all timm's, with optional attention.
 
@@ -128,8 +136,8 @@ class Classifier(nn.Module):
     def class_activation_maps(self, x: Tensor) -> Tensor:
         """CAM (Zhou et al. 2016): classifier weights applied at every position, (B, K, h, w).
         With attention gates, the backbone's own classifier only."""
-        feats = self.features(x)
+        feats = self.features(x)  # (B, C, h, w)
         fc = self.net.get_classifier()
         if not isinstance(fc, nn.Linear):
             raise UserError("class activation maps need a linear classifier on pooled features; use Grad-CAM.")
-        return torch.einsum("bchw,kc->bkhw", feats, fc.weight) + fc.bias[None, :, None, None]
+        return class_activation_map(feats, fc.weight, fc.bias)  # (B, K, h, w)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fgvc.errors import UserError
-from fgvc.models.classifier import create_backbone
+from fgvc.models.classifier import class_activation_map, create_backbone
 
 SHARE_ROUNDING = 1e-9  # so that a share such as 0.29 of 100 images counts 29, not 28.999...
 NEVER_EXIT = 2.0  # a confidence threshold above 1: no image stops at the coarse prediction
@@ -67,11 +67,13 @@ class TopLayers(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 1)
         self.classifier = nn.Linear(channels, num_classes)
 
-    def forward(self, feats: Tensor) -> Tensor:  # (B, C, h, w) -> (B, K)
+    def hidden(self, feats: Tensor) -> Tensor:  # (B, C, h, w) -> (B, C, h, w), before the pooling
         # functional calls, no submodule __call__: saliency runs this under autograd.grad, where the
         # module hooks of tools such as torch's FlopCounterMode must not fire
-        hidden = F.relu(F.conv2d(feats, self.conv.weight, self.conv.bias))  # (B, C, h, w)
-        return F.linear(hidden.mean((2, 3)), self.classifier.weight, self.classifier.bias)  # (B, K)
+        return F.relu(F.conv2d(feats, self.conv.weight, self.conv.bias))
+
+    def forward(self, feats: Tensor) -> Tensor:  # (B, C, h, w) -> (B, K)
+        return F.linear(self.hidden(feats).mean((2, 3)), self.classifier.weight, self.classifier.bias)
 
 
 def entropy_saliency(head: TopLayers, coarse_feats: Tensor) -> Tensor:
@@ -180,6 +182,13 @@ class DCN(nn.Module):
         """Projected fine features of each patch, pooled to one vector per patch."""
         feats = self.fine(patches).mean((2, 3), keepdim=True)  # (N, Cf, 1, 1)
         return self.project(feats).flatten(1)  # (N, C)
+
+    def class_activation_maps(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, K, h, w)
+        """CAM (Zhou et al. 2016) of the coarse path, g's hidden map under its classifier (g pools
+        after its 1x1 conv); in whole-image mode, of the fine network's projected features."""
+        feats = self.project(self.fine(x)) if self.coarse is None else self.coarse_features(x)  # (B, C, h, w)
+        fc = self.head.classifier
+        return class_activation_map(self.head.hidden(feats), fc.weight, fc.bias)
 
     def forward_whole_image(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, K)
         """The fine network on the whole image, then projection, top layers, classifier."""

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fgvc.models.classifier import create_backbone
+from fgvc.models.classifier import class_activation_map, create_backbone
 
 INIT_HALF_SIDE = 0.25  # initial box: a square of half the image side (paper sec. 3.4), as a half side
 APN_CHANNELS = 64  # 1x1 conv width before the APN's fully connected layers (keeps them small for ResNet-50)
@@ -232,6 +232,11 @@ class RACNN(nn.Module):
         # never into its weights; BN still normalises with batch statistics as in training
         detached = {n: p.detach() for n, p in net.named_parameters()}
         return torch.func.functional_call(net, detached, (x,))
+
+    def class_activation_maps(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, K, h, w)
+        """CAM (Zhou et al. 2016) of the first scale, the one that reads the whole image."""
+        fc = self.classifiers[0]
+        return class_activation_map(self.backbones[0].forward_features(x), fc.weight, fc.bias)
 
     def forward(self, x: Tensor, phase: str = JOINT) -> ZoomOutput:  # (B, 3, H, W)
         """`phase`: the training loop's `ZoomSchedule.phase(update)`; JOINT (the default) everywhere else."""
