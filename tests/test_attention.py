@@ -162,8 +162,29 @@ def test_inplace_blocks_overwrite_their_input_only_in_inference(block):
     assert torch.equal(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(plain(x).sum(), x)[0])
     with torch.no_grad():
         x = torch.randn(2, 24, 6, 6)
+        before = x.clone()
         expected = plain(x)
-        assert torch.equal(x, x.clone()) and inplace(x) is x and torch.equal(x, expected)
+        assert torch.equal(x, before)  # the plain block leaves its input alone
+        assert inplace(x) is x and torch.equal(x, expected)  # the in-place one writes its output into it
+
+
+@pytest.mark.parametrize("identity", [False, True])
+@pytest.mark.parametrize("channels", [5, 64])
+def test_cbam_cpu_path_equals_the_paper_path_in_values_and_gradients(channels, identity):
+    torch.manual_seed(0)
+    block = CBAM(channels, reduction=4, identity_init=identity).train()
+    if identity:  # a trained blend, not the identity start's exact copy of x
+        with torch.no_grad():
+            block.gamma_channel.fill_(0.7)
+            block.gamma_spatial.fill_(0.4)
+    x = torch.randn(3, channels, 7, 9, requires_grad=True)
+    paper, cpu = block.forward_paper(x), block.forward_cpu(x)
+    torch.testing.assert_close(cpu, paper, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(paper)
+    grads = [torch.autograd.grad((y * weights).sum(), [x, *block.parameters()]) for y in (paper, cpu)]
+    for g_paper, g_cpu in zip(*grads):
+        torch.testing.assert_close(g_cpu, g_paper, rtol=1e-4, atol=1e-5)
+    assert torch.equal(block(x.detach()), block.forward_cpu(x.detach()))  # the CPU runs the CPU path
 
 
 def test_block_placement_writes_in_place_and_gives_the_same_logits():

@@ -12,16 +12,22 @@ the authors' code):
 - `spatial_order`: the authors concatenate [max; mean] over channels, timm [mean; max].
 - `spatial_norm`: both put a batch norm after the 7x7 convolution; False drops it (eq. 3 as written).
 
-Made cheap on the CPU (the pooling and elementwise passes over the feature map, not the
-multiply-adds, are the cost; see results/attention_benchmark.md):
-- the MLP runs once on the stacked (2B, C) average and max vectors as linear layers instead of
-  twice as 1x1 convolutions;
+`CBAM.forward_paper` is the formulation above, term by term (channel mean and `amax`). On the CPU,
+where the pooling and elementwise passes over the feature map, not the multiply-adds, are the cost,
+`CBAM.forward` takes `forward_cpu` instead, which computes the same numbers (equal up to float
+rounding; tests/test_attention.py checks values and gradients):
 - the channel mean of F' is one batched matrix-vector product over x instead of a reduction over F';
 - the channel max is taken by pairwise halving (`channel_max`): elementwise maxima of contiguous
-  channel halves, exact, and 1.5-4x faster than `amax(1)`, a reduction over a strided dimension;
+  channel halves, exact, faster than `amax(1)`, a reduction over a strided dimension, on the CPU (on
+  a GPU halving would launch about log2(C) kernels where `amax` launches one);
 - F' is the only full-size tensor allocated, and without autograd F'' is written into it in place;
   with `inplace=True` (the block's input is its own, as in a residual block's attention slot) F' is
   written into x too, and inference allocates no full-size tensor at all.
+Measured side by side on this project's 2-core CPU (results/cbam_paths.md: ResNet-50's maps, batch 8,
+inference) it takes 0.25-0.35 of `forward_paper`'s time on the largest map, (256, 56), and 0.75-1.08
+on the smaller ones, where the machine's noise is as large as the difference; it has not been
+measured on a GPU, so every other device runs `forward_paper`. In both paths the MLP runs once on
+the stacked (2B, C) average and max vectors as linear layers.
 """
 
 from __future__ import annotations
@@ -75,9 +81,11 @@ class SpatialGate(nn.Module):
         self.bn = nn.BatchNorm2d(1) if norm else nn.Identity()
 
     def forward(self, x: Tensor, mean: Tensor | None = None) -> Tensor:        # (B, C, H, W)
-        """`mean`: mean_c(x) when the caller has it already (CBAM computes it more cheaply)."""
-        mx = channel_max(x)                                                    # (B, 1, H, W)
-        mean = x.mean(1, keepdim=True) if mean is None else mean               # (B, 1, H, W)
+        """`mean`: mean_c(x) precomputed by CBAM's CPU path, which also takes max_c by halving."""
+        if mean is None:  # the paper
+            mean, mx = x.mean(1, keepdim=True), x.amax(1, keepdim=True)        # (B, 1, H, W) each
+        else:
+            mx = channel_max(x)                                                # (B, 1, H, W)
         pooled = torch.cat([mx, mean] if self.max_first else [mean, mx], 1)    # (B, 2, H, W)
         return self.bn(self.conv(pooled)).sigmoid()                            # (B, 1, H, W)
 
@@ -97,6 +105,14 @@ class CBAM(nn.Module):
         self.gamma_spatial = make_gamma(identity_init)
 
     def forward(self, x: Tensor) -> Tensor:                                    # (B, C, H, W)
+        return self.forward_cpu(x) if x.device.type == "cpu" else self.forward_paper(x)
+
+    def forward_paper(self, x: Tensor) -> Tensor:                              # (B, C, H, W)
+        refined = apply_gate(x, self.channel(x)[:, :, None, None], self.gamma_channel)  # F' = M_c(F) * F
+        return apply_gate(refined, self.spatial(refined), self.gamma_spatial)  # F'' = M_s(F') * F'
+
+    def forward_cpu(self, x: Tensor) -> Tensor:                                # (B, C, H, W)
+        """`forward_paper`'s numbers with fewer passes over the feature map (module docstring)."""
         b, c, h, w = x.shape
         weights = self.channel(x)                                              # M_c, (B, C)
         if self.gamma_channel is not None:
