@@ -4,7 +4,8 @@
     python fgvc/benchmark.py synthetic [--seeds 0 1 2] [--out results/synthetic] [--set key=value ...]
     python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 6] [--out results/train_speed.md]
 
-A small dispatcher; the measuring lives in fgvc/analysis/cost.py.
+`attention` is measured here, with fgvc/analysis/cost.py's counter and timer; `synthetic` in
+fgvc/analysis/synthetic_bench.py; `train` in fgvc/engine/train_speed.py.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop area
     hflip: float = 0.5  # probability of a horizontal flip
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
-    eval_resize: float = 1.143  # evaluation: resize the short side to size*this, centre crop
+    eval_resize: float = 1.143  # evaluation: short side to image_size * this, then a centre crop; 256/224, ImageNet's
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -1,4 +1,4 @@
-"""Attention (issue 3): blocks against their papers and timm, placement in every listed family,
+"""Attention: blocks against their papers and timm, placement in every listed family,
 identity starts, untouched pretrained weights, recipes, a few training steps, the recorder."""
 
 from __future__ import annotations

@@ -63,3 +63,16 @@ def test_train_speed_table(tmp_path):
     for row in ("bare loop", "fgvc/train.py loop", "data pipeline alone"):
         assert f"| {row}" in text
     assert "Goals:" in text
+
+
+def test_accuracy_plot_stops_at_100_percent_and_names_methods_in_a_legend(tmp_path):
+    from fgvc.analysis.synthetic_bench import plot_accuracy_vs_flops
+
+    points = [("synth_gate", 3.3e7, 94.0, 10.0), ("synth_se", 3.3e7, 87.0, 11.0), ("synth_dcn", 7e7, 39.0, 7.0)]
+    fig = plot_accuracy_vs_flops(points, tmp_path / "plot.png")
+    ax = fig.axes[0]
+    assert (tmp_path / "plot.png").is_file() and ax.get_ylim()[1] == 100
+    tops = [seg[:, 1].max() for coll in ax.collections for seg in coll.get_segments()]  # the error bars
+    assert tops and max(tops) <= 100  # 94 + 10 is drawn up to 100, not past it
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["gate", "se", "dcn"]
+    assert not any(child.__class__.__name__ == "Annotation" for child in ax.get_children())

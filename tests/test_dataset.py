@@ -1,4 +1,4 @@
-"""The training data path (issue 7): augmentation is a function of (seed, epoch, sample), whatever
+"""The training data path: augmentation is a function of (seed, epoch, sample), whatever
 the number of workers, with workers kept across epochs; decoded images are cached within a budget."""
 
 from __future__ import annotations

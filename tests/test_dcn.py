@@ -1,4 +1,4 @@
-"""Dynamic Capacity Networks (issue 5): the model's paths agree, costs scale as claimed, early exit
+"""Dynamic Capacity Networks: the model's paths agree, costs scale as claimed, early exit
 and saliency behave, and the coarse-fine report's table, CSV and plot agree."""
 
 from __future__ import annotations

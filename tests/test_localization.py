@@ -1,4 +1,4 @@
-"""Part localization (issue 6): maps of every model family, scores, baselines, drawing, the script."""
+"""Part localization: maps of every model family, scores, baselines, drawing, the script."""
 
 from __future__ import annotations
 

@@ -23,11 +23,15 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from fgvc.errors import RunError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["synth_baseline", "synth_se", "synth_cbam", "synth_residual", "synth_gate", "synth_stn",
@@ -151,7 +155,8 @@ def looks(report: dict) -> tuple[float, str, float, str]:
             sources[own_name].get("pointing", float("nan")) if own_name else float("nan"), top_part)
 
 
-def _ms(values: list[float], scale: float = 100.0) -> str:
+def mean_std_text(values: list[float], scale: float = 100.0) -> str:
+    """"mean ± std" of `values` in percent (one decimal); "–" for none."""
     if not values:
         return "–"
     mean = statistics.fmean(values) * scale
@@ -176,7 +181,7 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
         reports.append(localize_run(first, out_dir=out / "localization" / method, num_images=LOCALIZE_IMAGES, draw=4))
         row.pointing_cam, row.own_map, row.pointing_own, row.top_part = looks(reports[-1])
         rows.append(row)
-        log(f"{method}: top-1 {_ms(row.top1)}")
+        log(f"{method}: top-1 {mean_std_text(row.top1)}")
 
     finetune_rows = []
     if identity_experiment:
@@ -221,11 +226,6 @@ def code_version() -> str:
 
 def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, source: str,
                   coverage: dict[str, dict[str, float]], command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     header = ["# Synthetic benchmark", "",
               f"Command: `{command}`  ",
               f"Date: {datetime.date.today().isoformat()}, {source}, "
@@ -238,7 +238,7 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
              "pointing (CAM) | own map | pointing (own) | CAM peak most often on |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
-        table.append(f"| {r.method} | {_ms(r.top1)} | {_ms(r.mean_class)} | {r.params / 1e6:.3f} M | "
+        table.append(f"| {r.method} | {mean_std_text(r.top1)} | {mean_std_text(r.mean_class)} | {r.params / 1e6:.3f} M | "
                      f"{r.flops / 1e6:.1f} | {r.latency_ms:.2f} | {statistics.fmean(r.train_time):.1f} | "
                      f"{r.pointing_cam:.2f} | {r.own_map or '–'} | "
                      f"{'–' if r.pointing_own != r.pointing_own else f'{r.pointing_own:.2f}'} | {r.top_part or '–'} |")
@@ -253,7 +253,7 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
                   f"`synth_baseline` trained on a different task ({' '.join(PRETRAIN_TASK)}), its backbone then "
                   "fine-tuned on the benchmark task (`model.weights=`).", "",
                   "| fine-tuned | top-1 % | mean class % |", "|---|---:|---:|"]
-        lines += [f"| {r.method} | {_ms(r.top1)} | {_ms(r.mean_class)} |" for r in finetune]
+        lines += [f"| {r.method} | {mean_std_text(r.top1)} | {mean_std_text(r.mean_class)} |" for r in finetune]
     lines += ["", "Pictures: `localization/<method>/grid_000.png` (and `index.html` there); plot: `accuracy_vs_flops.png`."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
@@ -267,17 +267,30 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
                         r.params, r.flops, r.latency_ms, statistics.fmean(r.train_time), r.pointing_cam, r.own_map,
                         r.pointing_own, r.top_part])
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        mean = statistics.fmean(r.top1) * 100
-        std = statistics.stdev(r.top1) * 100 if len(r.top1) > 1 else 0.0
-        ax.errorbar(r.flops / 1e6, mean, yerr=std, fmt="o", capsize=3)
-        ax.annotate(r.method.removeprefix("synth_"), (r.flops / 1e6, mean), textcoords="offset points", xytext=(4, 4))
+    plot_accuracy_vs_flops([(r.method, r.flops, 100 * statistics.fmean(r.top1),
+                             100 * statistics.stdev(r.top1) if len(r.top1) > 1 else 0.0) for r in rows],
+                           out / "accuracy_vs_flops.png")
+
+
+def plot_accuracy_vs_flops(points: list[tuple[str, float, float, float]], path: Path) -> Figure:
+    """(method, FLOPs per image, mean top-1 %, std %) per method -> a PNG. The axis stops at 100%
+    and error bars are cut at 0 and 100 (accuracy cannot pass them); methods are named in a legend
+    beside the axes, since labels next to points that share a cost overlap."""
+    from matplotlib.figure import Figure  # no pyplot: the figure is never shown, only saved (and returned)
+
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    for method, flops, mean, std in points:
+        below, above = min(std, mean), min(std, 100 - mean)
+        ax.errorbar(flops / 1e6, mean, yerr=[[below], [above]], fmt="o", capsize=3,
+                    label=method.removeprefix("synth_"))
     ax.set_xscale("log")
+    ax.set_ylim(top=100)
     ax.set_xlabel("MFLOPs per image (log)")
     ax.set_ylabel("test top-1 %")
     ax.set_title("synthetic benchmark: accuracy against FLOPs")
     ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_flops.png", dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=120)
+    return fig

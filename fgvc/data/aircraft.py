@@ -1,5 +1,5 @@
 """FGVC-Aircraft 2013b (Maji et al. 2013): 10,000 images of aircraft, labelled at three levels
-(100 variants, 70 families, 41 manufacturers), 6,667 trainval / 3,333 test images, one box each.
+(100 variants, 70 families, 30 manufacturers), 6,667 trainval / 3,333 test images, one box each.
 
 The archive `fgvc-aircraft-2013b.tar.gz` unpacks to `fgvc-aircraft-2013b/data/`:
 

@@ -97,11 +97,6 @@ def read_rows(path: Path, fields: int, what: str) -> list[tuple[int, list[str]]]
     return rows
 
 
-def read_lines(path: Path, fields: int, what: str) -> list[list[str]]:
-    """Read a whitespace-separated annotation file; fail naming the file and line that is wrong."""
-    return [parts for _, parts in read_rows(path, fields, what)]
-
-
 def parse_number(text: str, path: Path, lineno: int, kind: type = float) -> float | int:
     """`kind(text)`, or a `DataError` naming the file and line holding the bad number."""
     try:

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from fgvc.data.records import CUB_PARTS
 from fgvc.errors import UserError
 
-BEAK, WING = "beak", "left wing"  # the parts that carry the class (see class_parts())
+CLASS_PARTS = ("beak", "left wing", "right wing")  # the parts that carry the class (see class_parts())
 JPEG_QUALITY = 92
 MANIFEST = "fgvc_synthetic.json"
 
@@ -33,7 +33,7 @@ MANIFEST = "fgvc_synthetic.json"
 @dataclass(frozen=True)
 class SyntheticSpec:
     num_classes: int = 12
-    train_per_class: int = 40
+    train_per_class: int = 80  # as the recipe default (fgvc.config.SyntheticConfig)
     test_per_class: int = 20
     image_size: int = 96
     part_scale: float = 0.06
@@ -46,7 +46,7 @@ class SyntheticSpec:
 def class_parts() -> list[str]:
     """Names of the parts whose appearance carries the class; for a bird facing right the wing
     seen is the right one, so both wings count."""
-    return [BEAK, "left wing", "right wing"]
+    return list(CLASS_PARTS)
 
 
 def _cue_palette(n: int, offset: float) -> list[tuple[float, float, float]]:

@@ -29,7 +29,7 @@ class PairedTransform:
     loop reads neither, so the training set skips it (measured in results/train_speed.md)."""
 
     def __init__(self, image_size: int, train: bool, mean: tuple[float, ...], std: tuple[float, ...],
-                 crop_scale: tuple[float, float] = (0.35, 1.0), hflip: float = 0.5,
+                 crop_scale: tuple[float, float] = (0.6, 1.0), hflip: float = 0.5,
                  color_jitter: float = 0.0, eval_resize: float = 1.143,
                  flip_pairs: list[tuple[int, int]] | None = None, annotations: bool = True) -> None:
         self.image_size = image_size

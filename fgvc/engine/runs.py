@@ -1,6 +1,6 @@
 """The run folder (a contract other tools read):
 
-    output_dir/recipe.yaml        the resolved recipe; `python fgvc/train.py --from-run DIR` repeats it
+    output_dir/recipe.yaml        the resolved recipe; `python fgvc/train.py recipe=DIR/recipe.yaml` repeats it
     output_dir/model.json         what rebuilds the model: model section, classes, parts, input size, mean/std
     output_dir/model.safetensors  the selected weights (best validation epoch)
     output_dir/metrics.jsonl      one line per epoch

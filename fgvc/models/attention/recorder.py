@@ -60,9 +60,6 @@ class AttentionRecorder:
             handle.remove()
         self._handles.clear()
 
-    def clear(self) -> None:
-        self.records.clear()
-
     def _stage_of(self, name: str) -> int:
         """The fgvc_stage of the nearest enclosing attention block, -1 for none (the STN)."""
         parts = name.split(".")
