@@ -120,8 +120,7 @@ def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Ru
                 if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("tensorboard", config=flat)
     return Run(accelerator, out, data, index.num_classes, model, raw, optimizer, scheduler, criterion, schedule, ema,
-               mixup,
-               train_loader, val_loader, state, "ema" if ema is not None else "model")
+               mixup, train_loader, val_loader, state, "ema" if ema is not None else "model")
 
 
 def train(cfg: DictConfig, after_checkpoint: Callable[[int], None] | None = None) -> dict:
