@@ -97,7 +97,7 @@ class ZoomConfig:
     share_backbone: bool = False
     fuse: str = one_of("features", ("features", "scores"))
     min_side: float = 2 / 3  # smallest box side, as a fraction of the current scale (reference code: half side >= 1/3)
-    mask_steepness: float = 10.0  # k of the boxcar's sigmoids
+    mask_steepness: float = 10.0  # k of the boxcar's sigmoids, per pixel of the delivered image
 
 
 @dataclass
