@@ -72,6 +72,9 @@ class DataConfig:
     hflip: float = 0.5  # probability of a horizontal flip
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
     eval_resize: float = 1.143  # evaluation: short side to image_size * this, then a centre crop; 256/224, ImageNet's
+    # images delivered at this many times image_size (>= 1); RA-CNN's zooms and the spatial transformer
+    # cut their regions from those pixels and shrink the whole image to image_size themselves
+    full_resolution: float = 1.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -83,6 +86,7 @@ class AttentionConfig:
     init: str = one_of("default", ("default", "identity"))
     reduction: int = 16  # channel bottleneck ratio r (SE, CBAM)
     kernel_size: int = 7  # spatial gate kernel (CBAM)
+    stn_count: int = one_of(1, (1, 2, 4))  # parallel spatial transformers, features concatenated (type=stn)
 
 
 @dataclass
@@ -92,8 +96,8 @@ class ZoomConfig:
     scales: int = one_of(3, (2, 3))  # the paper's settings: one or two zooms
     share_backbone: bool = False
     fuse: str = one_of("features", ("features", "scores"))
-    min_side: float = 0.25  # smallest box side, as a fraction of the input side
-    mask_steepness: float = 10.0  # k of the boxcar's sigmoids
+    min_side: float = 2 / 3  # smallest box side, as a fraction of the current scale (reference code: half side >= 1/3)
+    mask_steepness: float = 10.0  # k of the boxcar's sigmoids, per pixel of the delivered image
 
 
 @dataclass
@@ -325,9 +329,18 @@ def validate(cfg: DictConfig) -> None:
             "gates whole stages with the deepest one"
         raise UserError(f"model.attention.type={m.attention.type} {what}; set model.attention.placement=stage.")
     if not 0 < m.zoom.min_side <= 1:
-        raise UserError(f"model.zoom.min_side is {m.zoom.min_side} but must be in (0, 1]; e.g. 0.25.")
+        raise UserError(f"model.zoom.min_side is {m.zoom.min_side} but must be in (0, 1]; e.g. 0.67.")
     if m.zoom.mask_steepness <= 0:
         raise UserError(f"model.zoom.mask_steepness is {m.zoom.mask_steepness} but must be positive; e.g. 10.")
+    if m.attention.stn_count != 1 and m.attention.type != "stn":
+        raise UserError(f"model.attention.stn_count is {m.attention.stn_count} but only model.attention.type=stn "
+                        "reads it; drop it or set model.attention.type=stn.")
+    if d.full_resolution < 1:
+        raise UserError(f"data.full_resolution is {d.full_resolution} but must be at least 1 (1 = images at "
+                        "data.image_size); e.g. 1.5.")
+    if d.full_resolution != 1 and not (m.arch == "racnn" or m.attention.type == "stn"):
+        raise UserError(f"data.full_resolution is {d.full_resolution} but only model.arch=racnn and "
+                        "model.attention.type=stn read pixels beyond data.image_size; set data.full_resolution=1.")
     if m.dcn.saliency == "gate":
         raise UserError("model.dcn.saliency='gate' needs an attention gate in the coarse network, which "
                         "dcn does not build; use model.dcn.saliency=entropy.")

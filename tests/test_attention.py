@@ -101,12 +101,12 @@ def test_attention_gate_coefficients_and_parameter_count():
 
 
 def test_spatial_transformer_starts_at_identity_transform():
-    stn = SpatialTransformer()
+    stn = SpatialTransformer(24)
     x = torch.randn(2, 3, 24, 24)
     theta = stn.localization(x)
-    assert torch.equal(theta, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(2, 2, 3))
-    assert torch.allclose(stn(x), x, atol=1e-5)  # identity grid, up to float rounding
-    assert torch.equal(SpatialTransformer(identity_init=True)(x), x)  # exact with the identity start
+    assert torch.equal(theta, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(2, 1, 2, 3))
+    assert torch.allclose(stn(x)[:, 0], x, atol=1e-5)  # identity grid, up to float rounding
+    assert torch.equal(SpatialTransformer(24, identity_init=True)(x)[:, 0], x)  # exact with the identity start
 
 
 # ---- fgvc blocks against timm's with copied weights ----
@@ -325,7 +325,7 @@ def test_recorder_returns_maps_with_stage_and_stride():
             if r.kind == "spatial":
                 assert r.value.shape[-1] * r.stride == side and r.stage in (2, 3)
             if r.kind == "grid":
-                assert r.value.shape == (2, side, side, 2)
+                assert r.value.shape == (2, 1, side, side, 2)  # (B, N transformers, H, W, 2)
 
 
 @pytest.mark.parametrize("kwargs,phrase", [
@@ -352,7 +352,7 @@ def test_stn_window_is_bounded_and_starts_at_identity(a, bx, by):
     loc = Localization()
     with torch.no_grad():
         loc.fc[-1].bias.copy_(torch.tensor([a, bx, by]))
-    theta = loc(torch.randn(2, 3, 32, 32))
+    theta = loc(torch.randn(2, 3, 32, 32))[:, 0]  # the one transformer's (B, 2, 3)
     s, tx, ty = theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 2]
     assert torch.equal(theta[:, 0, 0], theta[:, 1, 1]) and not theta[:, 0, 1].any() and not theta[:, 1, 0].any()
     assert (s >= MIN_SCALE - 1e-6).all() and (s <= 1.5).all() and torch.isfinite(theta).all()

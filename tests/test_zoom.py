@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from fgvc.config import available_recipes, load_recipe
 from fgvc.engine.losses import ZoomLoss, build_criterion, build_schedule, ranking_loss, true_class_probability
+from fgvc.engine.runs import load_run
 from fgvc.errors import UserError
 from fgvc.models.build import build_model
 from fgvc.models.zoom import (APN, CLS, JOINT, PRETRAIN, RACNN, ZoomOutput, ZoomSchedule, box_from_raw, compose_boxes,
@@ -57,6 +58,59 @@ def test_zoom_of_a_zoom_equals_one_zoom_into_the_composed_box():
     once = zoom(images, compose_boxes(outer, inner), 16, STEEP)
     torch.testing.assert_close(twice, once, atol=1e-5, rtol=0)
     torch.testing.assert_close(once, images[:, :, 12:28, 24:40], atol=1e-5, rtol=0)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _apn_says(apn, raw: list[float]) -> None:
+    """Make an APN output the raw box `raw` (centre x, centre y, half side) whatever it reads."""
+    with torch.no_grad():
+        apn.fc[-1].weight.zero_()
+        apn.fc[-1].bias.copy_(torch.tensor(raw))
+
+
+def test_every_scale_is_cut_once_from_the_full_resolution_image():
+    """Input 64 px, network input 32 px (data.full_resolution = 2). Zoom 1: the 48-px box at (8, 8);
+    zoom 2: the middle-top third of that crop, i.e. the 16-px box at (24, 16) of the ORIGINAL. Each
+    scale must equal the hard crop of the original enlarged once, not a crop of the enlarged crop."""
+    model = tiny_racnn(min_side=0.25, mask_steepness=STEEP).eval()  # half side in [1/8, 1/2]
+    # box_from_raw: half = 1/8 + 3/8 sigmoid(r_l), centre = half + (1 - 2 half) sigmoid(r_c)
+    _apn_says(model.apns[0], [0.0, 0.0, _logit(2 / 3)])  # half 3/8 (48 px), centre (1/2, 1/2)
+    _apn_says(model.apns[1], [0.0, _logit(1 / 4), _logit(1 / 9)])  # half 1/6, centre (1/2, 1/3) of crop 1
+    seen = []
+    scale = model._scale
+    model._scale = lambda s, image, frozen: (seen.append(image), scale(s, image, frozen))[1]
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    crop_resize = lambda y0, x0, side: F.interpolate(x[:, :, y0:y0 + side, x0:x0 + side], size=(SIZE, SIZE),  # noqa: E731
+                                                    mode="bilinear", align_corners=False)
+    torch.testing.assert_close(seen[0], F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True))
+    torch.testing.assert_close(seen[1], crop_resize(8, 8, 48), atol=1e-4, rtol=0)
+    torch.testing.assert_close(seen[2], crop_resize(16, 24, 16), atol=1e-4, rtol=0)
+    # the old way (a crop of the already resampled first zoom) gives other, blurrier pixels
+    twice = zoom(seen[1], torch.tensor([[0.5, 1 / 3, 1 / 6]] * 2), SIZE, STEEP)
+    assert (twice - seen[2]).abs().max() > 0.05
+    torch.testing.assert_close(out.boxes[1], torch.tensor([[32.0, 24.0, 8.0]] * 2), atol=1e-3, rtol=0)  # pixels of x
+
+
+def test_the_default_box_floor_is_the_reference_one():
+    """min_side 2/3 by default (schema, model, every RA-CNN recipe): an APN pushing its boxes to the
+    smallest gets half sides of 1/3 of the current scale, so zoom 2 still covers 4/9 of the image."""
+    assert tiny_racnn().apns[0].min_side == pytest.approx(2 / 3)
+    for name in ("cub_racnn", "cars_racnn", "synth_racnn"):
+        assert load_recipe([f"recipe={name}"]).model.zoom.min_side == pytest.approx(2 / 3), name
+    model = tiny_racnn().eval()
+    for apn in model.apns:
+        _apn_says(apn, [0.0, 0.0, -1e4])  # the smallest box the APN can ask for
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 48, 48))
+    first, second = (2 * b[:, 2] for b in out.boxes)  # box sides in pixels of the 48-px input
+    torch.testing.assert_close(first, torch.full((2,), 48 * 2 / 3))
+    torch.testing.assert_close(second, torch.full((2,), 48 * 4 / 9))
 
 
 def test_gradient_of_the_zoom_reaches_every_box_parameter():
@@ -299,9 +353,33 @@ def test_ddp_two_processes_through_every_phase():
 @pytest.mark.slow
 def test_synth_racnn_trains_with_two_processes(tmp_path, synth_root):
     out = tmp_path / "racnn"
+    # the tiny set is written at 48 px: full_resolution 1.5 delivers those pixels to a 32-px network
     proc = accelerate_launch("train.py", "recipe=synth_racnn", "train.epochs=2", "train.zoom.pretrain_epochs=1",
                              "train.zoom.cls_steps=1", "train.zoom.apn_steps=1", f"output_dir={out}",
-                             f"data.root={synth_root}", *TINY_DATA)
+                             f"data.root={synth_root}", *TINY_DATA, "data.full_resolution=1.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"top1_scale0", "top1_scale1", "top1_scale2"} <= set(metrics["test"])
+    run = load_run(out)
+    assert run.cfg.data.full_resolution == 1.5 and run.image_size == 32
+    with torch.no_grad():
+        boxes = run.model(torch.rand(1, 3, 48, 48)).boxes
+    assert all(0 < float(b[0, 2]) <= 24 for b in boxes)  # in pixels of the 48-px delivered image
+
+
+def test_a_racnn_run_folder_written_before_the_new_keys_still_loads(tmp_path):
+    """recipe.yaml and model.json of an older run lack data.full_resolution and
+    model.attention.stn_count and hold the old floor model.zoom.min_side 0.25: the run loads with it."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    cfg = OmegaConf.to_container(load_recipe(["recipe=synth_racnn", f"data.image_size={SIZE}"]))
+    del cfg["data"]["full_resolution"], cfg["model"]["attention"]["stn_count"]
+    cfg["model"]["zoom"]["min_side"] = 0.25
+    (tmp_path / "recipe.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    meta = {"model": cfg["model"], "num_classes": CLASSES, "class_names": list("abcde"), "part_names": [],
+            "image_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3, "data": "synthetic"}
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    save_file(tiny_racnn(min_side=0.25).state_dict(), str(tmp_path / "model.safetensors"))
+    run = load_run(tmp_path)
+    assert all(apn.min_side == 0.25 for apn in run.model.apns) and run.cfg.data.full_resolution == 1.0

@@ -121,7 +121,8 @@ def unwarp(maps: Tensor, theta: Tensor) -> Tensor:
 
 
 def stn_theta(model: nn.Module, images: Tensor) -> Tensor | None:
-    """The STN's affine transform when the backbone sees only its sampled image, else None.
+    """The STN's affine transforms (B, N, 2, 3), one per window, when the backbone sees only the
+    sampled windows, else None.
 
     With `attention.init=identity` the backbone sees x + gamma * (sampled - x), a blend of two
     frames with no single map back; those maps are left in the input frame."""
@@ -129,7 +130,7 @@ def stn_theta(model: nn.Module, images: Tensor) -> Tensor | None:
     if stn is None or stn.gamma is not None:
         return None
     with torch.no_grad():
-        return stn.localization(images)  # (B, 2, 3)
+        return stn.localization(images)  # (B, N, 2, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,12 +149,16 @@ def cam(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
     DCN: the coarse path)."""
     size = tuple(images.shape[-2:])
     with torch.no_grad():
+        if getattr(model, "stn", None) is not None:  # one CAM per window, each in its own frame
+            maps = model.window_activation_maps(images)  # (B, N, K, h, w)
+            picked = maps[torch.arange(len(classes)), :, classes]  # (B, N, h, w)
+            theta = stn_theta(model, images)  # (B, N, 2, 3) or None
+            full = sum(unwarp(to_input(picked[:, i], size), theta[:, i]) if theta is not None
+                       else to_input(picked[:, i], size) for i in range(picked.shape[1]))
+            return {"cam": normalise(full)}
         maps = model.class_activation_maps(images)  # (B, K, h, w)
         picked = maps[torch.arange(len(classes)), classes]  # (B, h, w)
         full = to_input(picked, size)  # (B, H, W)
-        theta = stn_theta(model, images)
-        if theta is not None:
-            full = unwarp(full, theta)
     return {"cam": normalise(full)}
 
 
@@ -183,7 +188,11 @@ def _gradcam_setup(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 @SOURCES.register("gradcam")
 def gradcam(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
     """Grad-CAM (Selvaraju et al. 2017) of `classes` on the last feature stage, computed by the
-    `grad-cam` package (used as a context manager so its hooks are removed)."""
+    `grad-cam` package (used as a context manager so its hooks are removed). Several spatial
+    transformers put N windows through the backbone per image, which grad-cam cannot pair with
+    the images: no Grad-CAM for them (their CAM unwarps each window)."""
+    if getattr(getattr(model, "stn", None), "count", 1) > 1:
+        return {}
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -194,7 +203,7 @@ def gradcam(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tens
     full = torch.from_numpy(maps).float().to(images.device)
     theta = stn_theta(model, images)
     if theta is not None:
-        full = unwarp(full, theta)
+        full = unwarp(full, theta[:, 0])
     return {"gradcam": normalise(full)}
 
 
@@ -202,7 +211,8 @@ def gradcam(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tens
 def attention(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
     """Every gate's spatial map, upsampled to the input and averaged over the gates of a stage
     (block placement puts one in every residual block): `{type}_stage{i}`. The spatial transformer
-    gives `stn_region`: a window over the input region its sampling grid covers."""
+    gives `stn_region`: a window over the input region its sampling grid covers (the largest over
+    its windows, with several transformers)."""
     size = tuple(images.shape[-2:])
     kind = getattr(model, "attention_type", "none")
     with torch.no_grad(), AttentionRecorder(model) as recorder:
@@ -216,9 +226,12 @@ def attention(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Te
             h, w = size
             x, y = pixel_centres(h, w, images.device)
             u_img = torch.stack([2 * x / w - 1, 2 * y / h - 1], -1)  # (H, W, 2) input point in [-1, 1]
-            inv = invert_affine(record.value)  # (B, 2, 3)
-            u = torch.einsum("bij,hwj->bhwi", inv[:, :, :2], u_img) + inv[:, None, None, :, 2]  # (B, H, W, 2)
-            out["stn_region"] = normalise(window(u[..., 0], u[..., 1]))
+            regions = []
+            for i in range(record.value.shape[1]):  # each window of (B, N, 2, 3)
+                inv = invert_affine(record.value[:, i])  # (B, 2, 3)
+                u = torch.einsum("bij,hwj->bhwi", inv[:, :, :2], u_img) + inv[:, None, None, :, 2]  # (B, H, W, 2)
+                regions.append(window(u[..., 0], u[..., 1]))
+            out["stn_region"] = normalise(torch.stack(regions).amax(0))
     for stage, maps in sorted(per_stage.items()):
         out[f"{kind}_stage{stage}"] = normalise(torch.stack(maps).mean(0))
     return out

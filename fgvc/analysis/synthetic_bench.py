@@ -107,8 +107,11 @@ def measure(run_dir: Path) -> tuple[int, int, float]:
     from fgvc.analysis.cost import count_flops, count_parameters, summarize, time_calls
     from fgvc.engine.runs import load_run
 
+    from fgvc.data.build import delivered_side
+
     run = load_run(run_dir)
-    x = torch.randn(1, 3, run.image_size, run.image_size)
+    side = delivered_side(run.cfg.data)  # the image the model receives (data.full_resolution)
+    x = torch.randn(1, 3, side, side)
     flops = count_flops(run.model, x)
     latency = summarize(time_calls(run.model, x, LATENCY_SECONDS))
     return count_parameters(run.model), flops, latency.median_ms
@@ -119,7 +122,7 @@ def zoom_part_coverage(run_dir: Path) -> dict[str, float]:
     """RA-CNN: the share of visible class-carrying parts (beak, wings) that lie inside each zoom's
     box, over the test split; next to a centred box of the same size per image (the baseline a
     zoom must beat to have found something)."""
-    from fgvc.data.build import build_datasets
+    from fgvc.data.build import build_datasets, delivered_side
     from fgvc.data.synthetic import class_parts
     from fgvc.engine.runs import load_run
     from fgvc.data.build import make_loader
@@ -128,7 +131,7 @@ def zoom_part_coverage(run_dir: Path) -> dict[str, float]:
     data = build_datasets(run.cfg.data, run.cfg.seed, run.mean, run.std)
     cols = [data.index.part_names.index(p) for p in class_parts()]
     inside: dict[str, list[Tensor]] = {}
-    centre = run.image_size / 2
+    centre = delivered_side(run.cfg.data) / 2  # boxes and parts are in the delivered image's pixels
     for batch in make_loader(data.test, run.cfg.train.batch_size, 0, False):
         out = run.model(batch["image"])
         parts = batch["parts"][:, cols]  # (B, P, 3)

@@ -57,8 +57,14 @@ class DataSplits:
     test: FGVCDataset
 
 
+def delivered_side(data: DictConfig) -> int:
+    """Side of the images the loaders deliver: data.image_size times data.full_resolution. Boxes and
+    parts come in these pixels; models that read the extra pixels shrink the image to data.image_size."""
+    return round(data.image_size * data.full_resolution)
+
+
 def build_transform(data: DictConfig, train: bool, mean, std, flip_pairs, annotations: bool = True) -> PairedTransform:
-    return PairedTransform(data.image_size, train, tuple(mean), tuple(std), crop_scale=tuple(data.crop_scale),
+    return PairedTransform(delivered_side(data), train, tuple(mean), tuple(std), crop_scale=tuple(data.crop_scale),
                            hflip=data.hflip, color_jitter=data.color_jitter, eval_resize=data.eval_resize,
                            flip_pairs=flip_pairs, annotations=annotations)
 

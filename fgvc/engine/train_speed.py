@@ -44,7 +44,7 @@ def real_path(cfg) -> float:
 def bare_loop(cfg, num_images: int, epochs: int) -> list[float]:
     """Images per second of each epoch (after warm-up) of forward + backward + step on in-memory
     tensors, same model and optimizer."""
-    from fgvc.data.build import read_index
+    from fgvc.data.build import delivered_side, read_index
     from fgvc.engine.losses import build_criterion, build_schedule
     from fgvc.engine.optim import build_optimizer
     from fgvc.models.build import build_model
@@ -56,7 +56,7 @@ def bare_loop(cfg, num_images: int, epochs: int) -> list[float]:
     optimizer = build_optimizer(model, t)
     steps = max(1, num_images // t.batch_size)
     criterion, schedule = build_criterion(cfg), build_schedule(cfg, steps)
-    size = cfg.data.image_size
+    size = delivered_side(cfg.data)  # what the loaders hand the model (data.full_resolution)
     images = torch.randn(steps, t.batch_size, 3, size, size)
     labels = torch.randint(0, index.num_classes, (steps, t.batch_size))
     rates = []

@@ -21,7 +21,7 @@ def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     return Classifier(m.backbone, num_classes, pretrained=m.pretrained, weights=m.weights, drop_rate=m.drop_rate,
                       attention=a.type, attention_stages=list(a.stages), attention_placement=a.placement,
                       attention_init=a.init, attention_reduction=a.reduction, attention_kernel_size=a.kernel_size,
-                      image_size=image_size)
+                      image_size=image_size, stn_count=a.stn_count)
 
 
 @ARCHS.register("racnn")

@@ -61,7 +61,9 @@ class Classifier(nn.Module):
       backbone's, so the new blocks get the trainer's `new_lr_mult`.
     - gate: the deepest feature map gates each of `attention_stages` (shallower stages); the
       logits add a linear classifier on every attention-pooled stage to the backbone's own.
-    - stn: a spatial transformer resamples the image before the backbone.
+    - stn: a spatial transformer resamples the image before the backbone, sampling its window from
+      the full-resolution input at `image_size`; with `stn_count` = N > 1, N windows go through the
+      one backbone and a linear classifier reads their N pooled features concatenated.
     `attention_init="identity"` starts every method as the identity, so at initialisation the network
     computes exactly the plain backbone's logits (see each block's docstring for how).
     """
@@ -69,22 +71,30 @@ class Classifier(nn.Module):
     def __init__(self, backbone: str, num_classes: int, pretrained: bool = False, weights: str = "",
                  drop_rate: float = 0.0, attention: str = "none", attention_stages: Sequence[int] = (-1,),
                  attention_placement: str = "stage", attention_init: str = "default", attention_reduction: int = 16,
-                 attention_kernel_size: int = 7, image_size: int = 224,
+                 attention_kernel_size: int = 7, image_size: int = 224, stn_count: int = 1,
                  backbone_args: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.net, names = create_backbone(backbone, num_classes, pretrained, weights, drop_rate=drop_rate,
-                                          **(backbone_args or {}))
+        windows = stn_count if attention == "stn" else 1
+        # several windows: the backbone only pools, the classifier over their concatenation is `stn_head`
+        self.net, names = create_backbone(backbone, num_classes if windows == 1 else 0, pretrained, weights,
+                                          drop_rate=drop_rate, **(backbone_args or {}))
         self.pretrained_names = {f"net.{n}" for n in names}
         self.attention_type = attention
         self.attention = nn.ModuleDict()  # stage blocks: "stage{i}" -> block run after stage i
         self.gated = nn.ModuleDict()  # attention gates: "stage{i}" -> GatedStage
         self.stn: SpatialTransformer | None = None
+        self.stn_head: nn.Linear | None = None  # (N*C -> K) with N > 1 parallel transformers
         self.gate_stages: list[int] = []
         if attention == "none":
             return
         identity = attention_init == "identity"
         if attention == "stn":  # (fgvc.config.validate: only placement=stage)
-            self.stn = SpatialTransformer(identity_init=identity)
+            self.stn = SpatialTransformer(image_size, count=windows, identity_init=identity)
+            if windows > 1:
+                channels = self.net.num_features
+                self.stn_head = nn.Linear(windows * channels, num_classes)
+                if identity:  # windows start identical: only the first is read, as a plain classifier would
+                    nn.init.zeros_(self.stn_head.weight[:, channels:])
             return
         all_stages = backbone_stages(self.net, backbone)
         stages = pick_stages(all_stages, list(attention_stages), backbone)
@@ -119,12 +129,15 @@ class Classifier(nn.Module):
             self.gated[f"stage{stage.index}"] = gated
             self.gate_stages.append(stage.index)
 
-    def features(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, C, h, w)
+    def features(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B*N, C, h, w), window-major per image
         if self.stn is not None:
-            x = self.stn(x)
+            x = self.stn(x).flatten(0, 1)  # (B, N, 3, S, S) -> (B*N, 3, S, S)
         return self.net.forward_features(x)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, num_classes)
+        if self.stn_head is not None:
+            pooled = self.net.forward_head(self.features(x), pre_logits=True)  # (B*N, C)
+            return self.stn_head(pooled.view(x.shape[0], -1))  # (B, N*C) -> (B, num_classes)
         if not self.gate_stages:
             return self.net.forward_head(self.features(x))
         g, maps = self.net.forward_intermediates(x, indices=self.gate_stages)  # g: (B, C, h, w)
@@ -135,9 +148,24 @@ class Classifier(nn.Module):
 
     def class_activation_maps(self, x: Tensor) -> Tensor:
         """CAM (Zhou et al. 2016): classifier weights applied at every position, (B, K, h, w).
-        With attention gates, the backbone's own classifier only."""
+        With attention gates, the backbone's own classifier only. With N > 1 spatial transformers:
+        see `window_activation_maps`."""
+        if self.stn_head is not None:
+            raise UserError("a model with several spatial transformers has one CAM per window; use "
+                            "Classifier.window_activation_maps.")
         feats = self.features(x)  # (B, C, h, w)
         fc = self.net.get_classifier()
         if not isinstance(fc, nn.Linear):
             raise UserError("class activation maps need a linear classifier on pooled features; use Grad-CAM.")
         return class_activation_map(feats, fc.weight, fc.bias)  # (B, K, h, w)
+    def window_activation_maps(self, x: Tensor) -> Tensor:
+        """CAM of each spatial-transformer window, in that window's frame: (B, N, K, h, w). Window i's
+        block of the concatenated classifier applied at every position of its feature map."""
+        if self.stn_head is None:
+            return self.class_activation_maps(x)[:, None]  # (B, 1, K, h, w)
+        n = self.stn.count
+        feats = self.features(x)  # (B*N, C, h, w)
+        weight = self.stn_head.weight.view(self.stn_head.out_features, n, -1)  # (K, N, C)
+        feats = feats.view(x.shape[0], n, *feats.shape[1:])  # (B, N, C, h, w)
+        bias = self.stn_head.bias[None, None, :, None, None] / n  # the bias shared among the windows
+        return torch.einsum("bnchw,knc->bnkhw", feats, weight) + bias

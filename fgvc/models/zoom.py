@@ -5,7 +5,14 @@ feature map and predicts a square box (t_x, t_y, t_l) = (centre x, centre y, hal
 scale's image is that box, cut out with the paper's boxcar mask and enlarged to the input size:
 
     M(x, y) = [h(x - t_x(tl)) - h(x - t_x(br))] * [h(y - t_y(tl)) - h(y - t_y(br))],  h(z) = sigmoid(k z)
-    X_{s+1} = resample(X_s * M, box)                                   (paper eq. 4-5)
+    X_{s+1} = resample(X * M_{s+1}, B_{s+1}),  B_{s+1} = B_s o box_s      (paper eq. 4-5)
+
+Every scale is cut ONCE from the full-resolution original X by the composed box B_{s+1} (the APN's
+box, given in the frame of scale s, mapped back into the original's frame), never from the previous
+scale's already enlarged image: the finest scale is resampled once, and when the data pipeline
+delivers an image larger than the network input (`data.full_resolution` > 1) the zooms read pixels
+the first scale, X shrunk to the input size, never had. Composing two boxes and cutting once equals
+cutting twice (tests/test_zoom.py), up to the second resampling it saves.
 
 Training (paper sec. 3.3-3.4):
     L = sum_s L_cls(Y_s, Y*) + sum_s L_rank(p_t^(s), p_t^(s+1)),
@@ -17,8 +24,12 @@ classification updates (boxes fixed) alternate with `apn_steps` proposal updates
 backbones and classifiers untouched). The schedule has one owner, the training loop: it asks
 `ZoomSchedule.phase(update)` and passes the phase to `RACNN.forward`; the loss reads it from the output.
 
-Boxes are kept in *fractions of the current scale's input side* internally (so they do not depend
-on pixel sizes); `ZoomOutput.boxes` gives them composed back into input-image pixels.
+Boxes are kept in *fractions of the current scale's side* internally (so they do not depend on pixel
+sizes); `ZoomOutput.boxes` gives them composed back into the pixels of the image `forward` received.
+
+The box floor `min_side` (2/3 by default) is relative to the current scale, as in the reference
+implementations (half side >= 1/3 of the scale): the third scale still covers at least 4/9 of the
+original side.
 """
 
 from __future__ import annotations
@@ -186,7 +197,7 @@ class _ScaleNet(nn.Module):
 class ZoomOutput:
     logits: Tensor  # (B, K) final prediction: fusion of the scales
     scale_logits: list[Tensor]  # per scale, coarse to fine, each (B, K)
-    boxes: list[Tensor]  # per zoom, (B, 3) centre x, centre y, half side in input-image pixels (detached)
+    boxes: list[Tensor]  # per zoom, (B, 3) centre x, centre y, half side in pixels of forward's input (detached)
     proposals: list[Tensor]  # per zoom, (B, 3) the APN's box in fractions of that zoom's input
     init_boxes: list[Tensor]  # per zoom, (B, 3) the peak-response box, same frame (detached)
     phase: str = JOINT  # the schedule phase this output was computed in
@@ -204,7 +215,7 @@ class RACNN(nn.Module):
     per scale, an APN per zoom, and a fusion of the scales' pooled features or summed scores."""
 
     def __init__(self, backbone: str, num_classes: int, image_size: int = 448, scales: int = 3,
-                 share_backbone: bool = False, fuse: str = "features", min_side: float = 0.25,
+                 share_backbone: bool = False, fuse: str = "features", min_side: float = 2 / 3,
                  mask_steepness: float = 10.0, pretrained: bool = False, weights: str = "") -> None:
         super().__init__()
         self.num_scales, self.image_size, self.fuse = scales, image_size, fuse
@@ -236,13 +247,21 @@ class RACNN(nn.Module):
     def class_activation_maps(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, K, h, w)
         """CAM (Zhou et al. 2016) of the first scale, the one that reads the whole image."""
         fc = self.classifiers[0]
-        return class_activation_map(self.backbones[0].forward_features(x), fc.weight, fc.bias)
+        return class_activation_map(self.backbones[0].forward_features(self.first_scale(x)), fc.weight, fc.bias)
 
-    def forward(self, x: Tensor, phase: str = JOINT) -> ZoomOutput:  # (B, 3, H, W)
+    def first_scale(self, x: Tensor) -> Tensor:
+        """X_1: the whole image at the network input size (shrunk, with antialiasing, when the data
+        pipeline delivers it larger): (B, 3, H, W) -> (B, 3, S, S)."""
+        if x.shape[-2:] == (self.image_size, self.image_size):
+            return x
+        return F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                             antialias=True)
+
+    def forward(self, x: Tensor, phase: str = JOINT) -> ZoomOutput:  # (B, 3, H, W), H = W >= S
         """`phase`: the training loop's `ZoomSchedule.phase(update)`; JOINT (the default) everywhere else."""
         frozen = phase == APN  # backbones and classifiers are fixed in proposal steps
-        image = x
-        scale_logits, pooled_all, proposals, init_boxes, absolute = [], [], [], [], []
+        image = self.first_scale(x)  # (B, 3, S, S)
+        scale_logits, pooled_all, proposals, init_boxes, composed = [], [], [], [], []
         for s in range(self.num_scales):
             feats, pooled, logits = self._scale(s, image, frozen)  # (B, C, h, w), (B, C), (B, K)
             scale_logits.append(logits)
@@ -250,19 +269,20 @@ class RACNN(nn.Module):
             if s == self.num_scales - 1:
                 break
             with torch.no_grad():
-                init = peak_response_box(feats, self.init_half_side)  # (B, 3)
+                init = peak_response_box(feats, self.init_half_side)  # (B, 3) in scale s's frame
             # only proposal steps (and JOINT) let the box's gradient reach the features it was read from
-            proposal = self.apns[s](feats if phase in (APN, JOINT) else feats.detach())  # (B, 3)
+            proposal = self.apns[s](feats if phase in (APN, JOINT) else feats.detach())  # (B, 3) scale s's frame
             if phase == PRETRAIN:  # zoom into the peak-response box while the APN regresses toward it
                 box = init
             elif phase == CLS:  # boxes fixed: no gradient to the APN
                 box = proposal.detach()
             else:
                 box = proposal
-            image = zoom(image, box, self.image_size, self.mask_steepness)  # (B, 3, S, S)
+            # B_{s+1} = B_s o box: the box in the original's frame; gradients reach every APN before it
+            composed.append(box if s == 0 else compose_boxes(composed[-1], box))  # (B, 3)
+            image = zoom(x, composed[-1], self.image_size, self.mask_steepness)  # (B, 3, S, S), cut once from x
             proposals.append(proposal if phase == PRETRAIN else proposal.detach())
             init_boxes.append(init)
-            absolute.append(box.detach() if s == 0 else compose_boxes(absolute[-1], box.detach()))
         # the fusion head reads detached features: it never shapes the backbones
         if self.fusion is not None:  # each scale's descriptor normalised on its own (paper sec. 3.5)
             normed = [F.normalize(p.detach(), dim=1) for p in pooled_all]  # (B, C) each, unit norm
@@ -273,5 +293,5 @@ class RACNN(nn.Module):
             logits = logits.detach()
         h, w = x.shape[-2:]
         to_pixels = torch.tensor([w, h, w], dtype=x.dtype, device=x.device)
-        return ZoomOutput(logits=logits, scale_logits=scale_logits, boxes=[b * to_pixels for b in absolute],
+        return ZoomOutput(logits=logits, scale_logits=scale_logits, boxes=[b.detach() * to_pixels for b in composed],
                           proposals=proposals, init_boxes=init_boxes, phase=phase)

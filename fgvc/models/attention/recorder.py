@@ -8,8 +8,8 @@
 
 Kinds: `channel` (B, C) channel weights (SE, CBAM's M_c); `spatial` (B, 1, H, W) maps (CBAM's M_s,
 attention-gate coefficients alpha, and the channel mean of a residual-attention mask); `mask`
-(B, C, H, W) residual-attention soft masks; `grid` (B, H, W, 2) the spatial transformer's sampling
-grid in [-1, 1] image coordinates, and `theta` (B, 2, 3) its affine transform. `stage` is the
+(B, C, H, W) residual-attention soft masks; `grid` (B, N, H, W, 2) the spatial transformers' sampling
+grids over the input in [-1, 1] image coordinates, and `theta` (B, N, 2, 3) their affine transforms. `stage` is the
 backbone stage (feature_info index; -1 before the backbone) and `stride` the input pixels per map
 cell. timm's own attention blocks are not recorded.
 """
@@ -88,7 +88,9 @@ class AttentionRecorder:
                 self.records.append(GateRecord(name, "spatial", stage, stride, out.mean(1, keepdim=True)))
             elif isinstance(module, Localization):
                 image = args[0]
-                grid = F.affine_grid(out, list(image.shape), align_corners=False)  # (B, H, W, 2)
+                b, n = out.shape[:2]
+                grid = F.affine_grid(out.flatten(0, 1), [b * n, *image.shape[1:]], align_corners=False)
+                grid = grid.view(b, n, *grid.shape[1:])  # (B, N, H, W, 2)
                 self.records.append(GateRecord(name, "theta", BEFORE_BACKBONE, 1, out))
                 self.records.append(GateRecord(name, "grid", BEFORE_BACKBONE, 1, grid))
         return record

@@ -15,8 +15,18 @@ whole image. An unbounded affine regression trained from scratch at the recipes'
 flew out of the image within the first epoch and left the backbone a black input (measured: chance
 accuracy on the synthetic set); the bounded form cannot.
 
+Resolution (paper sec. 4.3, CUB): the transformers read a 448-px input and sample 224-px regions,
+so a window smaller than the image keeps detail instead of only upsampling. Here the region is
+sampled from the full-resolution image the data pipeline delivers (`data.full_resolution` times the
+network input) at the network's input size `out_size`; the localisation network reads the image
+shrunk to LOC_SIDE.
+
+Parallel transformers (paper sec. 4.3: 2 or 4 on CUB): one localisation network predicts `count`
+windows (B, N, 2, 3); each window is sampled and the classifier concatenates their features.
+
 The identity grid reproduces the input only up to float rounding of the grid coordinates; with
-`identity_init` the output is x + gamma * (sampled - x), gamma = 0 at initialisation, which is exactly x.
+`identity_init` the output is x_S + gamma * (sampled - x_S), gamma = 0 at initialisation, which is
+exactly x_S, the input shrunk to `out_size` (x itself when it already has that size).
 """
 
 from __future__ import annotations
@@ -35,40 +45,62 @@ LN2 = math.log(2.0)  # softplus(0): makes a = 0 the identity
 
 
 class Localization(nn.Module):
-    """f_loc: image (B, 3, H, W) -> attention transform theta (B, 2, 3), identity at initialisation."""
+    """f_loc: image (B, 3, H, W) -> `count` attention transforms theta (B, N, 2, 3), identity at initialisation."""
 
-    def __init__(self, in_channels: int = 3) -> None:
+    def __init__(self, in_channels: int = 3, count: int = 1) -> None:
         super().__init__()
+        self.count = count
         layers, c = [], in_channels
         for width in LOC_WIDTHS:
             layers += [nn.Conv2d(c, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             c = width
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Sequential(nn.Linear(c, LOC_HIDDEN), nn.ReLU(inplace=True), nn.Linear(LOC_HIDDEN, 3))
+        self.fc = nn.Sequential(nn.Linear(c, LOC_HIDDEN), nn.ReLU(inplace=True), nn.Linear(LOC_HIDDEN, 3 * count))
         nn.init.zeros_(self.fc[-1].weight)
         nn.init.zeros_(self.fc[-1].bias)
 
     def forward(self, x: Tensor) -> Tensor:                        # (B, 3, H, W)
         small = F.interpolate(x, size=(LOC_SIDE, LOC_SIDE), mode="bilinear", align_corners=False)
-        a, b = self.fc(self.features(small)).split([1, 2], dim=1)  # (B, 1), (B, 2)
-        s = 1 - (1 - MIN_SCALE) * torch.tanh(F.softplus(a) - LN2)  # (B, 1) window side / image side
-        t = F.relu(1 - s) * torch.tanh(b)                          # (B, 2) centre, inside the image
+        raw = self.fc(self.features(small)).view(-1, self.count, 3)  # (B, N, 3)
+        a, b = raw.split([1, 2], dim=2)                            # (B, N, 1), (B, N, 2)
+        s = 1 - (1 - MIN_SCALE) * torch.tanh(F.softplus(a) - LN2)  # (B, N, 1) window side / image side
+        t = F.relu(1 - s) * torch.tanh(b)                          # (B, N, 2) centre, inside the image
         zero = torch.zeros_like(s)
-        return torch.stack([torch.cat([s, zero, t[:, :1]], 1), torch.cat([zero, s, t[:, 1:]], 1)], 1)  # (B, 2, 3)
+        rows = [torch.cat([s, zero, t[..., :1]], 2), torch.cat([zero, s, t[..., 1:]], 2)]  # (B, N, 3) each
+        return torch.stack(rows, 2)                                # (B, N, 2, 3)
+
+
+def sample_windows(images: Tensor, theta: Tensor, out_size: int) -> Tensor:
+    """T_theta(G) sampled bilinearly (paper eq. 1, 5) from the full-resolution `images` (B, 3, H, W) for
+    each of the N transforms theta (B, N, 2, 3): (B, N, 3, out_size, out_size)."""
+    b, n = theta.shape[:2]
+    grid = F.affine_grid(theta.flatten(0, 1), [b * n, images.shape[1], out_size, out_size],
+                         align_corners=False)                      # (B*N, S, S, 2) in [-1, 1]
+    source = images.repeat_interleave(n, dim=0) if n > 1 else images  # (B*N, 3, H, W)
+    sampled = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return sampled.view(b, n, *sampled.shape[1:])                  # (B, N, 3, S, S)
+
+
+def shrink(images: Tensor, side: int) -> Tensor:
+    """The whole image at `side` x `side` (antialiased when shrinking); unchanged when it has that size."""
+    if images.shape[-2:] == (side, side):
+        return images
+    return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
 
 class SpatialTransformer(nn.Module):
-    """Samples the input on the grid of the predicted affine transform; same output size."""
+    """`count` windows predicted from the image, each sampled from it at `out_size`: (B, N, 3, S, S)."""
 
-    def __init__(self, identity_init: bool = False) -> None:
+    def __init__(self, out_size: int, count: int = 1, identity_init: bool = False) -> None:
         super().__init__()
-        self.localization = Localization()
+        self.out_size, self.count = out_size, count
+        self.localization = Localization(count=count)
         self.gamma = nn.Parameter(torch.zeros(())) if identity_init else None
 
-    def forward(self, x: Tensor) -> Tensor:                        # (B, 3, H, W)
-        theta = self.localization(x)                               # (B, 2, 3)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2) in [-1, 1]
-        sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    def forward(self, x: Tensor) -> Tensor:                        # (B, 3, H, W), H = W >= out_size
+        theta = self.localization(x)                               # (B, N, 2, 3)
+        sampled = sample_windows(x, theta, self.out_size)          # (B, N, 3, S, S)
         if self.gamma is not None:
-            return x + self.gamma * (sampled - x)
-        return sampled                                             # (B, 3, H, W)
+            whole = shrink(x, self.out_size)[:, None]              # (B, 1, 3, S, S)
+            return whole + self.gamma * (sampled - whole)
+        return sampled

@@ -1,0 +1,112 @@
+"""Spatial transformer (fgvc/models/attention/stn.py) at full resolution and with parallel transformers
+(model.attention.stn_count), and the data pipeline that delivers the full-resolution image
+(data.full_resolution)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fgvc.analysis.maps import compute_maps
+from fgvc.config import load_recipe
+from fgvc.data.build import build_transform, delivered_side
+from fgvc.errors import UserError
+from fgvc.models.attention.stn import LN2, MIN_SCALE, SpatialTransformer, sample_windows, shrink
+from fgvc.models.build import build_model
+
+FULL, SIDE, CLASSES = 64, 32, 5  # delivered image side, network input side
+
+
+def window_raw(scale: float, tx: float, ty: float) -> list[float]:
+    """The localisation network's raw outputs (a, bx, by) for the window side `scale` (< 1, a
+    fraction of the image) centred at (tx, ty) in [-1, 1] coordinates (inverse of stn.py's bounds)."""
+    a = math.log(math.expm1(math.atanh((1 - scale) / (1 - MIN_SCALE)) + LN2))  # softplus^-1
+    return [a, math.atanh(tx / (1 - scale)), math.atanh(ty / (1 - scale))]
+
+
+def test_the_sampled_region_is_read_from_the_full_resolution_image():
+    """A window of half the 64-px image's side, centred 16 px right and up of the middle, sampled
+    at the 32-px network input: exactly the original's pixels [8, 40) x [24, 56), one per output
+    pixel, none of them shrunk to 32 px first."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, FULL, FULL)
+    stn = SpatialTransformer(SIDE)
+    with torch.no_grad():
+        stn.localization.fc[-1].bias.copy_(torch.tensor(window_raw(0.5, 0.25, -0.25)))
+        windows = stn(x)  # (B, 1, 3, S, S)
+    assert windows.shape == (2, 1, 3, SIDE, SIDE)
+    torch.testing.assert_close(windows[:, 0], x[:, :, 8:40, 24:56], atol=1e-4, rtol=0)
+    # the same from a known theta, two windows at once: the top-left and bottom-right quadrants
+    theta = torch.tensor([[[0.5, 0, -0.5], [0, 0.5, -0.5]], [[0.5, 0, 0.5], [0, 0.5, 0.5]]]).expand(2, 2, 2, 3)
+    quadrants = sample_windows(x, theta, SIDE)  # (B, 2, 3, S, S)
+    torch.testing.assert_close(quadrants[:, 0], x[:, :, :32, :32], atol=1e-5, rtol=0)
+    torch.testing.assert_close(quadrants[:, 1], x[:, :, 32:, 32:], atol=1e-5, rtol=0)
+
+
+def test_identity_start_sees_the_whole_image_at_the_input_size():
+    x = torch.rand(2, 3, FULL, FULL)
+    out = SpatialTransformer(SIDE, count=2, identity_init=True)(x)  # (B, 2, 3, S, S)
+    expected = F.interpolate(x, size=(SIDE, SIDE), mode="bilinear", antialias=True)
+    torch.testing.assert_close(out, expected[:, None].expand_as(out), atol=0, rtol=0)
+    assert torch.equal(shrink(x[..., :SIDE, :SIDE], SIDE), x[..., :SIDE, :SIDE])  # already the input size
+
+
+def stn_model(count: int, *extra: str):
+    cfg = load_recipe(["recipe=synth_stn", f"model.attention.stn_count={count}", f"data.image_size={SIDE}",
+                       "data.full_resolution=2", *extra])
+    torch.manual_seed(0)
+    return build_model(cfg.model, CLASSES, cfg.data.image_size)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_parallel_transformers_build_train_and_concatenate_their_features(count):
+    model = stn_model(count).train()
+    channels = model.net.num_features
+    assert model.stn.count == count and model.stn_head.in_features == count * channels
+    x, y = torch.rand(4, 3, FULL, FULL), torch.randint(0, CLASSES, (4,))
+    # the logits are one linear map of the windows' pooled features, concatenated window by window
+    with torch.no_grad():
+        model.eval()
+        windows = model.stn(x)  # (B, N, 3, S, S)
+        pooled = [model.net.forward_head(model.net.forward_features(windows[:, i]), pre_logits=True)
+                  for i in range(count)]  # N x (B, C)
+        torch.testing.assert_close(model(x), model.stn_head(torch.cat(pooled, 1)), atol=1e-5, rtol=1e-5)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"net", "stn", "stn_head"}
+    assert not torch.equal(model.stn.localization.fc[-1].weight, before["stn.localization.fc.2.weight"])
+    # the analysis reads every window: CAM unwarped from each, the union of their regions
+    maps = compute_maps(model.eval(), x[:2]).maps
+    assert {"cam", "stn_region"} <= set(maps) and all(m.shape == (2, FULL, FULL) for m in maps.values())
+
+
+def test_identity_start_with_parallel_transformers_is_a_plain_classifier():
+    model = stn_model(2, "model.attention.init=identity").eval()
+    x = torch.rand(2, 3, FULL, FULL)
+    channels = model.net.num_features
+    with torch.no_grad():
+        pooled = model.net.forward_head(model.net.forward_features(shrink(x, SIDE)), pre_logits=True)  # (B, C)
+        plain = F.linear(pooled, model.stn_head.weight[:, :channels], model.stn_head.bias)
+        torch.testing.assert_close(model(x), plain, atol=1e-5, rtol=1e-5)
+
+
+def test_full_resolution_delivers_larger_images_and_its_mistakes_are_user_errors():
+    cfg = load_recipe(["recipe=synth_racnn", "data.image_size=32", "data.full_resolution=1.5"])
+    assert delivered_side(cfg.data) == 48
+    t = build_transform(cfg.data, False, (0.5,) * 3, (0.25,) * 3, [])
+    image, box, parts = t((torch.rand(60, 80, 3) * 255).byte().numpy(), None, None)
+    assert image.shape == (3, 48, 48)
+    assert delivered_side(load_recipe(["recipe=synth_baseline"]).data) == 64  # default 1: unchanged
+    for args, phrase in ((["recipe=synth_baseline", "data.full_resolution=2"], "data.full_resolution"),
+                         (["recipe=synth_racnn", "data.full_resolution=0.5"], "at least 1"),
+                         (["recipe=synth_cbam", "model.attention.stn_count=2"], "model.attention.stn_count"),
+                         (["recipe=synth_stn", "model.attention.stn_count=3"], "one of")):
+        with pytest.raises(UserError, match=phrase):
+            load_recipe(args)
