@@ -78,11 +78,19 @@ class DataConfig:
 @dataclass
 class AttentionConfig:
     type: str = one_of("none", ATTENTION_TYPES)  # fgvc's blocks, or a timm attention name
-    stages: list[int] = field(default_factory=lambda: [-1])  # backbone stages by index
+    stages: list[int] = field(default_factory=list)  # backbone stages by index; [] = the method's default stages
     placement: str = one_of("stage", ("stage", "block"))
     init: str = one_of("default", ("default", "identity"))
     reduction: int = 16  # channel bottleneck ratio r (SE, CBAM)
     kernel_size: int = 7  # spatial gate kernel (CBAM)
+    mlp_bias: bool = True  # biases in the channel MLP (SE, CBAM; timm's CBAM has none)
+    spatial_order: str = one_of("max_mean", ("max_mean", "mean_max"))  # CBAM's pooled maps (authors' / timm's order)
+    spatial_norm: bool = True  # batch norm after CBAM's 7x7 conv
+    spatial_bn_momentum: float = 0.1  # that batch norm's momentum (PyTorch's default; CBAM's authors: 0.01)
+    spatial_bn_zero_init: bool = False  # zero-initialise that batch norm's weight (CBAM's authors' ResNet)
+    mask_from: str = one_of("input", ("input", "output"))  # residual: M(x), the paper, or M(T), fgvc's earlier form
+    gate_norm: str = one_of("sigmoid", ("sigmoid", "sum_one"))  # gate: sigmoid + mean pool, or AG-Sononet's
+    gate_width: str = one_of("gating", ("gating", "half"))  # gate inner width: C_g (AG-Sononet) or C_l / 2
 
 
 @dataclass
@@ -324,6 +332,9 @@ def validate(cfg: DictConfig) -> None:
         what = "resamples the image before the backbone" if m.attention.type == "stn" else \
             "gates whole stages with the deepest one"
         raise UserError(f"model.attention.type={m.attention.type} {what}; set model.attention.placement=stage.")
+    if not 0 < m.attention.spatial_bn_momentum <= 1:
+        raise UserError(f"model.attention.spatial_bn_momentum is {m.attention.spatial_bn_momentum} but must be in "
+                        "(0, 1]; e.g. 0.1 (PyTorch) or 0.01 (CBAM's authors).")
     if not 0 < m.zoom.min_side <= 1:
         raise UserError(f"model.zoom.min_side is {m.zoom.min_side} but must be in (0, 1]; e.g. 0.25.")
     if m.zoom.mask_steepness <= 0:
