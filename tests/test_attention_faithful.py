@@ -34,23 +34,23 @@ def capture(module: nn.Module) -> dict:
 
 # ---- residual attention: H(x) = (1 + M(x)) * T(x) (Wang et al. 2017, eq. 3) ----
 
-@pytest.mark.parametrize("mask_from", ["input", "output"])
-def test_residual_stage_is_one_plus_mask_of_input_times_trunk(mask_from):
+@pytest.mark.parametrize("form", ["paper", "output_mask"])
+def test_residual_stage_is_one_plus_mask_of_input_times_trunk(form):
     """After a stage: x the stage's input, T(x) the plain stage; the mask reads x (the paper) or T."""
     torch.manual_seed(0)
     model = Classifier("test_resnet", 5, attention="residual", attention_stages=[2], image_size=SIDE,
-                       attention_options=BlockOptions(mask_from=mask_from)).eval()
+                       attention_options=BlockOptions(residual_form=form)).eval()
     stage, block = model.net.layer2, model.attention["stage2"]
     seen = capture(stage)  # registered after the attention hook: sees H
     with torch.no_grad():
         model(torch.randn(2, 3, SIDE, SIDE))
         x = seen["x"]                                      # (B, C_in, H_in, W_in) = layer1's output
         t = stage.forward(x)                               # T(x): the stage without its hooks
-        m = block.mask(x, t.shape[-2:]) if mask_from == "input" else block.mask(t)
+        m = block.mask(x, t.shape[-2:]) if form == "paper" else block.mask(t)
         assert m.shape == t.shape and x.shape[1:] != t.shape[1:]
         assert torch.allclose(seen["out"], (1 + m) * t, atol=1e-6)
     first_bn = block.mask.down[0].branch[0] if block.mask.depth else block.mask.head[0]
-    assert first_bn.num_features == (x if mask_from == "input" else t).shape[1]  # which map the mask reads
+    assert first_bn.num_features == (x if form == "paper" else t).shape[1]  # which map the mask reads
 
 
 def test_residual_in_blocks_masks_the_residual_branch_with_the_block_input():
@@ -79,21 +79,30 @@ def unit_sides(mask: SoftMask, x: torch.Tensor) -> list[int]:
     return sides
 
 
+def residual_mask(form: str, channels: int, side: int) -> SoftMask:
+    return ResidualAttention(channels, side, form=form).mask
+
+
+@pytest.mark.parametrize("form,units", [("paper", 2), ("output_mask", 1)])
 @pytest.mark.parametrize("side,depth", [(14, 1), (28, 2), (56, 3)])
-def test_residual_mask_has_two_units_at_the_lowest_resolution(side, depth):
-    mask = SoftMask(8, depth).eval()
+def test_residual_mask_units_at_the_lowest_resolution(form, units, side, depth):
+    """The paper: two units at the lowest resolution; fgvc's earlier form one (its state dict unchanged)."""
+    mask = residual_mask(form, 8, side).eval()
     with torch.no_grad():
         sides = unit_sides(mask, torch.randn(1, 8, side, side))
     lowest = min(sides)
-    assert mask.depth == depth and sides.count(lowest) == 2 and lowest == -(-side // 2 ** depth)
+    assert mask.depth == depth and sides.count(lowest) == units and lowest == -(-side // 2 ** depth)
+    assert any(k.startswith("lowest.") for k in mask.state_dict()) == (form == "paper")
 
 
-def test_residual_mask_upsamples_corner_to_corner():
+@pytest.mark.parametrize("form,align_corners", [("paper", True), ("output_mask", False)])
+def test_residual_mask_upsampling(form, align_corners):
     """With identity residual units (last conv zero), a one-pool mask is
-    sigmoid(head(upsample_align_corners(maxpool3x3/2(x)))): the reference's Caffe Interp layer."""
+    sigmoid(head(upsample(maxpool3x3/2(x)))), corner to corner in the paper's form (the reference's
+    Caffe Interp layer)."""
     torch.manual_seed(0)
     c, side = 6, 14
-    mask = SoftMask(c, depth=1).eval()
+    mask = residual_mask(form, c, side).eval()
     for unit in mask.modules():
         if isinstance(unit, PreActUnit):
             nn.init.zeros_(unit.branch[-1].weight)
@@ -103,15 +112,16 @@ def test_residual_mask_upsamples_corner_to_corner():
         corner = mask.head(F.interpolate(pooled, size=(side, side), mode="bilinear", align_corners=True)).sigmoid()
         half_pixel = mask.head(F.interpolate(pooled, size=(side, side), mode="bilinear", align_corners=False)).sigmoid()
         ours = mask(x)
-    assert torch.allclose(ours, corner, atol=1e-6) and not torch.allclose(ours, half_pixel, atol=1e-4)
+    expected, other = (corner, half_pixel) if align_corners else (half_pixel, corner)
+    assert torch.allclose(ours, expected, atol=1e-6) and not torch.allclose(ours, other, atol=1e-4)
 
 
 def test_residual_identity_init_and_bad_mask_source():
     block = ResidualAttention(4, 8, identity_init=True, in_channels=6)
     t, x = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 16, 16)
     assert torch.equal(block(t, x), t)
-    with pytest.raises(ValueError, match="mask_from"):
-        ResidualAttention(4, 8, mask_from="trunk")
+    with pytest.raises(ValueError, match="form"):
+        ResidualAttention(4, 8, form="trunk")
 
 
 # ---- attention gates (Oktay et al. 2018; AG-Sononet, Schlemper et al. 2019) ----
@@ -158,7 +168,10 @@ def test_gate_inner_width_is_the_gating_stages_or_half():
 
 
 def test_gate_listing_the_deepest_stage_gates_the_others():
-    model = Classifier("test_resnet", 5, attention="gate", attention_stages=[1, 2, 3, 4], image_size=SIDE)
+    cfg = load_recipe(["recipe=synth_cbam", "model.attention.type=gate", "model.attention.placement=stage",
+                       f"data.image_size={SIDE}"])
+    assert list(cfg.model.attention.stages) == [1, 2, 3, 4]
+    model = build_model(cfg.model, 5, SIDE)
     assert model.gate_stages == [1, 2, 3]
     assert model(torch.randn(2, 3, SIDE, SIDE)).shape == (2, 5)
 
@@ -196,17 +209,35 @@ def test_recipe_keys_reach_the_blocks():
     gates = [m for m in build_model(cfg.model, 4, cfg.data.image_size).modules() if isinstance(m, AttentionGate)]
     assert gates and all(g.norm == "sum_one" and g.theta.out_channels == g.theta.in_channels // 2 for g in gates)
 
-    cfg = load_recipe(["recipe=synth_residual", "model.attention.mask_from=output"])
+    cfg = load_recipe(["recipe=synth_residual", "model.attention.residual_form=output_mask"])
     blocks = [m for m in build_model(cfg.model, 4, cfg.data.image_size).modules() if isinstance(m, ResidualAttention)]
-    assert blocks and all(b.mask_from == "output" for b in blocks)
+    assert blocks and all(b.form == "output_mask" and not b.reads_input for b in blocks)
 
 
 @pytest.mark.parametrize("override,phrase", [("model.attention.spatial_bn_momentum=0", "spatial_bn_momentum"),
                                              ("model.attention.gate_norm=softmax", "must be one of"),
-                                             ("model.attention.mask_from=trunk", "must be one of")])
+                                             ("model.attention.residual_form=trunk", "must be one of")])
 def test_bad_attention_options_are_one_sentence(override, phrase):
     with pytest.raises(UserError, match=phrase):
         load_recipe(["recipe=synth_cbam", override])
+
+
+def test_runs_saved_before_the_new_keys_rebuild_as_they_were_trained(tmp_path):
+    """A saved recipe.yaml lacking residual_form / gate_width predates them: it gets the old values."""
+    from omegaconf import OmegaConf
+
+    from fgvc.config import to_yaml
+
+    saved = OmegaConf.create(to_yaml(load_recipe(["recipe=synth_residual"])))
+    old = tmp_path / "old.yaml"
+    del saved.model.attention["residual_form"], saved.model.attention["gate_width"]
+    old.write_text(OmegaConf.to_yaml(saved))
+    cfg = load_recipe(recipe_file=old)
+    assert cfg.model.attention.residual_form == "output_mask" and cfg.model.attention.gate_width == "half"
+    new = tmp_path / "new.yaml"
+    new.write_text(to_yaml(load_recipe(["recipe=synth_gate"])))
+    cfg = load_recipe(recipe_file=new)
+    assert cfg.model.attention.residual_form == "paper" and cfg.model.attention.gate_width == "gating"
 
 
 # ---- defaults that work: each method picks its own stages ----

@@ -184,10 +184,9 @@ def make_block(kind: str, channels: int, feature_side: int, reduction: int = 16,
                     spatial_norm=o.spatial_norm, spatial_bn_momentum=o.spatial_bn_momentum,
                     spatial_bn_zero_init=o.spatial_bn_zero_init, identity_init=identity_init, inplace=inplace)
     if kind == "residual":
-        reads_input = o.mask_from == "input"
-        side = (in_side or feature_side) if reads_input else feature_side
+        side = (in_side or feature_side) if o.residual_form == "paper" else feature_side  # of the map M reads
         return ResidualAttention(channels, side, identity_init=identity_init, in_channels=in_channels,
-                                 mask_from=o.mask_from)
+                                 form=o.residual_form)
     name = kind.removeprefix(TIMM_PREFIX)
     if name not in TIMM_NAMES:
         what = ("is built by the classifier, not inside a stage or block" if kind in CLASSIFIER_LEVEL

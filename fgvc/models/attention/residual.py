@@ -13,8 +13,9 @@ In the paper T keeps x's shape. A timm stage or residual branch may change it (a
 more channels), so here M reads x (B, C_in, H_in, W_in), its last interpolation goes to T's grid and
 its first 1x1 convolution maps C_in to T's C channels: with equal shapes this is exactly the paper's M.
 
-`mask_from="output"` is fgvc's earlier form, kept as a named option to measure the difference:
-(1 + M(T)) * T, the mask computed from the trunk's output.
+`form="output_mask"` is fgvc's block before issue 16, kept as a named option so that runs trained
+with it still load and the difference can be measured: (1 + M(T)) * T, the mask computed from the
+trunk's output, one residual unit at the lowest resolution, upsampling with align_corners=False.
 
 Mask depth from the feature size: the paper pools 56x56 maps three times, 28x28 twice and 14x14
 once, i.e. down to about 7x7; `mask_depth(side)` reproduces that rule for any input. Maps smaller
@@ -33,8 +34,7 @@ MIN_MASK_SIDE = 7  # the paper's mask branches stop pooling at 7x7 (56 -> 7, 28 
 MAX_MASK_DEPTH = 3  # the paper's deepest mask branch (attention module 1) pools three times
 UNIT_BOTTLENECK = 4  # residual units are pre-activation bottlenecks with C/4 inner channels (He et al. 2016)
 LOWEST_UNITS = 2  # residual units at the lowest resolution (the paper's 2r with r = 1; Caffe Attention-56/92)
-ALIGN_CORNERS = True  # the reference's Caffe Interp layer maps corner to corner
-MASK_FROM = ("input", "output")  # input: M(x), the paper; output: M(T), fgvc's earlier form
+FORMS = ("paper", "output_mask")  # paper: (1 + M(x)) * T(x); output_mask: fgvc's earlier (1 + M(T)) * T
 
 
 def mask_depth(side: int) -> int:
@@ -61,15 +61,20 @@ class PreActUnit(nn.Module):
 
 
 class SoftMask(nn.Module):
-    """The soft mask branch M: (B, C_in, H_in, W_in) -> (B, C, H, W) in (0, 1), (H, W) = `size` (default x's)."""
+    """The soft mask branch M: (B, C_in, H_in, W_in) -> (B, C, H, W) in (0, 1), (H, W) = `size` (default x's).
 
-    def __init__(self, channels: int, depth: int, in_channels: int | None = None) -> None:
+    `lowest_units`, `align_corners`: the paper's 2 and the reference's corner-to-corner upsampling
+    (True, Caffe's Interp layer); fgvc's earlier form had 1 and False."""
+
+    def __init__(self, channels: int, depth: int, in_channels: int | None = None, lowest_units: int = LOWEST_UNITS,
+                 align_corners: bool = True) -> None:
         super().__init__()
         c_in = in_channels or channels
         self.depth = depth
+        self.align_corners = align_corners
         self.down = nn.ModuleList(PreActUnit(c_in) for _ in range(depth))  # after each max pool
-        # the lowest resolution has LOWEST_UNITS units: the last `down` unit and these
-        self.lowest = nn.Sequential(*(PreActUnit(c_in) for _ in range(LOWEST_UNITS - 1 if depth else 0)))
+        # the lowest resolution has `lowest_units` units: the last `down` unit and these
+        self.lowest = nn.Sequential(*(PreActUnit(c_in) for _ in range(lowest_units - 1 if depth else 0)))
         self.skip = nn.ModuleList(PreActUnit(c_in) for _ in range(max(0, depth - 1)))
         self.up = nn.ModuleList(PreActUnit(c_in) for _ in range(max(0, depth - 1)))
         self.head = nn.Sequential(
@@ -87,11 +92,11 @@ class SoftMask(nn.Module):
         h = self.lowest(h)                                        # the lowest resolution's second unit
         for i in reversed(range(self.depth)):                     # top-down
             target = sizes[i] if i > 0 or size is None else size
-            h = F.interpolate(h, size=target, mode="bilinear", align_corners=ALIGN_CORNERS)
+            h = F.interpolate(h, size=target, mode="bilinear", align_corners=self.align_corners)
             if i > 0:
                 h = self.up[i - 1](h + skips[i - 1])
         if size is not None and h.shape[-2:] != size:             # depth 0 and T on another grid
-            h = F.interpolate(h, size=size, mode="bilinear", align_corners=ALIGN_CORNERS)
+            h = F.interpolate(h, size=size, mode="bilinear", align_corners=self.align_corners)
         return self.head(h).sigmoid()                             # (B, C, H, W)
 
 
@@ -99,7 +104,7 @@ class ResidualAttention(nn.Module):
     """Attention residual learning: (1 + M(x)) * T(x), given the trunk's output T and input x.
 
     `channels`, `feature_side`: T's channels and the side of the map the mask reads (x's, or T's with
-    `mask_from="output"`); `in_channels`: x's channels (default T's).
+    `form="output_mask"`); `in_channels`: x's channels (default T's).
     `identity_init`: (1 + gamma * M) * T with gamma = 0 at initialisation, so the block starts as the
     identity and reaches the paper's form at gamma = 1.
 
@@ -108,13 +113,16 @@ class ResidualAttention(nn.Module):
     """
 
     def __init__(self, channels: int, feature_side: int, identity_init: bool = False, in_channels: int | None = None,
-                 mask_from: str = "input") -> None:
+                 form: str = "paper") -> None:
         super().__init__()
-        if mask_from not in MASK_FROM:
-            raise ValueError(f"mask_from must be one of {MASK_FROM}, got {mask_from!r}")
-        self.mask_from = mask_from
-        self.reads_input = mask_from == "input"
-        self.mask = SoftMask(channels, mask_depth(feature_side), in_channels if self.reads_input else channels)
+        if form not in FORMS:
+            raise ValueError(f"residual attention form must be one of {FORMS}, got {form!r}")
+        self.form = form
+        self.reads_input = form == "paper"
+        if self.reads_input:
+            self.mask = SoftMask(channels, mask_depth(feature_side), in_channels)
+        else:
+            self.mask = SoftMask(channels, mask_depth(feature_side), lowest_units=1, align_corners=False)
         self.gamma = nn.Parameter(torch.zeros(())) if identity_init else None
         self._input: Tensor | None = None
 
@@ -125,7 +133,7 @@ class ResidualAttention(nn.Module):
         if self.reads_input:
             x, self._input = (x if x is not None else self._input), None
             if x is None:
-                raise RuntimeError("residual attention with mask_from='input' needs the trunk's input x")
+                raise RuntimeError("residual attention in the paper's form needs the trunk's input x")
             m = self.mask(x, t.shape[-2:])                        # M(x), (B, C, H, W)
         else:
             m = self.mask(t)                                      # M(T), (B, C, H, W)
