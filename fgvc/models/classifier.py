@@ -57,7 +57,7 @@ class Classifier(nn.Module):
       every attention-pooled stage to the backbone's own.
     - stn: a spatial transformer resamples the image before the backbone.
     Empty `attention_stages` = the method's default stages (`patch.default_stages`). `attention_options`:
-    the per-method options (`BlockOptions`: CBAM's, residual attention's mask input, the gates').
+    the per-method options (`BlockOptions`: SE's and CBAM's, residual attention's form, the gates').
     `attention_init="identity"` starts every method as the identity, so at initialisation the network
     computes exactly the plain backbone's logits (see each block's docstring for how).
     """

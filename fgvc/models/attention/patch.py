@@ -39,9 +39,9 @@ from fgvc.config import TIMM_ATTENTION
 from fgvc.errors import UserError
 from fgvc.models.attention.cbam import CBAM
 from fgvc.models.attention.common import IdentityStart
+from fgvc.models.attention.options import BlockOptions
 from fgvc.models.attention.residual import ResidualAttention
 from fgvc.models.attention.se import SqueezeExcite
-from fgvc.models.attention.options import BlockOptions
 
 CLASSIFIER_LEVEL = ("gate", "stn")  # built by the classifier itself (gates need two stages, STN the image)
 TIMM_PREFIX = "timm_"  # `timm_cbam` = timm's own CbamModule, for comparisons with fgvc's `cbam`
