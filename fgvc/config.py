@@ -33,6 +33,16 @@ ATTENTION_TYPES = ("none", "se", "cbam", "residual", "gate", "stn",
                    *(n for n in TIMM_ATTENTION if n not in ("se", "cbam")), *(f"timm_{n}" for n in TIMM_ATTENTION))
 
 
+# Keys added after runs had been saved, with the value those runs were trained with. A run folder's
+# recipe.yaml holds every key of its day, so one that lacks a key predates it and gets this value:
+# old runs still load and repeat exactly.
+KEYS_ADDED_LATER = {
+    "model.attention.residual_form": "output_mask",  # issue 16: the paper's form became the default
+    "model.attention.gate_width": "half",  # issue 16: the authors' width (the gating stage's) became the default
+}
+SAVED_RUN_MARK = "model.attention.reduction"  # a key every saved run's recipe.yaml has
+
+
 def one_of(default: Any, choices: tuple) -> Any:
     """A schema field whose value must be one of `choices` (checked by `validate`)."""
     return field(default=default, metadata={"choices": choices})
@@ -81,12 +91,20 @@ class DataConfig:
 @dataclass
 class AttentionConfig:
     type: str = one_of("none", ATTENTION_TYPES)  # fgvc's blocks, or a timm attention name
-    stages: list[int] = field(default_factory=lambda: [-1])  # backbone stages by index
+    stages: list[int] = field(default_factory=list)  # backbone stages by index; [] = the method's default stages
     placement: str = one_of("stage", ("stage", "block"))
     init: str = one_of("default", ("default", "identity"))
     reduction: int = 16  # channel bottleneck ratio r (SE, CBAM)
     kernel_size: int = 7  # spatial gate kernel (CBAM)
     stn_count: int = one_of(1, (1, 2, 4))  # parallel spatial transformers, features concatenated (type=stn)
+    mlp_bias: bool = True  # biases in the channel MLP (SE, CBAM; timm's CBAM has none)
+    spatial_order: str = one_of("max_mean", ("max_mean", "mean_max"))  # CBAM's pooled maps (authors' / timm's order)
+    spatial_norm: bool = True  # batch norm after CBAM's 7x7 conv
+    spatial_bn_momentum: float = 0.1  # that batch norm's momentum (PyTorch's default; CBAM's authors: 0.01)
+    spatial_bn_zero_init: bool = False  # zero-initialise that batch norm's weight (CBAM's authors' ResNet)
+    residual_form: str = one_of("paper", ("paper", "output_mask"))  # (1 + M(x)) * T(x), or fgvc's earlier block
+    gate_norm: str = one_of("sigmoid", ("sigmoid", "sum_one"))  # gate: sigmoid + mean pool, or AG-Sononet's
+    gate_width: str = one_of("gating", ("gating", "half"))  # gate inner width: C_g (AG-Sononet) or C_l / 2
 
 
 @dataclass
@@ -258,6 +276,16 @@ def _layers(path: Path, where: str, chain: tuple[str, ...]) -> list[tuple[DictCo
     return _layers(base_path, f"recipes/{base}.yaml", (*chain, base)) + [(layer, where)]
 
 
+def _fill_keys_added_later(layer: DictConfig) -> DictConfig:
+    """A saved run's recipe with the values of KEYS_ADDED_LATER it lacks (other files unchanged)."""
+    if not isinstance(layer, DictConfig) or OmegaConf.select(layer, SAVED_RUN_MARK) is None:
+        return layer
+    for key, value in KEYS_ADDED_LATER.items():
+        if OmegaConf.select(layer, key) is None:
+            OmegaConf.update(layer, key, value)
+    return layer
+
+
 def load_recipe(args: list[str] | None = None, recipe_file: str | Path | None = None) -> DictConfig:
     """Build the resolved recipe from `recipe=NAME` (or `recipe_file`) and `key=value` overrides."""
     name, overrides = _parse_overrides(list(args or []))
@@ -269,6 +297,7 @@ def load_recipe(args: list[str] | None = None, recipe_file: str | Path | None = 
         if not path.is_file():
             raise UserError(f"recipe file '{path}' does not exist; give the recipe.yaml of a run folder.")
         layers = _layers(path, str(path), ())
+        layers[-1] = (_fill_keys_added_later(layers[-1][0]), layers[-1][1])
     else:
         name = name or DEFAULT_RECIPE
         path = RECIPES_DIR / f"{name}.yaml"
@@ -328,6 +357,9 @@ def validate(cfg: DictConfig) -> None:
         what = "resamples the image before the backbone" if m.attention.type == "stn" else \
             "gates whole stages with the deepest one"
         raise UserError(f"model.attention.type={m.attention.type} {what}; set model.attention.placement=stage.")
+    if not 0 < m.attention.spatial_bn_momentum <= 1:
+        raise UserError(f"model.attention.spatial_bn_momentum is {m.attention.spatial_bn_momentum} but must be in "
+                        "(0, 1]; e.g. 0.1 (PyTorch) or 0.01 (CBAM's authors).")
     if not 0 < m.zoom.min_side <= 1:
         raise UserError(f"model.zoom.min_side is {m.zoom.min_side} but must be in (0, 1]; e.g. 0.67.")
     if m.zoom.mask_steepness <= 0:

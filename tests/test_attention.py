@@ -84,17 +84,18 @@ def test_residual_attention_mask_depth_shapes_and_counts():
     assert [mask_depth(s) for s in (56, 28, 14, 7, 2)] == [3, 2, 1, 0, 0]  # the paper's three modules
     c = 16
     block = ResidualAttention(c, feature_side=28)
-    x = torch.randn(2, c, 28, 28)
+    x, t = torch.randn(2, c, 28, 28), torch.randn(2, c, 28, 28)
     m = block.mask(x)
-    assert block(x).shape == x.shape and m.shape == x.shape and bool(((m > 0) & (m < 1)).all())
-    assert torch.allclose(block(x), (1 + m) * x)  # eq. 3
+    assert block(t, x).shape == x.shape and m.shape == x.shape and bool(((m > 0) & (m < 1)).all())
+    assert torch.allclose(block(t, x), (1 + m) * t)  # eq. 3
     flat = SoftMask(c, depth=0)  # only the two BN-ReLU-1x1 convolutions
     assert sum(p.numel() for p in flat.parameters()) == 2 * c * c + 2 * 2 * c
 
 
-def test_attention_gate_coefficients_and_parameter_count():
-    cx, cg, inter = 32, 64, 16
-    gate = AttentionGate(cx, cg)
+@pytest.mark.parametrize("width,inter", [("gating", 64), ("half", 16)])
+def test_attention_gate_coefficients_and_parameter_count(width, inter):
+    cx, cg = 32, 64
+    gate = AttentionGate(cx, cg, width=width)
     alpha = gate(torch.randn(2, cx, 8, 8), torch.randn(2, cg, 2, 2))
     assert alpha.shape == (2, 1, 8, 8) and bool(((alpha > 0) & (alpha < 1)).all())
     assert sum(p.numel() for p in gate.parameters()) == cx * inter + (cg * inter + inter) + (inter + 1)
@@ -330,7 +331,7 @@ def test_recorder_returns_maps_with_stage_and_stride():
 
 @pytest.mark.parametrize("kwargs,phrase", [
     (dict(family="convnext", method="cbam", placement="block"), "placement=stage"),
-    (dict(family="resnet", method="gate", stages=[-2, -1]), "without it"),
+    (dict(family="resnet", method="gate", stages=[-1]), "no other stage"),
     (dict(family="resnet", method="cbam", stages=[7]), "has stages 0..4"),
     (dict(family="resnet", method="cbam", placement="block", stages=[0]), "has none"),
     (dict(family="resnet", method="sqeeze"), "is unknown"),

@@ -15,13 +15,17 @@ ARCHS: Registry = Registry("model.arch")
 
 @ARCHS.register("classifier")
 def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
+    from fgvc.models.attention.options import BlockOptions
     from fgvc.models.classifier import Classifier
 
     a = m.attention
+    options = BlockOptions(mlp_bias=a.mlp_bias, spatial_order=a.spatial_order, spatial_norm=a.spatial_norm,
+                           spatial_bn_momentum=a.spatial_bn_momentum, spatial_bn_zero_init=a.spatial_bn_zero_init,
+                           residual_form=a.residual_form, gate_norm=a.gate_norm, gate_width=a.gate_width)
     return Classifier(m.backbone, num_classes, pretrained=m.pretrained, weights=m.weights, drop_rate=m.drop_rate,
                       attention=a.type, attention_stages=list(a.stages), attention_placement=a.placement,
                       attention_init=a.init, attention_reduction=a.reduction, attention_kernel_size=a.kernel_size,
-                      image_size=image_size, stn_count=a.stn_count)
+                      image_size=image_size, stn_count=a.stn_count, attention_options=options)
 
 
 @ARCHS.register("racnn")

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from fgvc.errors import UserError
 from fgvc.models.attention.gate import GatedStage
-from fgvc.models.attention.patch import (Stage, attach_after_stage, attach_in_blocks, backbone_stages, make_block,
-                                         pick_stages)
+from fgvc.models.attention.options import BlockOptions
+from fgvc.models.attention.patch import (Stage, attach_after_stage, attach_in_blocks, backbone_stages, default_stages,
+                                         make_block, pick_stages)
 from fgvc.models.attention.stn import SpatialTransformer
 from fgvc.models.weights import load_backbone_weights, read_state_dict
 
@@ -59,20 +60,23 @@ class Classifier(nn.Module):
       feature_info; `attention_placement="stage"`) or inside every residual block of those stages
       (`"block"`). Backbone parameter names never change; `pretrained_names` lists only the
       backbone's, so the new blocks get the trainer's `new_lr_mult`.
-    - gate: the deepest feature map gates each of `attention_stages` (shallower stages); the
-      logits add a linear classifier on every attention-pooled stage to the backbone's own.
+    - gate: the deepest feature map gates each of `attention_stages` (shallower stages; the deepest
+      itself, if listed, is the gating signal and not gated); the logits add a linear classifier on
+      every attention-pooled stage to the backbone's own.
     - stn: a spatial transformer resamples the image before the backbone, sampling its window from
       the full-resolution input at `image_size`; with `stn_count` = N > 1, N windows go through the
       one backbone and a linear classifier reads their N pooled features concatenated.
+    Empty `attention_stages` = the method's default stages (`patch.default_stages`). `attention_options`:
+    the per-method options (`BlockOptions`: SE's and CBAM's, residual attention's form, the gates').
     `attention_init="identity"` starts every method as the identity, so at initialisation the network
     computes exactly the plain backbone's logits (see each block's docstring for how).
     """
 
     def __init__(self, backbone: str, num_classes: int, pretrained: bool = False, weights: str = "",
-                 drop_rate: float = 0.0, attention: str = "none", attention_stages: Sequence[int] = (-1,),
+                 drop_rate: float = 0.0, attention: str = "none", attention_stages: Sequence[int] = (),
                  attention_placement: str = "stage", attention_init: str = "default", attention_reduction: int = 16,
                  attention_kernel_size: int = 7, image_size: int = 224, stn_count: int = 1,
-                 backbone_args: dict[str, Any] | None = None) -> None:
+                 backbone_args: dict[str, Any] | None = None, attention_options: BlockOptions | None = None) -> None:
         super().__init__()
         windows = stn_count if attention == "stn" else 1
         # several windows: the backbone only pools, the classifier over their concatenation is `stn_head`
@@ -96,35 +100,46 @@ class Classifier(nn.Module):
                 if identity:  # windows start identical: only the first is read, as a plain classifier would
                     nn.init.zeros_(self.stn_head.weight[:, channels:])
             return
+        options = attention_options or BlockOptions()
         all_stages = backbone_stages(self.net, backbone)
-        stages = pick_stages(all_stages, list(attention_stages), backbone)
+        if attention_stages:
+            stages = pick_stages(all_stages, list(attention_stages), backbone)
+        else:
+            stages = default_stages(attention, all_stages)
         if attention == "gate":
-            self._add_gates(stages, all_stages[-1], num_classes, identity)
+            self._add_gates(stages, all_stages[-1], num_classes, identity, options)
             return
         for stage in stages:
 
-            def make(channels: int, stage: Stage = stage) -> nn.Module:
+            def make(channels: int, in_channels: int, in_reduction: int, stage: Stage = stage) -> nn.Module:
                 side = max(1, image_size // stage.reduction)  # feature-map side at the recipe's image size
+                in_side = max(1, image_size // in_reduction) if in_reduction else side  # the trunk input's
                 block = make_block(attention, channels, side, attention_reduction, attention_kernel_size, identity,
-                                   inplace=attention_placement == "block")
+                                   inplace=attention_placement == "block", options=options,
+                                   in_channels=in_channels or channels, in_side=in_side)
                 block.fgvc_stage = stage.index  # read by the AttentionRecorder
                 return block
 
             if attention_placement == "stage":
-                block = make(stage.channels)
+                block = make(stage.channels, stage.in_channels, stage.in_reduction)
                 self.attention[f"stage{stage.index}"] = block
                 attach_after_stage(self.net, stage, block)
             else:
                 attach_in_blocks(self.net, stage, backbone, make)
 
-    def _add_gates(self, stages: list[Stage], deepest: Stage, num_classes: int, identity: bool) -> None:
-        """(fgvc.config.validate: only placement=stage)"""
-        if any(s.index == deepest.index for s in stages):
+    def _add_gates(self, stages: list[Stage], deepest: Stage, num_classes: int, identity: bool,
+                   options: BlockOptions) -> None:
+        """(fgvc.config.validate: only placement=stage). The deepest stage is the gating signal: listed
+        among the stages, it is not gated itself."""
+        stages = [s for s in stages if s.index != deepest.index]
+        if not stages:
             raise UserError(f"model.attention.type=gate gates shallower stages with the deepest one "
-                            f"({deepest.module}); give model.attention.stages without it, e.g. [-3, -2].")
+                            f"({deepest.module}), and no other stage is listed; leave model.attention.stages "
+                            "empty for the default, or give e.g. [-3, -2].")
         g_channels = self.net.num_features
         for stage in stages:
-            gated = GatedStage(stage.channels, g_channels, num_classes, identity_init=identity)
+            gated = GatedStage(stage.channels, g_channels, num_classes, identity_init=identity,
+                               norm=options.gate_norm, width=options.gate_width)
             gated.gate.fgvc_stage = stage.index
             self.gated[f"stage{stage.index}"] = gated
             self.gate_stages.append(stage.index)

@@ -72,13 +72,18 @@ def channel_max(x: Tensor) -> Tensor:
 class SpatialGate(nn.Module):
     """M_s (eq. 3): sigmoid(conv_kxk([max_c; mean_c])), (B, C, H, W) -> (B, 1, H, W)."""
 
-    def __init__(self, kernel_size: int = 7, order: str = "max_mean", norm: bool = True) -> None:
+    def __init__(self, kernel_size: int = 7, order: str = "max_mean", norm: bool = True, bn_momentum: float = 0.1,
+                 bn_zero_init: bool = False) -> None:
+        """`bn_momentum`, `bn_zero_init`: the batch norm after the conv; the authors' code uses momentum 0.01
+        and its ResNet zero-initialises the weight (M_s = sigmoid(bias) = 1/2 everywhere at the start)."""
         super().__init__()
         if order not in SPATIAL_ORDERS:
             raise ValueError(f"spatial order must be one of {SPATIAL_ORDERS}, got {order!r}")
         self.max_first = order == "max_mean"
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1) if norm else nn.Identity()
+        self.bn = nn.BatchNorm2d(1, momentum=bn_momentum) if norm else nn.Identity()
+        if norm and bn_zero_init:
+            nn.init.zeros_(self.bn.weight)
 
     def forward(self, x: Tensor, mean: Tensor | None = None) -> Tensor:        # (B, C, H, W)
         """`mean`: mean_c(x) precomputed by CBAM's CPU path, which also takes max_c by halving."""
@@ -95,12 +100,13 @@ class CBAM(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, mlp_bias: bool = True,
                  spatial_order: str = "max_mean", spatial_norm: bool = True, identity_init: bool = False,
-                 inplace: bool = False) -> None:
-        """`inplace`: in inference, write the output into x (only where nothing else reads x)."""
+                 inplace: bool = False, spatial_bn_momentum: float = 0.1, spatial_bn_zero_init: bool = False) -> None:
+        """`inplace`: in inference, write the output into x (only where nothing else reads x).
+        `spatial_bn_momentum`, `spatial_bn_zero_init`: see `SpatialGate` (the authors' code: 0.01, True)."""
         super().__init__()
         self.inplace = inplace
         self.channel = ChannelGate(channels, reduction, mlp_bias)
-        self.spatial = SpatialGate(kernel_size, spatial_order, spatial_norm)
+        self.spatial = SpatialGate(kernel_size, spatial_order, spatial_norm, spatial_bn_momentum, spatial_bn_zero_init)
         self.gamma_channel = make_gamma(identity_init)
         self.gamma_spatial = make_gamma(identity_init)
 

@@ -12,6 +12,15 @@ Two placements (recipe key `model.attention.placement`):
   it), EfficientNet/MobileNet (`se_layer`'s slot) and RegNet. An empty slot receives the new block; a
   slot that already holds the family's own SE keeps it, and the new block runs after it (a hook), so
   the pretrained SE is kept too. Other families raise a UserError.
+
+Blocks that read the trunk's input as well as its output (residual attention, `reads_input`) get the
+stage module's input from the forward hook, or the residual block's input from a forward pre-hook.
+
+Default stages (`default_stages`, when the recipe names no stages): every stage from stride 4 on for
+SE, CBAM and timm's blocks (the papers put them in every residual block; the stem is left alone), all
+of those but the deepest for residual attention (the paper's modules sit at 56, 28 and 14 px of a
+224-px input, none after the last stage), the two before the deepest for attention gates (the
+deepest is their gating signal; AG-Sononet gates two stages).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from fgvc.config import TIMM_ATTENTION
 from fgvc.errors import UserError
 from fgvc.models.attention.cbam import CBAM
 from fgvc.models.attention.common import IdentityStart
+from fgvc.models.attention.options import BlockOptions
 from fgvc.models.attention.residual import ResidualAttention
 from fgvc.models.attention.se import SqueezeExcite
 
@@ -37,6 +47,8 @@ CLASSIFIER_LEVEL = ("gate", "stn")  # built by the classifier itself (gates need
 TIMM_PREFIX = "timm_"  # `timm_cbam` = timm's own CbamModule, for comparisons with fgvc's `cbam`
 TIMM_NAMES = TIMM_ATTENTION  # timm.layers.get_attn's same-shape modules (the recipe's choices)
 PROBE_SIDE = 64  # image side of the one probe forward that checks the stage modules output (B, C, H, W)
+MIN_AUTO_REDUCTION = 4  # default stages start at stride 4: the papers' blocks sit in residual stages, not the stem
+GATED_STAGES = 2  # attention gates by default gate the two stages before the deepest (AG-Sononet)
 
 # Residual blocks with an attention slot `se`, and the channels the slot sees.
 SLOT_CHANNELS: tuple[tuple[type, Callable[[nn.Module], int]], ...] = (
@@ -57,16 +69,65 @@ class Stage:
     module: str  # its module path in the backbone
     channels: int
     reduction: int  # input pixels per feature-map cell
+    in_channels: int = 0  # channels of the stage module's input (0: unknown)
+    in_reduction: int = 0  # input pixels per cell of the stage module's input (0: unknown)
 
 
 class RunAfter:
-    """Forward hook that replaces a module's output y by block(y)."""
+    """Forward hook that replaces a module's output y by block(y), or by block(y, x) with `with_input`
+    (x the module's input, for blocks that read the trunk's input too)."""
+
+    def __init__(self, block: nn.Module, with_input: bool = False) -> None:
+        self.block = block
+        self.with_input = with_input
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        if self.with_input:
+            return self.block(output, args[0])
+        return self.block(output)
+
+
+class HandInput:
+    """Forward pre-hook on a residual block: gives its input x to the attention block in its slot."""
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
 
-    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        return self.block(output)
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.block.remember_input(args[0])
+
+
+def probe_shapes(net: nn.Module, modules: list[nn.Module]) -> list[tuple[tuple, tuple]]:
+    """(input shape, output shape) of each module in one eval forward of a PROBE_SIDE image; () where
+    the module did not run or gave something other than one tensor."""
+    inputs: dict[int, tuple] = {}
+    outputs: dict[int, tuple] = {}
+
+    def remember(i: int):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            first = args[0] if args else None
+            inputs[i] = tuple(first.shape) if isinstance(first, Tensor) else ()
+            outputs[i] = tuple(output.shape) if isinstance(output, Tensor) else ()
+        return hook
+
+    handles = [m.register_forward_hook(remember(i)) for i, m in enumerate(modules)]
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net.forward_features(torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE))
+    except Exception:  # fixed-size transformers and the like
+        inputs.clear(), outputs.clear()
+    finally:
+        net.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return [(inputs.get(i, ()), outputs.get(i, ())) for i in range(len(modules))]
+
+
+def map_reduction(shape: tuple) -> int:
+    """Input pixels per cell of a probed (B, C, H, W) map."""
+    return max(1, round(PROBE_SIDE / shape[-1]))
 
 
 def backbone_stages(net: nn.Module, backbone: str) -> list[Stage]:
@@ -75,29 +136,14 @@ def backbone_stages(net: nn.Module, backbone: str) -> list[Stage]:
     if not info or not hasattr(net, "forward_intermediates"):
         raise UserError(f"backbone '{backbone}' has no timm feature_info; pick a timm CNN (resnet50, convnext_tiny, ...).")
     stages = [Stage(i, f["module"], f["num_chs"], f["reduction"]) for i, f in enumerate(info)]
-    shapes: dict[str, tuple] = {}
-
-    def remember(name: str):
-        def hook(module: nn.Module, args: tuple, output) -> None:
-            shapes[name] = tuple(output.shape) if isinstance(output, Tensor) else ()
-        return hook
-
-    handles = [net.get_submodule(s.module).register_forward_hook(remember(s.module)) for s in stages]
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            net.forward_features(torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE))
-    except Exception:  # fixed-size transformers and the like
-        shapes.clear()
-    finally:
-        net.train(was_training)
-        for handle in handles:
-            handle.remove()
+    shapes = probe_shapes(net, [net.get_submodule(s.module) for s in stages])
     # the stage modules themselves must output (B, C, H, W): a ViT block outputs (B, N, C) tokens
-    if any(len(shapes.get(s.module, ())) != 4 or shapes[s.module][1] != s.channels for s in stages):
+    if any(len(out) != 4 or out[1] != s.channels for s, (_, out) in zip(stages, shapes)):
         raise UserError(f"backbone '{backbone}' does not give (B, C, H, W) stage maps; attention needs a CNN "
                         "(resnet, resnext, convnext, efficientnet, regnet, ...).")
+    for stage, (inp, _) in zip(stages, shapes):
+        if len(inp) == 4:
+            stage.in_channels, stage.in_reduction = inp[1], map_reduction(inp)
     return stages
 
 
@@ -112,18 +158,35 @@ def pick_stages(stages: list[Stage], indices: list[int], backbone: str) -> list[
     return picked
 
 
+def default_stages(kind: str, stages: list[Stage]) -> list[Stage]:
+    """The stages a method takes when the recipe names none (see the module docstring for why)."""
+    body = [s for s in stages if s.reduction >= MIN_AUTO_REDUCTION] or stages
+    if kind == "gate":
+        return body[:-1][-GATED_STAGES:]
+    if kind == "residual":
+        return body[:-1] or body
+    return body
+
+
 def make_block(kind: str, channels: int, feature_side: int, reduction: int = 16, kernel_size: int = 7,
-               identity_init: bool = False, inplace: bool = False) -> nn.Module:
+               identity_init: bool = False, inplace: bool = False, options: BlockOptions | None = None,
+               in_channels: int | None = None, in_side: int | None = None) -> nn.Module:
     """One attention block for a (B, channels, side, side) map that returns a map of the same shape.
 
     `inplace`: the block's input is its own (a residual block's attention slot, see `attach_in_blocks`),
-    so fgvc's SE and CBAM may write their output into it in inference."""
+    so fgvc's SE and CBAM may write their output into it in inference. `in_channels`, `in_side`: the
+    trunk's input, which residual attention's mask reads (default: the map's own)."""
+    o = options or BlockOptions()
     if kind == "se":
-        return SqueezeExcite(channels, reduction, identity_init=identity_init, inplace=inplace)
+        return SqueezeExcite(channels, reduction, bias=o.mlp_bias, identity_init=identity_init, inplace=inplace)
     if kind == "cbam":
-        return CBAM(channels, reduction, kernel_size, identity_init=identity_init, inplace=inplace)
+        return CBAM(channels, reduction, kernel_size, mlp_bias=o.mlp_bias, spatial_order=o.spatial_order,
+                    spatial_norm=o.spatial_norm, spatial_bn_momentum=o.spatial_bn_momentum,
+                    spatial_bn_zero_init=o.spatial_bn_zero_init, identity_init=identity_init, inplace=inplace)
     if kind == "residual":
-        return ResidualAttention(channels, feature_side, identity_init=identity_init)
+        side = (in_side or feature_side) if o.residual_form == "paper" else feature_side  # of the map M reads
+        return ResidualAttention(channels, side, identity_init=identity_init, in_channels=in_channels,
+                                 form=o.residual_form)
     name = kind.removeprefix(TIMM_PREFIX)
     if name not in TIMM_NAMES:
         what = ("is built by the classifier, not inside a stage or block" if kind in CLASSIFIER_LEVEL
@@ -135,7 +198,8 @@ def make_block(kind: str, channels: int, feature_side: int, reduction: int = 16,
 
 def attach_after_stage(net: nn.Module, stage: Stage, block: nn.Module) -> None:
     """Run `block` on the output of the stage module (the block must be registered by the caller)."""
-    net.get_submodule(stage.module).register_forward_hook(RunAfter(block))
+    with_input = getattr(block, "reads_input", False)
+    net.get_submodule(stage.module).register_forward_hook(RunAfter(block, with_input))
 
 
 def residual_blocks(net: nn.Module, stage: Stage) -> list[tuple[nn.Module, int]]:
@@ -149,8 +213,10 @@ def residual_blocks(net: nn.Module, stage: Stage) -> list[tuple[nn.Module, int]]
     return found
 
 
-def attach_in_blocks(net: nn.Module, stage: Stage, backbone: str, make: Callable[[int], nn.Module]) -> list[nn.Module]:
-    """Put `make(channels)` into the attention slot of every residual block of `stage`; returns the new blocks.
+def attach_in_blocks(net: nn.Module, stage: Stage, backbone: str,
+                     make: Callable[[int, int, int], nn.Module]) -> list[nn.Module]:
+    """Put `make(channels, in_channels, in_reduction)` into the attention slot of every residual block of
+    `stage` (`in_*`: the residual block's input, from one probe forward); returns the new blocks.
 
     What reaches a slot is a fresh tensor that only the slot reads (the output of the block's last
     norm/activation, or of the family's own SE), so the new block may overwrite it in inference."""
@@ -159,14 +225,18 @@ def attach_in_blocks(net: nn.Module, stage: Stage, backbone: str, make: Callable
         raise UserError(f"model.attention.placement=block needs residual blocks with an attention slot (timm ResNet/"
                         f"ResNeXt, EfficientNet/MobileNet, RegNet), but stage {stage.index} ({stage.module}) of "
                         f"'{backbone}' has none; use model.attention.placement=stage or other stages.")
+    shapes = probe_shapes(net, [block for block, _ in blocks])
     added = []
-    for block, channels in blocks:
-        new = make(channels)
+    for (block, channels), (inp, _) in zip(blocks, shapes):
+        in_channels, in_reduction = (inp[1], map_reduction(inp)) if len(inp) == 4 else (channels, stage.reduction)
+        new = make(channels, in_channels, in_reduction)
         slot = getattr(block, SLOT, None)
         if slot is None or isinstance(slot, nn.Identity):
             setattr(block, SLOT, new)
         else:  # keep the family's own (pretrained) SE and run the new block after it
             block.add_module(ADDED_AFTER_SLOT, new)
             slot.register_forward_hook(RunAfter(new))
+        if getattr(new, "reads_input", False):
+            block.register_forward_pre_hook(HandInput(new))
         added.append(new)
     return added
