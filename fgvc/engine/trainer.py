@@ -21,7 +21,7 @@ import timm.scheduler
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -30,12 +30,12 @@ from timm.data import Mixup, resolve_data_config
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from fgvc.config import flatten
 from fgvc.data.build import build_datasets, read_index
 from fgvc.engine.losses import build_criterion
 from fgvc.engine.metrics import predict, split_metrics
 from fgvc.engine.runs import (CHECKPOINT_PREFIX, atomic_write_text, check_run_dir, checkpoints, model_meta,
                               prepare_run_dir, resolve_resume, save_weights)
+from fgvc.engine.trackers import PROJECT_NAME, tracker_config, tracker_names
 from fgvc.errors import RunError
 from fgvc.models.build import build_model
 
@@ -99,11 +99,12 @@ def make_loader(dataset, batch_size: int, workers: int, train: bool, drop_last: 
 def train(cfg: DictConfig) -> dict:
     action = check_run_dir(cfg)  # every process decides the same, before any writes
     t = cfg.train
+    log_with = tracker_names(t.log_with)  # [] for none; an unknown or missing tracker stops here
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.model.arch in MULTI_OUTPUT_ARCHS)],
-        log_with="tensorboard" if t.tensorboard else None, project_dir=cfg.output_dir)
+        log_with=log_with or None, project_dir=cfg.output_dir)
     set_seed(cfg.seed)
     console = Console(quiet=not accelerator.is_main_process)
     with accelerator.main_process_first():  # the synthetic set is generated once
@@ -145,10 +146,8 @@ def train(cfg: DictConfig) -> dict:
         if accelerator.is_main_process:
             truncate_log(out / "metrics.jsonl", state.epoch)
         console.print(f"resumed from {resume_from} (epoch {state.epoch})")
-    if t.tensorboard:
-        flat = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
-                if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("tensorboard", config=flat)
+    if log_with:
+        accelerator.init_trackers(PROJECT_NAME, config=tracker_config(cfg))
 
     for epoch in range(state.epoch, t.epochs):
         start = time.perf_counter()
@@ -178,7 +177,7 @@ def train(cfg: DictConfig) -> dict:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             console.print(epoch_table(row))
-        if t.tensorboard:
+        if log_with:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
         save_checkpoint(accelerator, out, state, scheduler, ema, t.keep_checkpoints)
         if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(state.epoch):  # tests: a kill right after a save
