@@ -112,7 +112,7 @@ figcaption{{font-size:85%;max-width:300px}} .error{{color:#b00}}</style></head><
 <h1>fgvc demo: {esc(title)}</h1>
 <form id="upload" method="post" action="/predict" enctype="multipart/form-data">
 <input type="file" id="{FIELD}" name="{FIELD}" accept="image/*" onchange="this.form.submit()">
-<button type="submit" id="submit">Classify</button></form>
+<button type="submit" id="classify">Classify</button></form>
 <p>Choose or drop a photo; it stays on this computer.</p>"""]
     if error:
         parts.append(f'<p class="error" id="error">{esc(error)}</p>')
@@ -153,6 +153,10 @@ def make_handler(viewer: Viewer, title: str) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path == "/favicon.ico":
+                self.send_response(HTTPStatus.NO_CONTENT)
+                self.end_headers()
+                return
             if self.path.split("?")[0] != "/":
                 self._send(HTTPStatus.NOT_FOUND, render_page(title, error=f"there is no page '{self.path}'; go to /."))
                 return
