@@ -54,8 +54,9 @@ def test_timm_alone_gives_the_runs_logits(tiny_run, tmp_path, test_images):
     save_file({"x": test_images.contiguous()}, str(tmp_path / "x.safetensors"))
     proc = subprocess.run([sys.executable, "-c", TIMM_ONLY, str(out), str(tmp_path / "x.safetensors"),
                            str(tmp_path / "logits.safetensors")], capture_output=True, text=True, cwd=tmp_path,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]},
-                          timeout=300)  # same threads: the same float order
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                               "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]},  # same threads, same float order
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert torch.equal(load_file(str(tmp_path / "logits.safetensors"))["logits"], expected)
     assert run.class_names[0] in proc.stdout

@@ -20,8 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from fgvc.engine.metrics import ECE_BINS  # noqa: E402
@@ -202,8 +202,8 @@ def write_report(run_dir: str | Path, class_names: list[str]) -> Path:
         body.append(_figure(f"confusion_{split}.png", "Confusion matrix", caption))
         if ev.get("most_confused"):
             body.append("<table><tr><th>true</th><th>predicted</th><th>images</th></tr>"
-                        + "".join(f"<tr><td>{esc(p['true'])}</td><td>{esc(p['predicted'])}</td><td>{p['count']}</td></tr>"
-                                  for p in ev["most_confused"]) + "</table>")
+                        + "".join(f"<tr><td>{esc(p['true'])}</td><td>{esc(p['predicted'])}</td>"
+                                  f"<td>{p['count']}</td></tr>" for p in ev["most_confused"]) + "</table>")
         if ev.get("reliability"):
             draw_reliability(ev["reliability"], ev["ece"], pics / f"reliability_{split}.png")
             body.append(_figure(f"reliability_{split}.png", "Calibration",

@@ -135,7 +135,8 @@ def model_card(run: RunInfo, config: dict, run_dir: Path) -> str:
     what = {"classifier": f"timm `{m.backbone}`" + ("" if m.attention.type == "none" else
                                                     f" with `{m.attention.type}` attention ({m.attention.placement})"),
             "racnn": f"RA-CNN, {m.zoom.scales} scales of timm `{m.backbone}`",
-            "dcn": f"DCN: coarse `{m.dcn.coarse_backbone}`, fine `{m.dcn.fine_backbone}` on {m.dcn.top_k} patches"}[m.arch]
+            "dcn": f"DCN: coarse `{m.dcn.coarse_backbone}`, fine `{m.dcn.fine_backbone}` on {m.dcn.top_k} "
+                   "patches"}[m.arch]
     K = len(run.class_names)
     lines = ["---", f"library_name: {'timm' if loadable else 'fgvc'}", "pipeline_tag: image-classification",
              "tags: [image-classification, fine-grained, fgvc]", "---", "",
@@ -160,8 +161,8 @@ def model_card(run: RunInfo, config: dict, run_dir: Path) -> str:
     lines += ["## Data", "",
               f"- Data set: `{cfg.data.name}` ({K} classes)" + (f", aircraft level `{cfg.data.aircraft_level}`"
                                                                  if cfg.data.name == "aircraft" else "") + ".",
-              f"- Split: the data set's official train/test split; validation is a stratified {cfg.data.val_fraction:g} "
-              f"share of train (seed {cfg.seed}), used to choose the epoch; the test split was evaluated once.",
+              "- Split: the data set's official train/test split; validation is a stratified "
+              f"{cfg.data.val_fraction:g} share of train (seed {cfg.seed}), used to choose the epoch; the test split was evaluated once.",
               f"- Images: {val.get('num_samples', '?')} validation, {test.get('num_samples', '?')} test."]
     if cfg.data.name == "synthetic":
         s = cfg.data.synthetic
@@ -172,7 +173,8 @@ def model_card(run: RunInfo, config: dict, run_dir: Path) -> str:
               "```bash", original_command(cfg), "```", "",
               "and is repeated from this folder with `python fgvc/train.py recipe=THIS_FOLDER/recipe.yaml "
               "output_dir=runs/again`.", "",
-              f"Backbone weights at start: {'timm pretrained' if m.pretrained else (m.weights or 'random (from scratch)')}; "
+              "Backbone weights at start: "
+              f"{'timm pretrained' if m.pretrained else (m.weights or 'random (from scratch)')}; "
               f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size} per process, {cfg.train.optimizer} lr "
               f"{cfg.train.lr:g}, {cfg.train.scheduler} schedule, precision {cfg.train.mixed_precision}; selected "
               f"epoch {metrics.get('best_epoch', '?')} ({metrics.get('selected', 'model')} weights).", "",
@@ -185,8 +187,8 @@ def model_card(run: RunInfo, config: dict, run_dir: Path) -> str:
                          f"{_pct(s.get('top5'))} | {_pct(s.get('mean_class_acc'))} |")
     extra = {k: v for k, v in test.items() if k.startswith("top1_")}
     if extra:
-        lines += ["", "Test top-1 of the partial predictions: " + ", ".join(f"{k[5:]} {_pct(v)}" for k, v in extra.items())
-                  + "."]
+        lines += ["", "Test top-1 of the partial predictions: "
+                  + ", ".join(f"{k[5:]} {_pct(v)}" for k, v in extra.items()) + "."]
     if ev:
         lines += ["", f"`fgvc/evaluate.py` on the {ev.get('split', 'test')} split ({ev['num_samples']} images): top-1 "
                   f"{_pct(ev['top1'])}, expected calibration error {ev['ece']:.3f}."]

@@ -55,7 +55,8 @@ class Viewer:
         try:
             rgb = load_rgb(io.BytesIO(photo))
         except DataError:
-            raise DataError(f"the file '{name}' is not an image this viewer can read; upload a JPEG or PNG photo.") from None
+            raise DataError(f"the file '{name}' is not an image this viewer can read; "
+                            "upload a JPEG or PNG photo.") from None
         image, _, _ = self.transform(rgb, None, None)  # (3, H, W): resized and centre-cropped as in evaluation
         x = image[None]  # (1, 3, H, W)
         with self._lock:
@@ -70,8 +71,8 @@ class Viewer:
         pictures = {"photo": _png(draw_panel(view, None, PANEL_INCHES))}
         for map_name in result.maps:
             pictures[map_name] = _png(draw_panel(view, map_name, PANEL_INCHES))
-        return Analysis([(self.run.class_names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())],
-                        pictures, self.family)
+        names = [self.run.class_names[i] for i in top.indices.tolist()]
+        return Analysis(list(zip(names, top.values.tolist())), pictures, self.family)
 
 
 def _png(fig) -> bytes:
@@ -88,7 +89,8 @@ PHOTO_CAPTIONS = {"classifier": "the photo as the network sees it (resized, cent
                   "racnn": "the photo as the network sees it, with RA-CNN's zoom boxes (zoom 1 orange, zoom 2 red)",
                   "dcn": "the photo as the network sees it, with the DCN's fine patches (dashed cyan)"}
 CAPTIONS = {"cam": "class activation map of the top class", "gradcam": "Grad-CAM of the top class",
-            "dcn_saliency": "DCN saliency (dashed cyan: the fine patches)", "stn_region": "spatial transformer's region"}
+            "dcn_saliency": "DCN saliency (dashed cyan: the fine patches)",
+            "stn_region": "spatial transformer's region"}
 
 
 def caption(name: str, family: str) -> str:
