@@ -162,7 +162,8 @@ def model_card(run: RunInfo, config: dict, run_dir: Path) -> str:
               f"- Data set: `{cfg.data.name}` ({K} classes)" + (f", aircraft level `{cfg.data.aircraft_level}`"
                                                                  if cfg.data.name == "aircraft" else "") + ".",
               "- Split: the data set's official train/test split; validation is a stratified "
-              f"{cfg.data.val_fraction:g} share of train (seed {cfg.seed}), used to choose the epoch; the test split was evaluated once.",
+              f"{cfg.data.val_fraction:g} share of train (seed {cfg.seed}), used to choose the epoch; the test "
+              "split was evaluated once.",
               f"- Images: {val.get('num_samples', '?')} validation, {test.get('num_samples', '?')} test."]
     if cfg.data.name == "synthetic":
         s = cfg.data.synthetic
