@@ -66,13 +66,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
 def hub_config(run: RunInfo, meta: dict, prefix: str) -> dict:
     """config.json: what a person, timm and fgvc each need to rebuild the model."""
     side = run.image_size
-    config = {"architecture": run.cfg.model.backbone if prefix else f"fgvc-{meta['model']['arch']}",
+    architecture = run.cfg.model.backbone.split(".")[0]  # timm's name without the pretrained tag
+    config = {"architecture": architecture if prefix else f"fgvc-{meta['model']['arch']}",
               "num_classes": len(run.class_names), "label_names": run.class_names,
               "input_size": [3, side, side], "mean": list(run.mean), "std": list(run.std)}
     if prefix:
         net = run.model.get_submodule(prefix.rstrip("."))
         pcfg = {k: v for k, v in dict(net.pretrained_cfg).items() if k not in NOT_TIMM_KEYS}
-        pcfg |= {"architecture": run.cfg.model.backbone, "num_classes": len(run.class_names),
+        pcfg |= {"architecture": architecture, "num_classes": len(run.class_names),
                  "input_size": [3, side, side], "fixed_input_size": bool(pcfg.get("fixed_input_size", False)),
                  "mean": list(run.mean), "std": list(run.std), "interpolation": "bilinear",
                  "crop_pct": round(1 / run.cfg.data.eval_resize, 4), "crop_mode": "center"}
@@ -149,7 +150,7 @@ def model_card(run: RunInfo, config: dict, run_dir: Path) -> str:
     if loadable:
         lines += ["With timm alone (no fgvc):", "", "```python", "import timm",
                   'model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True).eval()  # or "hf-hub:REPO_ID"',
-                  f"# or: timm.create_model(\"{m.backbone}\", pretrained=True, num_classes={K},",
+                  f"# or: timm.create_model(\"{config['architecture']}\", pretrained=True, num_classes={K},",
                   f"#         pretrained_cfg_overlay=dict(file=\"THIS_FOLDER/model.safetensors\", num_classes={K}))",
                   "names = model.pretrained_cfg[\"label_names\"]",
                   "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))",
