@@ -42,7 +42,7 @@ class Analysis:
 
 
 class Viewer:
-    """One loaded model; `analyse` may be called from several server threads (one at a time)."""
+    """One loaded model; `analyse` may be called from several server threads (they take turns)."""
 
     def __init__(self, run: RunInfo) -> None:
         self.run = run
@@ -58,9 +58,11 @@ class Viewer:
             raise DataError(f"the file '{name}' is not an image this viewer can read; "
                             "upload a JPEG or PNG photo.") from None
         image, _, _ = self.transform(rgb, None, None)  # (3, H, W): resized and centre-cropped as in evaluation
-        x = image[None]  # (1, 3, H, W)
-        with self._lock:
-            result = compute_maps(self.run.model, x, self.sources)
+        with self._lock:  # one model; pyplot is not thread-safe either
+            return self._analyse(image)
+
+    def _analyse(self, image) -> Analysis:
+        result = compute_maps(self.run.model, image[None], self.sources)  # input (1, 3, H, W)
         probs = result.logits.float().softmax(-1)[0]
         top = probs.topk(min(TOP_K, len(self.run.class_names)))
         view = ImageView(image=to_display(image, self.run.mean, self.run.std), title="",
