@@ -182,7 +182,7 @@ class TrainConfig:
     new_lr_mult: float = 1.0  # lr multiplier for parameters that are not pretrained
     resume: str = ""  # "" | auto | a checkpoint folder
     keep_checkpoints: int = 2
-    tensorboard: bool = False
+    log_with: str = ""  # "" = none | Accelerate tracker names: tensorboard, wandb, mlflow, ... (comma-separated)
     log_every: int = 10  # steps between progress-bar loss updates
     zoom: ZoomTrainConfig = only_for("racnn", default_factory=ZoomTrainConfig)
     dcn: DcnTrainConfig = only_for("dcn", default_factory=DcnTrainConfig)
@@ -213,7 +213,12 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+RENAMED_KEYS = {"train.tensorboard": "train.log_with=tensorboard (or train.log_with='' for none)"}
+
+
 def _unknown_key(key: str, where: str) -> UserError:
+    if key in RENAMED_KEYS:
+        return UserError(f"recipe key '{key}' was replaced ({where}); write {RENAMED_KEYS[key]} instead.")
     known = _all_keys(OmegaConf.structured(Recipe))
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     hint = f"did you mean '{close[0]}'?" if close else "see fgvc/config.py for every key."

@@ -2,8 +2,10 @@
 
 Rebuilds the model from the run folder (safetensors weights, nothing unpickled), evaluates on any
 number of processes with exact counts, prints a rich table and writes RUN_DIR/eval.json (or
-eval_val.json): top-1, top-5, mean per-class accuracy, expected calibration error, the confusion
-matrix and the most confused class pairs.
+eval_val.json): top-1, top-5, mean per-class accuracy, expected calibration error with its
+reliability bins, the confusion matrix and the most confused class pairs. Then draws the run's report
+page, RUN_DIR/report.html with RUN_DIR/report/*.png (fgvc/analysis/run_report.py). RUN_DIR may also be
+a folder made by fgvc/export.py.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from fgvc.analysis.run_report import reliability_bins, write_report
     from fgvc.data.build import build_datasets
     from fgvc.engine.metrics import (confusion_matrix, expected_calibration_error, most_confused, predict,
                                      split_metrics)
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     cm = confusion_matrix(pred.logits, pred.labels, K)
     result["most_confused"] = most_confused(cm, run.class_names)
     result["confusion_matrix"] = cm.tolist()
+    result["reliability"] = reliability_bins(pred.logits, pred.labels)
     result["split"] = args.split
     if accelerator.is_main_process:
         out = Path(args.run_dir) / ("eval.json" if args.split == "test" else "eval_val.json")
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in result["most_confused"][:5]:
             pairs.add_row(p["true"], p["predicted"], str(p["count"]))
         console.print(pairs)
-        console.print(f"written {out}")
+        page = write_report(args.run_dir, run.class_names)
+        console.print(f"written {out} and {page}")
     return 0
 
 

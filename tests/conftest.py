@@ -72,3 +72,22 @@ def tiny_run(tmp_path_factory, synth_root) -> Path:
                       f"data.root={synth_root}", *TINY_DATA)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+ARCH_ARGS = {  # tiny settings per model.arch on TINY_DATA's 32 px images
+    "racnn": ["recipe=synth_racnn", "model.zoom.scales=2"],
+    "dcn": ["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet", "model.dcn.patch_size=16"],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_arch_runs(tmp_path_factory, synth_root, tiny_run) -> dict[str, Path]:
+    """Finished 1-epoch runs of every model.arch on the tiny synthetic set (the classifier is tiny_run)."""
+    runs = {"classifier": tiny_run}
+    for arch, args in ARCH_ARGS.items():
+        out = tmp_path_factory.mktemp("runs") / arch
+        proc = run_script("train.py", *args, "train.epochs=1", f"output_dir={out}", f"data.root={synth_root}",
+                          *TINY_DATA)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[arch] = out
+    return runs

@@ -143,13 +143,13 @@ def test_ema_mixup_accumulation_bf16_tensorboard(tmp_path, synth_root):
     proc = run_script("train.py", "recipe=synth_baseline", "train.epochs=2", f"output_dir={out}",
                       f"data.root={synth_root}", *TINY_DATA, "train.ema=true", "train.mixup=0.2", "train.cutmix=1.0",
                       "train.grad_accum_steps=2", "train.mixed_precision=bf16", "train.clip_grad=1.0",
-                      "train.tensorboard=true")
+                      "train.log_with=tensorboard")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["selected"] == "ema"
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert "val_ema_top1" in first and "val_top1" in first
-    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert list((out / "fgvc").rglob("events.out.tfevents.*"))
     # the saved weights are the EMA weights that were selected and tested
     proc = run_script("evaluate.py", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -90,6 +90,35 @@ def draw_annotations(ax, view: ImageView, colours: list) -> None:
                edgecolors="black", linewidths=0.6, zorder=3)
 
 
+def draw_map(ax, view: ImageView, name: str, colours: list, radius_fraction: float | None = None) -> None:
+    """One panel: the image, the map `name` over it (if the view has it) with its peak marked, the
+    annotations; with `radius_fraction` the pointing-game radius around the peak."""
+    _show(ax, view.image)
+    if name not in view.maps:
+        return
+    m = view.maps[name]
+    h, w = m.shape
+    ax.imshow(m, extent=(0, w, h, 0), cmap=MAP_CMAP, alpha=MAP_ALPHA, vmin=0, vmax=1, interpolation="bilinear")
+    draw_annotations(ax, view, colours)
+    px, py = peaks(torch.as_tensor(m)[None])[0].tolist()  # the scored peak; nan for a constant map: none
+    ax.plot([px], [py], marker="+", color=PEAK_COLOUR, markersize=10, markeredgewidth=2)
+    diag = np.hypot(view.box[2] - view.box[0], view.box[3] - view.box[1])
+    if radius_fraction and np.isfinite(diag) and np.isfinite(px):
+        ax.add_patch(Circle((px, py), radius_fraction * diag, fill=False, edgecolor=PEAK_COLOUR, linewidth=0.8))
+
+
+def draw_panel(view: ImageView, name: str | None = None, inches: float = PANEL_INCHES) -> Figure:
+    """A figure of one panel: the annotated image (name None) or the map `name` over it."""
+    fig, ax = plt.subplots(figsize=(inches, inches), dpi=DPI)
+    if name is None:
+        _show(ax, view.image)
+        draw_annotations(ax, view, part_colours(len(view.parts)))
+    else:
+        draw_map(ax, view, name, part_colours(len(view.parts)))
+    fig.subplots_adjust(0, 0, 1, 1)
+    return fig
+
+
 def draw_grid(views: list[ImageView], part_names: list[str], radius_fraction: float | None = None) -> Figure:
     """A figure with one row per view: the annotated image, then each map overlaid. With
     `radius_fraction` the pointing-game radius is drawn around each map's peak."""
@@ -102,20 +131,8 @@ def draw_grid(views: list[ImageView], part_names: list[str], radius_fraction: fl
         _show(row[0], view.image)
         draw_annotations(row[0], view, colours)
         row[0].set_title(view.title, fontsize=8)
-        diag = np.hypot(view.box[2] - view.box[0], view.box[3] - view.box[1])
         for ax, name in zip(row[1:], names):
-            _show(ax, view.image)
-            if name in view.maps:
-                m = view.maps[name]
-                h, w = m.shape
-                ax.imshow(m, extent=(0, w, h, 0), cmap=MAP_CMAP, alpha=MAP_ALPHA, vmin=0, vmax=1,
-                          interpolation="bilinear")
-                draw_annotations(ax, view, colours)
-                px, py = peaks(torch.as_tensor(m)[None])[0].tolist()  # nan for a constant map: no peak
-                ax.plot([px], [py], marker="+", color=PEAK_COLOUR, markersize=10, markeredgewidth=2)
-                if radius_fraction and np.isfinite(diag) and np.isfinite(px):
-                    ax.add_patch(Circle((px, py), radius_fraction * diag, fill=False, edgecolor=PEAK_COLOUR,
-                                        linewidth=0.8))
+            draw_map(ax, view, name, colours, radius_fraction)
             hit = view.scores.get(name, {}).get("pointing")
             mark = "" if hit is None else ("  ✓" if hit >= 1 else "  ✗")
             ax.set_title(f"{name}{mark}", fontsize=8)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fgvc.config import load_recipe, to_yaml
+from fgvc.engine.model_folder import CONFIG_FILE, is_model_folder, read_model_folder
 from fgvc.errors import UserError
 from fgvc.models.build import build_model
 
@@ -116,18 +117,22 @@ def model_meta(cfg: DictConfig, class_names: list[str], part_names: list[str], m
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunInfo:
-    """Rebuild a trained model from its run folder (weights via safetensors: no code unpickled)."""
+    """Rebuild a trained model from its run folder or from a folder fgvc/export.py wrote (weights
+    via safetensors: no code unpickled)."""
     run_dir = Path(run_dir)
-    for name in ("recipe.yaml", "model.json", "model.safetensors"):
+    exported = is_model_folder(run_dir)
+    for name in ("recipe.yaml", CONFIG_FILE if exported else "model.json", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise UserError(f"'{run_dir}' is not a finished fgvc run folder: {name} is missing; "
-                            "give the output_dir of a run made by fgvc/train.py.")
+                            "give the output_dir of a run made by fgvc/train.py or a folder made by fgvc/export.py.")
     cfg = load_recipe(recipe_file=run_dir / "recipe.yaml")
-    meta = json.loads((run_dir / "model.json").read_text())
+    if exported:
+        meta, state = read_model_folder(run_dir)
+    else:
+        meta, state = json.loads((run_dir / "model.json").read_text()), load_file(str(run_dir / "model.safetensors"))
     model_cfg = OmegaConf.merge(cfg.model, meta["model"])
     model_cfg.pretrained, model_cfg.weights = False, ""  # the run's own weights follow
     model = build_model(model_cfg, meta["num_classes"], meta["image_size"])
-    state = load_file(str(run_dir / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"'{run_dir}/model.safetensors' does not fit the model in model.json "

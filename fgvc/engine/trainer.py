@@ -20,7 +20,7 @@ import timm.scheduler
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -29,7 +29,6 @@ from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from fgvc.config import flatten
 from fgvc.data.build import DataSplits, build_datasets, make_loader, read_index
 from fgvc.engine.checkpoint import TrainState, load_extras, save_checkpoint, truncate_log
 from fgvc.engine.losses import build_criterion, build_schedule
@@ -37,6 +36,7 @@ from fgvc.engine.metrics import predict, split_metrics
 from fgvc.engine.optim import build_optimizer
 from fgvc.engine.runs import (atomic_write_text, check_run_dir, model_meta, prepare_run_dir, resolve_resume,
                               save_weights)
+from fgvc.engine.trackers import PROJECT_NAME, tracker_config, tracker_names
 from fgvc.errors import RunError
 from fgvc.models.build import build_model, data_backbone, mean_std
 from fgvc.models.zoom import ZoomSchedule
@@ -68,11 +68,12 @@ class Run:
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     t = cfg.train
+    log_with = tracker_names(t.log_with)  # [] for none; an unknown or missing tracker stops here
     return Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.model.arch in PARTLY_UNUSED_ARCHS)],
-        log_with="tensorboard" if t.tensorboard else None, project_dir=cfg.output_dir)
+        log_with=log_with or None, project_dir=cfg.output_dir)
 
 
 def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Run:
@@ -115,10 +116,8 @@ def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Ru
         if accelerator.is_main_process:
             truncate_log(out / "metrics.jsonl", state.epoch)
         console.print(f"resumed from {resume_from} (epoch {state.epoch})")
-    if t.tensorboard:
-        flat = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
-                if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("tensorboard", config=flat)
+    if tracker_names(cfg.train.log_with):
+        accelerator.init_trackers(PROJECT_NAME, config=tracker_config(cfg))
     return Run(accelerator, out, data, index.num_classes, model, raw, optimizer, scheduler, criterion, schedule, ema,
                mixup, train_loader, val_loader, state, "ema" if ema is not None else "model")
 
@@ -146,7 +145,7 @@ def train(cfg: DictConfig, after_checkpoint: Callable[[int], None] | None = None
             with open(r.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             console.print(epoch_table(row))
-        if t.tensorboard:
+        if accelerator.trackers:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
         save_checkpoint(accelerator, r.out, r.state, r.scheduler, r.ema, t.keep_checkpoints)
         if after_checkpoint is not None:
