@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from fgvc.errors import UserError
@@ -168,6 +169,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+INF = float("inf")
+# key, lowest, highest allowed value (inclusive)
+RANGES: list[tuple[str, float, float]] = [
+    ("data.image_size", 1, INF), ("data.hflip", 0, 1), ("data.color_jitter", 0, INF), ("data.eval_resize", 1, INF),
+    ("train.weight_decay", 0, INF), ("train.min_lr", 0, INF), ("train.momentum", 0, 1), ("train.warmup_epochs", 0, INF),
+    ("train.clip_grad", 0, INF), ("train.label_smoothing", 0, 1), ("train.mixup", 0, INF), ("train.cutmix", 0, INF),
+    ("train.ema_decay", 0, 1), ("train.new_lr_mult", 0, INF), ("train.keep_checkpoints", 1, INF),
+    ("train.log_every", 1, INF),
+]
+
+
 def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
@@ -182,10 +194,29 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def _initials(name: str) -> str:
+    return "".join(word[:1] for word in name.split("_"))
+
+
+def closest_key(key: str, known: list[str]) -> str | None:
+    """The key the user most likely meant: first in the same section, where an abbreviation
+    (`learning_rate` for `lr`, `wd` for `weight_decay`) or a close spelling of the last part counts;
+    then a close spelling of the whole dotted key."""
+    section, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+    for name, full in siblings.items():
+        if _initials(leaf) == name or _initials(name) == leaf:
+            return full
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if close:
+        return siblings[close[0]]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def _unknown_key(key: str, where: str) -> UserError:
-    known = _all_keys(OmegaConf.structured(Recipe))
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'?" if close else "see fgvc/config.py for every key."
+    close = closest_key(key, _all_keys(OmegaConf.structured(Recipe)))
+    hint = f"did you mean '{close}'?" if close else "see fgvc/config.py for every key."
     return UserError(f"recipe key '{key}' does not exist ({where}); {hint}")
 
 
@@ -199,6 +230,43 @@ def _merge(base: DictConfig, other: DictConfig, where: str) -> DictConfig:
                         f"{_type_name(base, str(err.full_key))}; fix the value.") from None
     except OmegaConfBaseException as err:
         raise UserError(f"{where}: {str(err).splitlines()[0]}") from None
+    except TypeError:  # a list where the schema has a section, or a section where it has a list
+        key = _container_mismatch(base, other) or "a key"
+        raise UserError(f"recipe key '{key}' holds a list where the recipe has a section of keys, or a section "
+                        f"where it has a list ({where}); see fgvc/config.py for its form.") from None
+
+
+def _container_mismatch(base: Any, other: Any, prefix: str = "") -> str | None:
+    """The first dotted key where `other` has a list and `base` a section, or the reverse."""
+    for k, v in other.items():
+        b = base.get(k) if isinstance(base, DictConfig) else None
+        if isinstance(v, DictConfig) != isinstance(b, DictConfig) and isinstance(b, (DictConfig, ListConfig)):
+            return f"{prefix}{k}"
+        if isinstance(v, DictConfig) and isinstance(b, DictConfig):
+            found = _container_mismatch(b, v, f"{prefix}{k}.")
+            if found:
+                return found
+    return None
+
+
+def _load_file(path: Path, where: str) -> DictConfig:
+    """A recipe file as a mapping of keys, or one sentence saying what is wrong with it."""
+    try:
+        if yaml.safe_load(path.read_text(encoding="utf-8")) is None:  # no document at all; `{}` is a recipe
+            raise UserError(f"recipe file '{where}' is empty; state the keys that differ from the defaults "
+                            f"(`{{}}` for none), or use recipe={DEFAULT_RECIPE} to train on the defaults.")
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "a syntax error"
+        raise UserError(f"recipe file '{where}' is not valid YAML ({problem}{at}); fix that line.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"recipe file '{where}' is not UTF-8 text; save it as UTF-8.") from None
+    if isinstance(loaded, ListConfig):
+        raise UserError(f"recipe file '{where}' holds a list; a recipe is a mapping of keys such as "
+                        "'train: {lr: 0.01}' (see fgvc/config.py).")
+    return loaded
 
 
 def _type_name(cfg: DictConfig, key: str) -> str:
@@ -207,6 +275,26 @@ def _type_name(cfg: DictConfig, key: str) -> str:
     except OmegaConfBaseException:
         return "value"
     return type(value).__name__ if value is not None else "value"
+
+
+def _typed_overrides(schema: DictConfig, overrides: list[str]) -> DictConfig:
+    """The `key=value` overrides as a config. YAML 1.1 reads `no`, `off`, `yes`, `on` as booleans
+    (and `1e-3` as a string): a value typed for a string key reaches the schema as the text typed."""
+    try:
+        dotlist = OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as err:
+        raise UserError(f"cannot parse the command-line overrides: {str(err).splitlines()[0]}") from None
+    for arg in overrides:
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+")
+        try:
+            wanted = OmegaConf.select(schema, key)
+            typed = OmegaConf.select(dotlist, key)
+        except OmegaConfBaseException:
+            continue  # an unknown key: the merge names it
+        if isinstance(wanted, str) and not isinstance(typed, str):
+            OmegaConf.update(dotlist, key, value, merge=False)
+    return dotlist
 
 
 def _parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
@@ -232,7 +320,9 @@ def load_recipe(args: list[str] | None = None, recipe_file: str | Path | None = 
         path = Path(recipe_file)
         if not path.is_file():
             raise UserError(f"recipe file '{path}' does not exist; give the recipe.yaml of a run folder.")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        saved = _load_file(path, str(path))
+        saved.pop("overwrite", None)  # only the command line may replace a run, never a saved recipe
+        cfg = _merge(cfg, saved, str(path))
         if name is not None:
             cfg.recipe = name
     else:
@@ -243,13 +333,9 @@ def load_recipe(args: list[str] | None = None, recipe_file: str | Path | None = 
             close = difflib.get_close_matches(name, recipes, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise UserError(f"recipe '{name}' does not exist; {hint}known recipes: {', '.join(recipes)}")
-        cfg = _merge(cfg, OmegaConf.load(path), f"recipes/{name}.yaml")
+        cfg = _merge(cfg, _load_file(path, f"recipes/{name}.yaml"), f"recipes/{name}.yaml")
         cfg.recipe = name
-    try:
-        dotlist = OmegaConf.from_dotlist(overrides)
-    except OmegaConfBaseException as err:
-        raise UserError(f"cannot parse the command-line overrides: {str(err).splitlines()[0]}") from None
-    cfg = _merge(cfg, dotlist, "command line")
+    cfg = _merge(cfg, _typed_overrides(cfg, overrides), "command line")
     check_choices(cfg)
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{cfg.recipe}"
@@ -260,13 +346,21 @@ def check_choices(cfg: DictConfig) -> None:
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
-            raise UserError(f"recipe key '{key}' is '{value}' but must be one of: {', '.join(choices)}.")
+            quote = " (in a YAML file write it in quotes, e.g. 'no')" if value in ("True", "False", True, False) else ""
+            raise UserError(f"recipe key '{key}' is '{value}' but must be one of: {', '.join(choices)}{quote}.")
     if cfg.data.val_fraction < 0 or cfg.data.val_fraction >= 1:
         raise UserError(f"data.val_fraction is {cfg.data.val_fraction} but must be in [0, 1).")
     if cfg.data.num_workers < 0 or cfg.data.cache_mb < 0:
         raise UserError("data.num_workers and data.cache_mb must each be 0 or more.")
     if cfg.train.grad_accum_steps < 1 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise UserError("train.epochs, train.batch_size and train.grad_accum_steps must each be at least 1.")
+    for key, low, high in RANGES:
+        value = OmegaConf.select(cfg, key)
+        if not low <= value <= high:
+            bound = f"at least {low}" if high == INF else f"between {low} and {high}"
+            raise UserError(f"recipe key '{key}' is {value} but must be {bound}.")
+    if cfg.train.lr <= 0:
+        raise UserError(f"train.lr is {cfg.train.lr} but must be more than 0.")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
