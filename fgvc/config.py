@@ -231,9 +231,13 @@ def _merge(base: DictConfig, other: DictConfig, where: str) -> DictConfig:
     except OmegaConfBaseException as err:
         raise UserError(f"{where}: {str(err).splitlines()[0]}") from None
     except TypeError:  # a list where the schema has a section, or a section where it has a list
-        key = _container_mismatch(base, other) or "a key"
-        raise UserError(f"recipe key '{key}' holds a list where the recipe has a section of keys, or a section "
-                        f"where it has a list ({where}); see fgvc/config.py for its form.") from None
+        key = _container_mismatch(base, other)
+        if key is None:
+            raise UserError(f"{where} holds a list where the recipe has a section of keys, or the reverse; "
+                            "see fgvc/config.py for the form of each key.") from None
+        is_list = isinstance(OmegaConf.select(base, key), ListConfig)
+        wanted = "a list such as [0.6, 1.0]" if is_list else "a section of keys"
+        raise UserError(f"recipe key '{key}' must be {wanted} ({where}); see fgvc/config.py for its form.") from None
 
 
 def _container_mismatch(base: Any, other: Any, prefix: str = "") -> str | None:
