@@ -6,6 +6,8 @@
     output_dir/metrics.jsonl      one line per epoch
     output_dir/metrics.json       {"val": {...}, "test": {...}, ...} once the run has finished
     output_dir/checkpoints/       Accelerate states, epoch_NNNN, the last `train.keep_checkpoints`
+    output_dir/.lock              held by the run's main process (fgvc/engine/guard.py)
+    output_dir/.replaced_run/     overwrite=true: the old run, until the new one's first checkpoint
 """
 
 from __future__ import annotations
