@@ -74,7 +74,6 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_starts(tiny_run, synth_ro
     run = copy_run(tiny_run, tmp_path / "R")
     before = tree(run)
     one_sentence(train(run, synth_root, "overwrite=true", "train.optimizer=adamw2"), 2, "train.optimizer 'adamw2'")
-    one_sentence(train(run, synth_root, "overwrite=true", "train.lr=-1"), 2, "train.lr is -1.0")
     # fails in epoch 1, after the old run was set aside: it is put back
     one_sentence(train(run, synth_root, "overwrite=true", "train.lr=1.0e+30", "train.warmup_epochs=0"), 4,
                  "the training loss became nan")
@@ -133,7 +132,7 @@ def test_resume_refuses_a_changed_recipe_and_rebuilds_a_changed_schedule(tiny_ru
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     # epoch 3 follows the new schedule: cosine over 4 epochs from lr 0.05 (the old one had reached lr 0)
-    updates = json.loads((run / "checkpoints" / "epoch_0002" / "fgvc_state.json").read_text())["train"]["update"] // 2
+    updates = json.loads((run / "checkpoints" / "epoch_0004" / "fgvc_state.json").read_text())["train"]["update"] // 4
     import timm.scheduler
     import torch
 
