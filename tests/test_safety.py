@@ -7,14 +7,20 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import resource
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_DATA, accelerate_launch, run_script
+import timm.scheduler
+import torch
+from conftest import ROOT, TINY_DATA, accelerate_launch, run_script
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
@@ -133,9 +139,6 @@ def test_resume_refuses_a_changed_recipe_and_rebuilds_a_changed_schedule(tiny_ru
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     # epoch 3 follows the new schedule: cosine over 4 epochs from lr 0.05 (the old one had reached lr 0)
     updates = json.loads((run / "checkpoints" / "epoch_0004" / "fgvc_state.json").read_text())["train"]["update"] // 4
-    import timm.scheduler
-    import torch
-
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
     sched, _ = timm.scheduler.create_scheduler_v2(optimizer, sched="cosine", num_epochs=4, warmup_epochs=1,
                                                   step_on_epochs=False, updates_per_epoch=updates)
@@ -282,17 +285,9 @@ def test_predict_names_an_image_over_the_pixel_limit_and_predicts_the_rest(tiny_
 
 @pytest.mark.slow
 def test_full_disk_while_saving_is_one_sentence(synth_root, tmp_path):
-    import resource
-    import signal
-
     def small_files_only():  # files past 512 KiB cannot be written, as on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
-
-    import subprocess
-    import sys
-
-    from conftest import ROOT
 
     out = tmp_path / "full"
     proc = subprocess.run([sys.executable, str(ROOT / "fgvc" / "train.py"), "recipe=synth_baseline", "train.epochs=1",
