@@ -17,7 +17,8 @@ from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from fgvc.errors import UserError
@@ -199,6 +200,17 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+INF = float("inf")
+# key, lowest, highest allowed value (inclusive)
+RANGES: list[tuple[str, float, float]] = [
+    ("data.image_size", 1, INF), ("data.hflip", 0, 1), ("data.color_jitter", 0, INF), ("data.eval_resize", 1, INF),
+    ("train.weight_decay", 0, INF), ("train.min_lr", 0, INF), ("train.momentum", 0, 1), ("train.warmup_epochs", 0, INF),
+    ("train.clip_grad", 0, INF), ("train.label_smoothing", 0, 1), ("train.mixup", 0, INF), ("train.cutmix", 0, INF),
+    ("train.ema_decay", 0, 1), ("train.new_lr_mult", 0, INF), ("train.keep_checkpoints", 1, INF),
+    ("train.log_every", 1, INF),
+]
+
+
 def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
@@ -216,12 +228,31 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
 RENAMED_KEYS = {"train.tensorboard": "train.log_with=tensorboard (or train.log_with='' for none)"}
 
 
+def _initials(name: str) -> str:
+    return "".join(word[:1] for word in name.split("_"))
+
+
+def closest_key(key: str, known: list[str]) -> str | None:
+    """The key the user most likely meant: first in the same section, where an abbreviation
+    (`learning_rate` for `lr`, `wd` for `weight_decay`) or a close spelling of the last part counts;
+    then a close spelling of the whole dotted key."""
+    section, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+    for name, full in siblings.items():
+        if _initials(leaf) == name or _initials(name) == leaf:
+            return full
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if close:
+        return siblings[close[0]]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def _unknown_key(key: str, where: str) -> UserError:
     if key in RENAMED_KEYS:
         return UserError(f"recipe key '{key}' was replaced ({where}); write {RENAMED_KEYS[key]} instead.")
-    known = _all_keys(OmegaConf.structured(Recipe))
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'?" if close else "see fgvc/config.py for every key."
+    close = closest_key(key, _all_keys(OmegaConf.structured(Recipe)))
+    hint = f"did you mean '{close}'?" if close else "see fgvc/config.py for every key."
     return UserError(f"recipe key '{key}' does not exist ({where}); {hint}")
 
 
@@ -235,6 +266,47 @@ def _merge(base: DictConfig, other: DictConfig, where: str) -> DictConfig:
                         f"{_type_name(base, str(err.full_key))}; fix the value.") from None
     except OmegaConfBaseException as err:
         raise UserError(f"{where}: {str(err).splitlines()[0]}") from None
+    except TypeError:  # a list where the schema has a section, or a section where it has a list
+        key = _container_mismatch(base, other)
+        if key is None:
+            raise UserError(f"{where} holds a list where the recipe has a section of keys, or the reverse; "
+                            "see fgvc/config.py for the form of each key.") from None
+        is_list = isinstance(OmegaConf.select(base, key), ListConfig)
+        wanted = "a list such as [0.6, 1.0]" if is_list else "a section of keys"
+        raise UserError(f"recipe key '{key}' must be {wanted} ({where}); see fgvc/config.py for its form.") from None
+
+
+def _container_mismatch(base: Any, other: Any, prefix: str = "") -> str | None:
+    """The first dotted key where `other` has a list and `base` a section, or the reverse."""
+    for k, v in other.items():
+        b = base.get(k) if isinstance(base, DictConfig) else None
+        if isinstance(v, DictConfig) != isinstance(b, DictConfig) and isinstance(b, (DictConfig, ListConfig)):
+            return f"{prefix}{k}"
+        if isinstance(v, DictConfig) and isinstance(b, DictConfig):
+            found = _container_mismatch(b, v, f"{prefix}{k}.")
+            if found:
+                return found
+    return None
+
+
+def _load_file(path: Path, where: str) -> DictConfig:
+    """A recipe file as a mapping of keys, or one sentence saying what is wrong with it."""
+    try:
+        if yaml.safe_load(path.read_text(encoding="utf-8")) is None:  # no document at all; `{}` is a recipe
+            raise UserError(f"recipe file '{where}' is empty; state the keys that differ from the defaults "
+                            f"(`{{}}` for none), or use recipe={DEFAULT_RECIPE} to train on the defaults.")
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "a syntax error"
+        raise UserError(f"recipe file '{where}' is not valid YAML ({problem}{at}); fix that line.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"recipe file '{where}' is not UTF-8 text; save it as UTF-8.") from None
+    if isinstance(loaded, ListConfig):
+        raise UserError(f"recipe file '{where}' holds a list; a recipe is a mapping of keys such as "
+                        "'train: {lr: 0.01}' (see fgvc/config.py).")
+    return loaded
 
 
 def _type_name(cfg: DictConfig, key: str) -> str:
@@ -243,6 +315,26 @@ def _type_name(cfg: DictConfig, key: str) -> str:
     except OmegaConfBaseException:
         return "value"
     return type(value).__name__ if value is not None else "value"
+
+
+def _typed_overrides(schema: DictConfig, overrides: list[str]) -> DictConfig:
+    """The `key=value` overrides as a config. YAML 1.1 reads `no`, `off`, `yes`, `on` as booleans
+    (and `1e-3` as a string): a value typed for a string key reaches the schema as the text typed."""
+    try:
+        dotlist = OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as err:
+        raise UserError(f"cannot parse the command-line overrides: {str(err).splitlines()[0]}") from None
+    for arg in overrides:
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+")
+        try:
+            wanted = OmegaConf.select(schema, key)
+            typed = OmegaConf.select(dotlist, key)
+        except OmegaConfBaseException:
+            continue  # an unknown key: the merge names it
+        if isinstance(wanted, str) and not isinstance(typed, str):
+            OmegaConf.update(dotlist, key, value, merge=False)
+    return dotlist
 
 
 def _parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
@@ -267,8 +359,9 @@ def _unknown_recipe(name: str, where: str) -> UserError:
 
 def _layers(path: Path, where: str, chain: tuple[str, ...]) -> list[tuple[DictConfig, str]]:
     """The recipe file at `path` and, base first, the recipes it is based on: (layer, where) pairs."""
-    layer = OmegaConf.load(path)
-    base = layer.pop(BASE_KEY, None) if isinstance(layer, DictConfig) else None
+    layer = _load_file(path, where)
+    layer.pop("overwrite", None)  # only the command line may replace a run, never a recipe file
+    base = layer.pop(BASE_KEY, None)
     if base is None:
         return [(layer, where)]
     base = str(base)
@@ -313,11 +406,7 @@ def load_recipe(args: list[str] | None = None, recipe_file: str | Path | None = 
         cfg = _merge(cfg, layer, where)
     if name is not None:
         cfg.recipe = name
-    try:
-        dotlist = OmegaConf.from_dotlist(overrides)
-    except OmegaConfBaseException as err:
-        raise UserError(f"cannot parse the command-line overrides: {str(err).splitlines()[0]}") from None
-    cfg = _merge(cfg, dotlist, "command line")
+    cfg = _merge(cfg, _typed_overrides(cfg, overrides), "command line")
     validate(cfg)
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{cfg.recipe}"
@@ -341,7 +430,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
-            raise UserError(f"recipe key '{key}' is '{value}' but must be one of: {', '.join(map(str, choices))}.")
+            quote = " (in a YAML file write it in quotes, e.g. 'no')" if value in ("True", "False", True, False) else ""
+            raise UserError(f"recipe key '{key}' is '{value}' but must be one of: {', '.join(map(str, choices))}{quote}.")
         archs = f.metadata.get("archs")
         default = OmegaConf.select(defaults, key)
         if archs is not None and cfg.model.arch not in archs and value != default:
@@ -383,6 +473,13 @@ def validate(cfg: DictConfig) -> None:
                         "dcn does not build; use model.dcn.saliency=entropy.")
     if m.dcn.top_k < 0 or m.dcn.patch_size < 1:
         raise UserError("model.dcn.top_k must be at least 0 and model.dcn.patch_size at least 1.")
+    for key, low, high in RANGES:
+        value = OmegaConf.select(cfg, key)
+        if not low <= value <= high:
+            bound = f"at least {low}" if high == INF else f"between {low} and {high}"
+            raise UserError(f"recipe key '{key}' is {value} but must be {bound}.")
+    if cfg.train.lr <= 0:
+        raise UserError(f"train.lr is {cfg.train.lr} but must be more than 0.")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

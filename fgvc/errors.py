@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -46,8 +47,52 @@ def one_sentence(err: UserError) -> str:
     return text
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+PEER_KEY = "fgvc/exit_code"  # in the launcher's key-value store: the exit code of the first process that stopped
+
+
+def _store():
+    """The distributed run's key-value store, or None in a single process (torch is not imported for that)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError):
+        return None
+
+
+def first_to_stop(exit_code: int) -> bool:
+    """Tell the other processes of a distributed run that this one stops with `exit_code`; True if
+    no other process stopped before (it prints the sentence; the others stay quiet)."""
+    store = _store()
+    if store is None:
+        return True
+    try:
+        first = store.add("fgvc/stopped", 1) == 1
+        if first:
+            store.set(PEER_KEY, str(exit_code))
+        return first
+    except (RuntimeError, ValueError):
+        return True
+
+
+def peer_exit_code() -> int | None:
+    """The exit code another process of this distributed run stopped with, if one did: an error
+    raised here by a collective (gloo "connection closed") is then only the echo of that stop."""
+    store = _store()
+    if store is None:
+        return None
+    try:
+        return int(store.get(PEER_KEY)) if store.check([PEER_KEY]) else None
+    except (RuntimeError, ValueError):
+        return None
+
+
 def cli_main(fn: F) -> F:
-    """Run an entry point; a `UserError` prints `error: <sentence>` and exits non-zero."""
+    """Run an entry point; a `UserError` (or a full disk) prints `error: <sentence>` and exits
+    non-zero. In a distributed run the first process to stop prints its sentence, and the others,
+    whose collectives then fail, exit with its code without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -55,7 +100,20 @@ def cli_main(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            print(f"error: {one_sentence(err)}", file=sys.stderr)
-            raise SystemExit(err.exit_code) from None
+            code, sentence = err.exit_code, one_sentence(err)
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            code = RUN_EXIT
+            sentence = (f"could not write '{err.filename or 'a file'}' ({err.strerror}); free space on its disk, "
+                        "then run the command again (a training run continues with train.resume=auto).")
+        except Exception:
+            peer = peer_exit_code()
+            if peer is None:
+                raise
+            raise SystemExit(peer) from None
+        if first_to_stop(code):
+            print(f"error: {sentence}", file=sys.stderr)
+        raise SystemExit(code) from None
 
     return wrapper  # type: ignore[return-value]

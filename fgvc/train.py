@@ -22,9 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     cfg = load_recipe(argv)  # every recipe error surfaces here, before any work starts
+    from fgvc.engine.guard import replaced_run_kept_until_started
     from fgvc.engine.trainer import train
 
-    train(cfg)
+    with replaced_run_kept_until_started():  # overwrite=true: the old run is back if this one fails early
+        train(cfg)
     return 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from fgvc.errors import DataError
 from fgvc.data.records import (DATASETS, DatasetIndex, Sample, find_root, flip_pairs_from_names,
-                               parse_number, read_rows, require_images)
+                               parse_number, read_rows, read_text, require_images)
 
 CUB_FOLDER = "CUB_200_2011"  # what the archive unpacks to
 CUB_HINT = ("download CUB_200_2011.tgz from the Caltech-UCSD Birds-200-2011 page, unpack it and set "
@@ -75,7 +75,7 @@ def _part_locations_at_once(path: Path, images: Table, part_ids: list[str]) -> n
     """The whole file in one pass, or None if anything in it is irregular."""
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     table = np.array(text.split(), dtype=object)
     num_lines = sum(1 for line in text.splitlines() if line.strip())
     num_images, num_parts = len(images), len(part_ids)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fgvc.errors import DataError
 from fgvc.registry import Registry
@@ -60,16 +60,34 @@ def flip_pairs_from_names(part_names: list[str]) -> list[tuple[int, int]]:
 DATASETS: Registry = Registry("data set")
 
 
+WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale PNG/TIFF (Pillow: "I" or "I;16")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as the photographer saw it: the EXIF orientation applied (a phone photo taken upright is
+    stored sideways with a rotation tag), 16-bit grayscale scaled to 8 bits (Pillow's own
+    conversion clips every value above 255, which turns a 16-bit image white), any other mode
+    (grayscale, CMYK, palette, RGBA) converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in WIDE_INTEGER_MODES:
+        wide = np.asarray(img, dtype=np.float64)  # (H, W), 0..65535
+        img = Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def load_rgb(path: Path, bottom_crop: int = 0) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB, whatever its mode (grayscale, CMYK, palette, RGBA)."""
+    """Read an image as (H, W, 3) uint8 RGB (see `to_rgb`); the one function every tool reads images with."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = to_rgb(img)
             if bottom_crop:
                 img = img.crop((0, 0, img.width, max(1, img.height - bottom_crop)))
             return np.asarray(img)
     except FileNotFoundError:
         raise DataError(f"image '{path}' is missing; restore it from the data set's archive.") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"image '{path}' has more than {2 * Image.MAX_IMAGE_PIXELS} pixels, Pillow's safety limit "
+                        "against decompression bombs; shrink it, or remove it if it is not a real photo.") from None
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"image '{path}' cannot be read ({err.__class__.__name__}); "
                         "replace it with an intact copy from the data set's archive.") from None
@@ -85,8 +103,7 @@ def read_rows(path: Path, fields: int, what: str) -> list[tuple[int, list[str]]]
     if not path.is_file():
         raise DataError(f"annotation file '{path}' is missing; {what}")
     rows = []
-    # utf-8-sig: a byte-order mark left by an editor must not become part of the first id
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.strip().split(maxsplit=fields - 1) if fields else line.split()
@@ -95,6 +112,18 @@ def read_rows(path: Path, fields: int, what: str) -> list[tuple[int, list[str]]]
                             "the file is damaged, unpack it again.")
         rows.append((lineno, parts))
     return rows
+
+
+def read_text(path: Path) -> str:
+    """An annotation file's text; a byte that is not UTF-8 fails naming the file and line.
+    (utf-8-sig: a byte-order mark left by an editor must not become part of the first id.)"""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        lineno = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{lineno} holds a byte that is not UTF-8 text (0x{data[err.start]:02x}); "
+                        "the file is damaged, unpack it again.") from None
 
 
 def parse_number(text: str, path: Path, lineno: int, kind: type = float) -> float | int:

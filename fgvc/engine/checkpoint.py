@@ -8,9 +8,12 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
-from safetensors.torch import load_file
+from safetensors import SafetensorError
 
-from fgvc.engine.runs import CHECKPOINT_PREFIX, atomic_write_text, checkpoints, save_weights
+from fgvc.engine.guard import drop_set_aside
+from fgvc.engine.runs import CHECKPOINT_PREFIX, atomic_write_text, checkpoints, save_weights, write_errors
+from fgvc.errors import DataError
+from fgvc.models.weights import read_safetensors
 
 
 class TrainState:
@@ -39,29 +42,47 @@ STATE_FILE, EMA_FILE = "fgvc_state.json", "ema.safetensors"
 def save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, scheduler, ema, keep: int) -> None:
     """Accelerate's state (model, optimizer, RNG) plus ours (counters and schedule as JSON, EMA as
     safetensors: nothing that loads by unpickling) into a temporary folder, renamed into place once
-    complete, so a kill at any moment leaves the previous checkpoint intact. Called on every process."""
+    complete, so a kill at any moment leaves the previous checkpoint intact. Called on every process.
+    A failed write (a full disk) stops the run with one sentence and leaves the previous checkpoint."""
     final = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.epoch:04d}"
     tmp = out / "checkpoints" / f".tmp_{CHECKPOINT_PREFIX}{state.epoch:04d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with write_errors(final, tmp):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if ema is not None:
-            save_weights(ema.module, tmp / EMA_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps({"train": state.state_dict(), "scheduler": scheduler.state_dict()}))
+        with write_errors(final, tmp):
+            if ema is not None:
+                save_weights(ema.module, tmp / EMA_FILE)
+            extras = {"train": state.state_dict(), "scheduler": scheduler.state_dict()}
+            (tmp / STATE_FILE).write_text(json.dumps(extras))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        drop_set_aside(out)  # overwrite=true: the new run has started, the one it replaces can go
         for old in checkpoints(out)[:-max(1, keep)]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
+def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
+    """Accelerate's state (model, optimizer, RNG); a damaged checkpoint is one sentence."""
+    try:
+        accelerator.load_state(str(folder))
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as err:
+        reason = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+        raise DataError(f"checkpoint '{folder}' is damaged ({reason}); resume from an earlier one with "
+                        f"train.resume={folder.parent}/{CHECKPOINT_PREFIX}NNNN.") from None
+
+
 def load_extras(folder: Path, state: TrainState, scheduler, ema) -> None:
+    """fgvc's counters, the schedule (None: keep the schedule just built, the recipe changed it) and EMA."""
     saved = json.loads((folder / STATE_FILE).read_text())
     state.load_state_dict(saved["train"])
-    scheduler.load_state_dict(saved["scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(saved["scheduler"])
     if ema is not None:
-        ema.module.load_state_dict(load_file(str(folder / EMA_FILE)))
+        ema.module.load_state_dict(read_safetensors(folder / EMA_FILE, f"resume from an earlier checkpoint than "
+                                                                       f"'{folder}'"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file
+from fgvc.models.weights import read_safetensors
 from torch import Tensor
 
 CONFIG_FILE = "config.json"
@@ -49,6 +49,6 @@ def exported_state(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def read_model_folder(path: Path) -> tuple[dict, dict[str, Tensor]]:
     """(model.json-like meta, fgvc state dict) of an exported folder; weights via safetensors only."""
     meta = json.loads((path / CONFIG_FILE).read_text())[FGVC_KEY]
-    state = load_file(str(path / "model.safetensors"))
+    state = read_safetensors(path / "model.safetensors", "export the run again")
     prefix = meta.get("state_prefix", "")
     return meta, {prefix + k: v for k, v in state.items()}

@@ -6,6 +6,8 @@
     output_dir/metrics.jsonl      one line per epoch
     output_dir/metrics.json       {"val": {...}, "test": {...}, ...} once the run has finished
     output_dir/checkpoints/       Accelerate states, epoch_NNNN, the last `train.keep_checkpoints`
+    output_dir/.lock              held by the run's main process (fgvc/engine/guard.py)
+    output_dir/.replaced_run/     overwrite=true: the old run, until the new one's first checkpoint
 """
 
 from __future__ import annotations
@@ -14,18 +16,23 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch import nn
 
 from fgvc.config import load_recipe, to_yaml
 from fgvc.engine.model_folder import CONFIG_FILE, is_model_folder, read_model_folder
-from fgvc.errors import UserError
+from fgvc.errors import DataError, RunError, UserError
 from fgvc.models.build import build_model
+from fgvc.models.weights import read_safetensors
 
 CHECKPOINT_PREFIX = "epoch_"
 
@@ -39,27 +46,61 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
+    """Weights as safetensors, written beside `path` and renamed: a kill or a full disk leaves the old file."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
-    save_file(state, tmp)
+    with write_errors(path, Path(tmp)):
+        save_file(state, tmp)
     os.replace(tmp, path)
+
+
+@contextmanager
+def write_errors(what: Path, tmp: Path | None = None) -> Iterator[None]:
+    """A write that fails (full disk, quota, read-only folder) becomes one sentence (exit 4); the
+    half-written temporary folder is removed."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if tmp is not None and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp is not None:
+            tmp.unlink(missing_ok=True)
+        reason = (str(err).strip().splitlines() or [err.__class__.__name__])[-1]
+        raise RunError(f"could not write '{what}' ({reason}); free space on its disk (or choose another "
+                       "output_dir), then continue from the last checkpoint with train.resume=auto.") from None
 
 
 def check_run_dir(cfg: DictConfig) -> str:
     """What to do with output_dir: 'new', 'resume' or 'overwrite'. Read-only, so every process can
-    call it before any of them writes; raises UserError where the user must decide."""
+    call it before any of them writes; raises UserError where the user must decide. The main
+    process asks again once it holds the folder's lock (fgvc/engine/guard.py)."""
+    from fgvc.engine.guard import SET_ASIDE, check_replaceable
+
     out = Path(cfg.output_dir)
     finished = (out / "metrics.json").is_file()
-    started = (out / "metrics.jsonl").is_file() or bool(checkpoints(out)) if out.is_dir() else False
+    started = ((out / "metrics.jsonl").is_file() or bool(checkpoints(out)) or (out / SET_ASIDE).is_dir()
+               if out.is_dir() else False)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file; choose a folder.")
+    explicit = cfg.train.resume not in ("", "auto")
+    if explicit and not _inside(Path(cfg.train.resume), out / "checkpoints"):
+        raise UserError(f"train.resume '{cfg.train.resume}' is not a checkpoint of the run in output_dir '{out}'; "
+                        f"resume a run in its own folder (output_dir=<the folder holding {cfg.train.resume}'s "
+                        "checkpoints/>), or copy that folder and resume the copy.")
     if cfg.overwrite:
-        return "overwrite" if started else "new"
+        if explicit:
+            raise UserError("overwrite=true would replace the run whose checkpoint train.resume names; "
+                            "drop one of the two.")
+        if started or finished:
+            check_replaceable(out)
+            return "overwrite"
+        return "new"
     if cfg.train.resume:
-        if finished and cfg.train.resume == "auto":
-            raise UserError(f"run folder '{out}' holds a finished run; pass overwrite=true to train it again "
-                            "or choose another output_dir.")
+        if finished:
+            raise UserError(f"run folder '{out}' holds a finished run, and resuming it would replace its metrics.json "
+                            "and model.safetensors; copy the folder without metrics.json and resume the copy, pass "
+                            "overwrite=true to train it again, or choose another output_dir.")
         return "resume"
     if finished:
         raise UserError(f"run folder '{out}' holds a finished run; pass overwrite=true to replace it "
@@ -70,13 +111,22 @@ def check_run_dir(cfg: DictConfig) -> str:
     return "new"
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().parent == folder.resolve()
+
+
 def prepare_run_dir(cfg: DictConfig, action: str) -> Path:
-    """Create the folder (main process only) and save the resolved recipe."""
+    """Create the folder and save the resolved recipe (main process only, holding the folder's lock).
+    `overwrite=true` is never saved: a repeated recipe must not delete anything."""
+    from fgvc.engine.guard import set_aside_old_run
+
     out = Path(cfg.output_dir)
     if action == "overwrite" and out.is_dir():
-        shutil.rmtree(out)
+        set_aside_old_run(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.yaml", to_yaml(cfg))
+    saved = cfg.copy()
+    saved.overwrite = False
+    atomic_write_text(out / "recipe.yaml", to_yaml(saved))
     return out
 
 
@@ -96,6 +146,20 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
         raise UserError(f"train.resume '{path}' is not a checkpoint folder; give one of "
                         f"{cfg.output_dir}/checkpoints/{CHECKPOINT_PREFIX}NNNN or train.resume=auto.")
     return path
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Every tensor of `model` in `state` with its shape, and nothing else; else one sentence."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        first = (wrong + missing + unexpected)[0]
+        shapes = (f": '{first}' is {tuple(state[first].shape)} in the file but {tuple(own[first].shape)} in the model"
+                  if wrong else f" (first: '{first}')")
+        raise DataError(f"{what} ({len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} "
+                        f"differently shaped tensors{shapes}); retrain or restore the run folder.")
 
 
 @dataclass
@@ -126,17 +190,21 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunInfo
             raise UserError(f"'{run_dir}' is not a finished fgvc run folder: {name} is missing; "
                             "give the output_dir of a run made by fgvc/train.py or a folder made by fgvc/export.py.")
     cfg = load_recipe(recipe_file=run_dir / "recipe.yaml")
-    if exported:
-        meta, state = read_model_folder(run_dir)
-    else:
-        meta, state = json.loads((run_dir / "model.json").read_text()), load_file(str(run_dir / "model.safetensors"))
-    model_cfg = OmegaConf.merge(cfg.model, meta["model"])
+    meta_file = run_dir / (CONFIG_FILE if exported else "model.json")
+    try:
+        meta, state = read_model_folder(run_dir) if exported else (json.loads(meta_file.read_text()), None)
+        model_cfg = OmegaConf.merge(cfg.model, meta["model"])
+        num_classes, image_size = int(meta["num_classes"]), int(meta["image_size"])
+    except (ValueError, KeyError, TypeError, OmegaConfBaseException) as err:
+        raise DataError(f"'{meta_file}' is damaged ({err.__class__.__name__}: {err}); restore it from a "
+                        "copy of the run folder.") from None
     model_cfg.pretrained, model_cfg.weights = False, ""  # the run's own weights follow
-    model = build_model(model_cfg, meta["num_classes"], meta["image_size"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"'{run_dir}/model.safetensors' does not fit the model in model.json "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected tensors); retrain or restore it.")
+    model = build_model(model_cfg, num_classes, image_size)
+    fix = "restore it from a copy of the run folder or retrain"
+    if state is None:
+        state = read_safetensors(run_dir / "model.safetensors", fix)
+    check_fits(model, state, f"'{run_dir}/model.safetensors' does not fit the model in {meta_file.name}")
+    model.load_state_dict(state)
     model.to(device).eval()
     return RunInfo(run_dir, cfg, model, meta["class_names"], meta.get("part_names", []),
                    tuple(meta["mean"]), tuple(meta["std"]), meta["image_size"])

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import timm
-import timm.scheduler
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
@@ -30,10 +28,12 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from fgvc.data.build import DataSplits, build_datasets, make_loader, read_index
-from fgvc.engine.checkpoint import TrainState, load_extras, save_checkpoint, truncate_log
+from fgvc.engine.checkpoint import TrainState, load_checkpoint, load_extras, save_checkpoint, truncate_log
+from fgvc.engine.guard import (SCHEDULE_KEYS, SET_ASIDE, check_precision, check_resume, check_weights_finite,
+                              lock_run_dir)
 from fgvc.engine.losses import build_criterion, build_schedule
 from fgvc.engine.metrics import predict, split_metrics
-from fgvc.engine.optim import build_optimizer
+from fgvc.engine.optim import build_lr_scheduler, build_optimizer
 from fgvc.engine.runs import (atomic_write_text, check_run_dir, model_meta, prepare_run_dir, resolve_resume,
                               save_weights)
 from fgvc.engine.trackers import PROJECT_NAME, tracker_config, tracker_names
@@ -77,21 +77,19 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 
 
 def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Run:
-    """Data, model, loss, optimizer and schedule; the run folder (made only once data and model are
-    known to be fine); the checkpoint to continue, if any."""
+    """Data, model, loss, optimizer and schedule, all built and checked before the run folder is
+    touched; then, holding the folder's lock, the folder (fgvc/engine/guard.py); the checkpoint to
+    continue, if any."""
+    check_precision(cfg, accelerator.device)
     action = check_run_dir(cfg)  # every process decides the same, before any writes
+    changed = check_resume(cfg) if action == "resume" else []
+    resume_from = resolve_resume(cfg) if action == "resume" else None
     t = cfg.train
     with accelerator.main_process_first():  # the synthetic set is generated once
         index = read_index(cfg.data)
     model = build_model(cfg.model, index.num_classes, cfg.data.image_size)
     mean, std = mean_std(data_backbone(cfg.model))
     data = build_datasets(cfg.data, cfg.seed, mean, std, index=index)
-    out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        prepare_run_dir(cfg, action)
-        atomic_write_text(out / "model.json", json.dumps(
-            model_meta(cfg, index.class_names, index.part_names, mean, std), indent=1))
-    accelerator.wait_for_everyone()
     mixup = None
     if t.mixup or t.cutmix:
         mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
@@ -100,22 +98,33 @@ def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Ru
     val_loader = make_loader(data.val, t.batch_size, cfg.data.num_workers, False) if data.val else None
     updates_per_epoch = max(1, math.ceil(len(train_loader) / accelerator.num_processes / t.grad_accum_steps))
     optimizer = build_optimizer(model, t)
-    scheduler, _ = timm.scheduler.create_scheduler_v2(
-        optimizer, sched=t.scheduler, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs, min_lr=t.min_lr,
-        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    scheduler = build_lr_scheduler(optimizer, t, updates_per_epoch)
     criterion = build_criterion(cfg)
-    schedule = build_schedule(cfg, updates_per_epoch)
+    schedule = build_schedule(cfg, updates_per_epoch)  # RA-CNN's phases; None for other archs
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        lock_run_dir(out)
+        check_run_dir(cfg)  # again, under the lock: another run may have written the folder meanwhile
+        if action == "overwrite":
+            console.print(f"the old run in {out} waits in {out / SET_ASIDE} until this run's first checkpoint")
+        prepare_run_dir(cfg, action)
+        atomic_write_text(out / "model.json", json.dumps(
+            model_meta(cfg, index.class_names, index.part_names, mean, std), indent=1))
+    accelerator.wait_for_everyone()
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     raw = accelerator.unwrap_model(model)
     ema = ModelEmaV3(raw, decay=t.ema_decay) if t.ema else None  # after prepare: on the model's device
     state = TrainState()
-    resume_from = resolve_resume(cfg)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))  # model, optimizer, RNG: safetensors / weights_only
-        load_extras(resume_from, state, scheduler, ema)
-        if accelerator.is_main_process:
-            truncate_log(out / "metrics.jsonl", state.epoch)
-        console.print(f"resumed from {resume_from} (epoch {state.epoch})")
+        load_checkpoint(accelerator, resume_from)  # model, optimizer, RNG: safetensors / weights_only
+        rebuilt = [k for k in changed if k in SCHEDULE_KEYS]
+        load_extras(resume_from, state, None if rebuilt else scheduler, ema)
+        if rebuilt:  # the new schedule, from the update the checkpoint reached
+            scheduler.step_update(num_updates=state.update)
+        console.print(f"resumed from {resume_from} (epoch {state.epoch})"
+                      + (f"; schedule rebuilt for {', '.join(rebuilt)}" if rebuilt else ""))
+    if action == "resume" and accelerator.is_main_process:
+        truncate_log(out / "metrics.jsonl", state.epoch)  # lines a kill left past the checkpoint
     if tracker_names(cfg.train.log_with):
         accelerator.init_trackers(PROJECT_NAME, config=tracker_config(cfg))
     return Run(accelerator, out, data, index.num_classes, model, raw, optimizer, scheduler, criterion, schedule, ema,
@@ -164,6 +173,7 @@ def train(cfg: DictConfig, after_checkpoint: Callable[[int], None] | None = None
 def validate_and_keep(r: Run, epoch: int) -> dict:
     """Validate the model (and its EMA); save the selected weights when they are the best so far."""
     candidates = {"model": r.model} | ({"ema": r.ema.module} if r.ema is not None else {})
+    check_weights_finite(candidates, r.accelerator, epoch)  # nothing non-finite is kept or checkpointed
     row, scores = {}, {}
     for name, net in candidates.items():
         if r.val_loader is not None:

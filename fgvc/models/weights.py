@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fgvc.errors import UserError
+from fgvc.errors import DATA_EXIT, UserError
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -16,9 +16,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"weights file '{path}' does not exist; fix model.weights or drop it.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return read_safetensors(path, "fix model.weights or give an intact copy of the file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickled code, a broken file, ...
@@ -28,6 +26,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     return state
+
+
+def read_safetensors(path: str | Path, fix: str) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors; a truncated or corrupt file is one sentence ending in `fix`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0].rstrip(".") if str(err) else err.__class__.__name__
+        raise UserError(f"weights file '{path}' is damaged ({reason}); {fix}.", exit_code=DATA_EXIT) from None
 
 
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor],
