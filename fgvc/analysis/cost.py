@@ -38,11 +38,13 @@ class Latency:
         return f"{self.median_ms:.1f} ± {self.iqr_ms / 2:.1f}"
 
 
-def time_calls(fn: Callable[[Tensor], object], x: Tensor, min_run_time: float = 1.0) -> list[float]:
-    """Per-call seconds of fn(x) without autograd, from one `blocked_autorange` (after one warm-up call)."""
+def time_calls(fn: Callable[[Tensor], object], x: Tensor, min_run_time: float = 1.0,
+               num_threads: int = 1) -> list[float]:
+    """Per-call seconds of fn(x) without autograd, from one `blocked_autorange` (after one warm-up call)
+    with `num_threads` torch threads (torch.utils.benchmark's default is 1)."""
     with torch.no_grad():
         fn(x)
-        timer = Timer(stmt="fn(x)", globals={"fn": fn, "x": x, "torch": torch})
+        timer = Timer(stmt="fn(x)", globals={"fn": fn, "x": x, "torch": torch}, num_threads=num_threads)
         measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return list(measurement.times)
 
@@ -56,11 +58,11 @@ def summarize(times: list[float]) -> Latency:
 
 
 def interleaved_latency(fns: dict[str, Callable[[Tensor], object]], x: Tensor, rounds: int = 3,
-                        min_run_time: float = 1.0) -> dict[str, Latency]:
+                        min_run_time: float = 1.0, num_threads: int = 1) -> dict[str, Latency]:
     """Latency of several callables on the same input, timed in alternating rounds so that a change
     in machine load during the run affects them all alike."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name] += time_calls(fn, x, min_run_time)
+            times[name] += time_calls(fn, x, min_run_time, num_threads)
     return {name: summarize(t) for name, t in times.items()}

@@ -152,13 +152,7 @@ def cam(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
             feats = model.backbones[0].forward_features(images)  # (B, C, h, w)
             fc = model.classifiers[0]
             maps = torch.einsum("bchw,kc->bkhw", feats, fc.weight) + fc.bias[None, :, None, None]
-        elif isinstance(model, DCN):
-            # whole-image mode: the fine network's projected features take the coarse ones' place
-            feats = model.project(model.fine(images)) if model.coarse is None else model.coarse_features(images)
-            head = model.head
-            hidden = F.relu(F.conv2d(feats, head.conv.weight, head.conv.bias))  # (B, C, h, w)
-            maps = torch.einsum("bchw,kc->bkhw", hidden, head.classifier.weight)
-        else:
+        else:  # DCN: its coarse path (whole-image mode: the fine network's map)
             maps = model.class_activation_maps(images)  # (B, K, h, w)
         picked = maps[torch.arange(len(classes)), classes]  # (B, h, w)
         full = to_input(picked, size)  # (B, H, W)
