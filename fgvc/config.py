@@ -109,7 +109,7 @@ class DcnConfig:
     saliency: str = one_of("entropy", ("entropy", "cam", "gate"))  # cam: the coarse net's CAM, no backward
     exit_threshold: float = 2.0  # coarse confidence to stop early; > 1 means never
     whole_image: bool = False  # the full-image fine counterpart: fine backbone on the whole image
-    pool: str = one_of("avg", ("avg", "max"))  # top layers' global pool (the paper: max)
+    pool: str = one_of("max", ("avg", "max"))  # top layers' global pool (the paper's max; see models/dcn.py)
     top_layers: str = one_of("mix", ("mix", "fuse"))  # mix: fine replaces coarse cells; fuse: [coarse; attn(patches)]
 
 
@@ -138,10 +138,10 @@ class ZoomTrainConfig:
 class DcnTrainConfig:
     hint_weight: float = 1.0
     coarse_weight: float = 0.5  # cross-entropy on the coarse prediction (for early exit)
-    fine_weight: float = 0.0  # cross-entropy on the patch branch alone (the k refined patches)
+    fine_weight: float = 0.5  # cross-entropy on the patch branch alone (the k refined patches)
     k_min: int = 1  # k drawn per update from k_min..k_max (when k_max > 0)
     k_max: int = 0  # 0: always model.dcn.top_k
-    random_share: float = 0.0  # share of the k training patches drawn at random instead of by saliency
+    random_share: float = 0.25  # share of the k training patches drawn at random instead of by saliency
     fine_epochs: int = 0  # stage 1: every training patch random
     select_epochs: int = 0  # stage 2: fine network frozen; then joint
 
