@@ -129,9 +129,11 @@ class DcnConfig:
     fine_backbone: str = "test_resnet"
     patch_size: int = 32  # fine patch side at full resolution, pixels
     top_k: int = 4  # patches given to the fine network
-    saliency: str = one_of("entropy", ("entropy", "gate"))
+    saliency: str = one_of("entropy", ("entropy", "cam", "gate"))  # cam: the coarse net's CAM, no backward
     exit_threshold: float = 2.0  # coarse confidence to stop early; > 1 means never
     whole_image: bool = False  # the full-image fine counterpart: fine backbone on the whole image
+    pool: str = one_of("max", ("avg", "max"))  # top layers' global pool (the paper's max; see models/dcn.py)
+    top_layers: str = one_of("mix", ("mix", "fuse"))  # mix: fine replaces coarse cells; fuse: [coarse; attn(patches)]
 
 
 @dataclass
@@ -159,6 +161,12 @@ class ZoomTrainConfig:
 class DcnTrainConfig:
     hint_weight: float = 1.0
     coarse_weight: float = 0.5  # cross-entropy on the coarse prediction (for early exit)
+    fine_weight: float = 0.5  # cross-entropy on the patch branch alone (the k refined patches)
+    k_min: int = 1  # k drawn per update from k_min..k_max (when k_max > 0)
+    k_max: int = 0  # 0: always model.dcn.top_k
+    random_share: float = 0.25  # share of the k training patches drawn at random instead of by saliency
+    fine_epochs: int = 0  # stage 1: every training patch random
+    select_epochs: int = 0  # stage 2: fine network frozen; then joint
 
 
 @dataclass
@@ -473,6 +481,13 @@ def validate(cfg: DictConfig) -> None:
                         "dcn does not build; use model.dcn.saliency=entropy.")
     if m.dcn.top_k < 0 or m.dcn.patch_size < 1:
         raise UserError("model.dcn.top_k must be at least 0 and model.dcn.patch_size at least 1.")
+    d = t.dcn
+    if d.k_max and not 1 <= d.k_min <= d.k_max:
+        raise UserError(f"train.dcn.k_min ({d.k_min}) must be in 1..train.dcn.k_max ({d.k_max}); "
+                        "or set train.dcn.k_max=0 to train at model.dcn.top_k.")
+    if d.k_max < 0 or d.fine_epochs < 0 or d.select_epochs < 0 or not 0 <= d.random_share <= 1:
+        raise UserError("train.dcn.k_max, fine_epochs and select_epochs must be 0 or more and "
+                        "train.dcn.random_share in [0, 1].")
     for key, low, high in RANGES:
         value = OmegaConf.select(cfg, key)
         if not low <= value <= high:

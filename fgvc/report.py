@@ -2,6 +2,9 @@
 
     coarse-fine   cost/accuracy of a dcn run: coarse, full-image fine, dcn per k, early exit per
                   threshold (thresholds chosen on validation) -> coarse_fine.{md,csv,png} in RUN_DIR
+    coarse-fine-cost  cost only (random weights) of a dcn recipe against its whole-image counterpart:
+                  `coarse-fine-cost recipe=cub_dcn --out DIR` -> coarse_fine_cost.{md,csv} in DIR
+    coarse-fine-design  top-1 (val / test) and GFLOPs per k of several runs, one markdown table on stdout
 
 A report joins by adding one entry to REPORTS: (help, add_arguments(parser), run(args)).
 """
@@ -50,9 +53,43 @@ def _coarse_fine(args: argparse.Namespace) -> None:
                thresholds=tuple(args.thresholds), batch=args.batch, min_run_time=args.min_run_time)
 
 
+def _coarse_fine_cost_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="+", help="the dcn recipe and key=value overrides, e.g. recipe=cub_dcn")
+    p.add_argument("--out", required=True, help="folder for coarse_fine_cost.{md,csv}")
+    p.add_argument("--k", type=number_list(int), default=None, help="k values to cost (default: the recipe's k)")
+    p.add_argument("--num-classes", type=int, default=200, help="classifier width (CUB: 200; negligible cost)")
+    p.add_argument("--batch", type=int, default=32, help="the large batch for latency")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per path, round and batch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+
+
+def _coarse_fine_cost(args: argparse.Namespace) -> None:
+    from fgvc.analysis.coarse_fine import report_cost
+
+    report_cost(args.overrides, args.out, ks=args.k, num_classes=args.num_classes, batch=args.batch,
+                rounds=args.rounds, min_run_time=args.min_run_time, overwrite=args.overwrite)
+
+
+def _coarse_fine_design_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", help="finished dcn run folders (a whole-image run gives one number)")
+    p.add_argument("--k", type=number_list(int), default=[0, 1, 2, 4, 8, 16], help="k grid (0: the coarse path)")
+    p.add_argument("--batch", type=int, default=64, help="evaluation batch")
+
+
+def _coarse_fine_design(args: argparse.Namespace) -> None:
+    from fgvc.analysis.coarse_fine import design_table
+
+    print(design_table(args.run_dirs, args.k, args.batch), end="")
+
+
 REPORTS = {
     "coarse-fine": ("cost/accuracy report of a dcn run (coarse, fine, dcn per k, early exit)",
                     _coarse_fine_args, _coarse_fine),
+    "coarse-fine-cost": ("cost only (random weights) of a dcn recipe against its whole-image counterpart",
+                         _coarse_fine_cost_args, _coarse_fine_cost),
+    "coarse-fine-design": ("top-1 per k of several dcn runs (choosing a design)", _coarse_fine_design_args,
+                           _coarse_fine_design),
 }
 
 

@@ -13,12 +13,13 @@ from conftest import execute_notebook
 import torch
 import torch.nn.functional as F
 
+from fgvc.analysis.coarse_fine import (COLUMNS, FILES, coarse_fine_rows, cost_rows, markdown, read_csv,
+                                       read_plot_points, write_csv, write_report)
 from fgvc.analysis.cost import count_flops
-from fgvc.analysis.coarse_fine import (COLUMNS, FILES, coarse_fine_rows, read_csv,
-                                       read_plot_points, write_report)
 from fgvc.errors import UserError
 from fgvc.engine.losses import DcnLoss
-from fgvc.models.dcn import ALWAYS_EXIT, DCN, NEVER_EXIT, choose_threshold, entropy_saliency, escalate
+from fgvc.models.dcn import (ALWAYS_EXIT, DCN, FINE, JOINT, NEVER_EXIT, SELECT, DcnSchedule, DcnStep, cam_saliency,
+                             choose_positions, choose_threshold, entropy_saliency, escalate)
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = 64  # input side
@@ -36,9 +37,18 @@ def tiny_dcn(**kw) -> DCN:
     return DCN(NUM_CLASSES, **(args | kw)).eval()
 
 
+DESIGNS = {"mix-avg": dict(), "mix-max": dict(pool="max"), "fuse": dict(top_layers="fuse")}
+
+
 @pytest.fixture(scope="module")
 def model() -> DCN:
     return tiny_dcn()
+
+
+@pytest.fixture(scope="module", params=list(DESIGNS))
+def design(request) -> DCN:
+    """The DCN under each choice of top layers: the paper's mix (average or max pool) and fuse."""
+    return tiny_dcn(**DESIGNS[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +56,24 @@ def x() -> torch.Tensor:
     return torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
 
 
-def test_k_all_positions_equals_fine_network_on_every_patch(model, x):
+def test_k_all_positions_equals_fine_network_on_every_patch(design, x):
     """Reference path: cut every coarse cell's patch with F.unfold (an independent implementation of
-    the patch grid), run the fine network on all of them, classify. The DCN path with k = h*w must
-    give the same logits."""
+    the patch grid), run the fine network on all of them, decide. The DCN path with k = h*w (its
+    positions in saliency order, not row-major) must give the same logits."""
+    model = design
     offset = (PATCH - CELL) // 2  # the patch of cell j starts at j*CELL - offset
     cols = F.unfold(F.pad(x, (offset,) * 4), PATCH, stride=CELL)  # (B, 3*P*P, h*w)
     b = x.shape[0]
     patches = cols.transpose(1, 2).reshape(b * GRID * GRID, 3, PATCH, PATCH)
     with torch.no_grad():
         fine = model.fine_vectors(patches).view(b, GRID * GRID, -1)  # (B, h*w, C), row-major cells
-        mixed = fine.transpose(1, 2).reshape(b, -1, GRID, GRID)
-        reference = model.head(mixed)
+        if model.fusion is None:  # mix: every coarse cell replaced by its fine vector
+            reference = model.head(fine.transpose(1, 2).reshape(b, -1, GRID, GRID))
+        else:  # fuse: the coarse global vector with all patch vectors
+            reference = model.fusion(model.head.vector(model.coarse_features(x)), fine)[0]
         out = model(x, top_k=GRID * GRID)
     assert out.positions.shape == (b, GRID * GRID)
+    assert not torch.equal(out.positions[0], torch.arange(GRID * GRID))  # order differs; the result must not
     torch.testing.assert_close(out.logits, reference, rtol=1e-4, atol=1e-5)
     # the boxes are the unfold windows, in input pixels
     pos = out.positions[0]
@@ -68,7 +82,8 @@ def test_k_all_positions_equals_fine_network_on_every_patch(model, x):
     torch.testing.assert_close(out.boxes[0, :, 2:] - out.boxes[0, :, :2], torch.full_like(expect, PATCH))
 
 
-def test_k_zero_is_exactly_the_coarse_path(model, x):
+def test_k_zero_is_exactly_the_coarse_path(design, x):
+    model = design
     with torch.no_grad():
         out = model(x, top_k=0)
         coarse = model.head(model.coarse_features(x))
@@ -77,12 +92,14 @@ def test_k_zero_is_exactly_the_coarse_path(model, x):
     assert out.named_logits().keys() == {"coarse"}
 
 
-def test_flops_grow_linearly_with_k(model, x):
-    one = x[:1]
+def test_flops_grow_linearly_with_k(design, x):
+    model, one = design, x[:1]
     f1, f2, f3 = (count_flops(lambda t, k=k: model(t, top_k=k), one) for k in (1, 2, 3))
     assert f2 - f1 > 0
     assert f3 - f2 == f2 - f1
     per_patch = count_flops(model.fine_vectors, torch.zeros(1, 3, PATCH, PATCH))
+    if model.fusion is not None:  # and the patch vector's attention layers
+        per_patch += count_flops(lambda v: model.fusion.score(model.fusion.patch(v)), torch.zeros(1, model.width))
     assert f2 - f1 == per_patch  # each extra position costs exactly one fine patch
 
 
@@ -139,9 +156,11 @@ def test_saliency_leaves_no_gradient_and_works_under_no_grad(x):
 def test_loss_terms_and_hint_reaches_only_the_coarse_network(x):
     net = tiny_dcn().train()
     out = net(x)
-    terms = DcnLoss(hint_weight=1.0, coarse_weight=0.5)(out, torch.tensor([0, 1, 2]))
-    assert terms.keys() == {"loss", "ce", "hint", "coarse_ce"}
-    torch.testing.assert_close(terms["loss"], terms["ce"] + terms["hint"] + 0.5 * terms["coarse_ce"])
+    terms = DcnLoss(hint_weight=1.0, coarse_weight=0.5, fine_weight=0.25)(out, torch.tensor([0, 1, 2]))
+    assert terms.keys() == {"loss", "ce", "hint", "coarse_ce", "fine_ce"}
+    assert terms["fine_ce"] > 0  # the patch branch has its own prediction in training
+    torch.testing.assert_close(terms["loss"], terms["ce"] + terms["hint"] + 0.5 * terms["coarse_ce"]
+                               + 0.25 * terms["fine_ce"])
     terms["hint"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.coarse.parameters())
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.fine.parameters())
@@ -164,6 +183,10 @@ def test_user_errors_name_the_key():
         load_recipe(["recipe=synth_dcn", "model.dcn.saliency=gate"])
     with pytest.raises(UserError, match="model.dcn.coarse_stages"):
         tiny_dcn(coarse_stages=9)
+    with pytest.raises(UserError, match="train.dcn.k_min"):
+        load_recipe(["recipe=synth_dcn", "train.dcn.k_min=5", "train.dcn.k_max=3"])
+    with pytest.raises(UserError, match="train.dcn.random_share"):
+        load_recipe(["recipe=synth_dcn", "train.dcn.random_share=1.5"])
 
 
 def test_recipes_build_the_model_and_loss():
@@ -176,9 +199,108 @@ def test_recipes_build_the_model_and_loss():
         net = build_model(cfg.model, 12, cfg.data.image_size)
         assert isinstance(net, DCN) and net.whole_image is whole
         assert isinstance(build_criterion(cfg), DcnLoss)
+    from fgvc.engine.losses import build_schedule
+
+    cfg = load_recipe(["recipe=synth_dcn", "model.dcn.top_layers=fuse", "model.dcn.pool=max", "train.dcn.k_max=8",
+                       "train.dcn.fine_epochs=2", "train.dcn.fine_weight=0.5", "seed=4"])
+    net = build_model(cfg.model, 12, cfg.data.image_size)
+    assert net.fusion is not None and net.head.pool == "max" and build_criterion(cfg).fine_weight == 0.5
+    assert build_schedule(cfg, 10) == DcnSchedule(top_k=2, k_min=1, k_max=8, random_share=0.25, fine_updates=20,
+                                                  seed=4)
+    assert build_schedule(load_recipe(["recipe=synth_dcn_fine"]), 10) is None  # nothing to schedule
     for name in ("cub_dcn", "cars_dcn"):  # real-data recipes resolve (weights are not fetched here)
         cfg = load_recipe([f"recipe={name}"])
         assert cfg.model.arch == "dcn" and cfg.data.image_size == 448
+
+
+# --- the redesign: random k, random patches, stages, CAM saliency --------------------------------
+
+def test_choose_positions_keeps_the_salient_and_draws_the_rest_at_random():
+    saliency = torch.rand(8, GRID, GRID, generator=torch.Generator().manual_seed(0))
+    top = saliency.flatten(1).topk(5, dim=1).indices
+    assert torch.equal(choose_positions(saliency, 5), top)
+    torch.manual_seed(0)
+    mixed = choose_positions(saliency, 5, n_random=2)  # (8, 5)
+    assert torch.equal(mixed[:, :3], top[:, :3])
+    assert all(len(set(row.tolist())) == 5 for row in mixed)  # distinct positions
+    assert not any(set(r[3:].tolist()) & set(t[:3].tolist()) for r, t in zip(mixed, top))
+    assert not torch.equal(mixed[:, 3:], top[:, 3:])  # not the next most salient: drawn
+
+
+def test_schedule_draws_k_stages_and_random_share():
+    sched = DcnSchedule(top_k=2, k_min=1, k_max=8, random_share=0.25, fine_updates=10, select_updates=5, seed=3)
+    steps = [sched.phase(u) for u in range(400)]
+    assert [s.stage for s in steps[:16]] == [FINE] * 10 + [SELECT] * 5 + [JOINT]
+    assert all(s.n_random == s.top_k for s in steps[:10])  # stage 1: every patch random
+    assert {s.top_k for s in steps} == set(range(1, 9))
+    joint = steps[15:]
+    share = sum(s.n_random for s in joint) / sum(s.top_k for s in joint)
+    assert 0.2 < share < 0.3 and all(0 <= s.n_random <= s.top_k for s in joint)
+    assert sched.phase(123) == steps[123]  # a function of (seed, update): every rank, and a resume, agree
+    fixed = DcnSchedule(top_k=2)
+    assert {fixed.phase(u) for u in range(50)} == {DcnStep(JOINT, 2, 0)}  # the old behaviour
+
+
+def test_select_stage_freezes_the_fine_network(x):
+    net = tiny_dcn(top_layers="fuse").train()
+    out = net(x, phase=DcnStep(SELECT, 3, 1))
+    DcnLoss(fine_weight=1.0)(out, torch.tensor([0, 1, 2]))["loss"].backward()
+    assert all(p.grad is None for p in net.fine.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.coarse.parameters())
+    net.zero_grad(set_to_none=True)
+    DcnLoss(fine_weight=1.0)(net(x, phase=DcnStep(JOINT, 3, 1)), torch.tensor([0, 1, 2]))["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.fine.parameters())
+
+
+def test_cam_saliency_is_the_coarse_cam_of_the_predicted_class(x):
+    net = tiny_dcn(saliency="cam")
+    with torch.no_grad():
+        out = net(x, top_k=2)
+        feats = net.coarse_features(x)
+        maps = net.class_activation_maps(x)  # (B, K, h, w)
+    picked = maps[torch.arange(len(x)), out.coarse_logits.argmax(-1)]
+    torch.testing.assert_close(out.saliency, picked)
+    assert torch.equal(out.positions, picked.flatten(1).topk(2, dim=1).indices)
+    assert not cam_saliency(net.head, feats.requires_grad_(True)).requires_grad
+
+
+def _quadrant_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 classes: a bright 12 px square somewhere in one of the four quadrants of a noisy image."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, IMAGE, IMAGE, generator=g) * 0.3
+    labels = torch.arange(n) % 4
+    for i, c in enumerate(labels.tolist()):
+        y0 = (c // 2) * IMAGE // 2 + int(torch.randint(4, IMAGE // 2 - 12, (1,), generator=g))
+        x0 = (c % 2) * IMAGE // 2 + int(torch.randint(4, IMAGE // 2 - 12, (1,), generator=g))
+        images[i, :, y0:y0 + 12, x0:x0 + 12] += 3.0
+    return images, labels
+
+
+def test_a_model_trained_with_random_k_predicts_at_every_k():
+    """One model, trained with k drawn at random from 1..h*w (random patches mixed in, a first stage
+    on random patches only), gives valid predictions at EVERY k: finite, one per class, and fitting
+    its training images well above chance (0.25) whichever k it is asked for. (30 updates on 32
+    images: this checks that every k is served, not generalisation.)"""
+    torch.manual_seed(0)
+    net = DCN(4, image_size=IMAGE, coarse_backbone="test_resnet", coarse_stages=3, coarse_image_size=COARSE,
+              fine_backbone="test_resnet", patch_size=PATCH, top_k=2, top_layers="fuse").train()
+    images, labels = _quadrant_data(32, 0)
+    sched = DcnSchedule(top_k=2, k_min=1, k_max=GRID * GRID, random_share=0.25, fine_updates=5)
+    loss_fn = DcnLoss(hint_weight=0.1, coarse_weight=0.5, fine_weight=0.5)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for update in range(30):
+        i = torch.arange(16) + 16 * (update % 2)
+        loss = loss_fn(net(images[i], phase=sched.phase(update)), labels[i])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        for k in range(1, GRID * GRID + 1):
+            logits = net(images, top_k=k).logits
+            assert logits.shape == (32, 4) and torch.isfinite(logits).all()
+            acc = (logits.argmax(-1) == labels).float().mean().item()
+            assert acc >= 0.6, f"k={k}: top-1 {acc:.2f} on its training images (chance 0.25)"
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -206,7 +328,8 @@ def check_report_files(out: Path) -> list[dict]:
     return rows
 
 
-def test_report_rows_from_a_model_and_loaders(model, tmp_path):
+def test_report_rows_from_a_model_and_loaders(design, tmp_path):
+    model = design
     rows = coarse_fine_rows(model, _loader(12, 2), NUM_CLASSES, _loader(8, 3), ks=[1, model.top_k],
                             shares=(0.5,), costs=(0.35,), thresholds=(NEVER_EXIT,), batch=4, min_run_time=0.01)
     kinds = [r.kind for r in rows]
@@ -218,6 +341,23 @@ def test_report_rows_from_a_model_and_loaders(model, tmp_path):
     assert all(r.chosen_on.startswith("val") for r in rows[5:])
     write_report(rows, tmp_path, "test", 4)
     assert len(check_report_files(tmp_path)) == len(rows)
+
+
+def test_cost_rows_table_and_csv_agree(tmp_path):
+    dcn, whole = tiny_dcn(top_layers="fuse"), tiny_dcn(whole_image=True)
+    rows = cost_rows(dcn, whole, IMAGE, ks=[1, 3], batch=2, rounds=1, min_run_time=0.01)
+    assert [(r.kind, r.k) for r in rows] == [("coarse", 0), ("fine", -1), ("dcn", 1), ("dcn", 3)]
+    one = torch.zeros(1, 3, IMAGE, IMAGE)
+    assert rows[3].gflops * 1e9 == pytest.approx(count_flops(lambda t: dcn(t, top_k=3), one))
+    assert rows[1].gflops * 1e9 == pytest.approx(count_flops(whole, one))
+    assert all(r.lat_b1_ms > 0 and r.lat_batch_ms > 0 for r in rows)
+    (tmp_path / "c.md").write_text(markdown(rows, "cost", 2, summary="s", note="n"))
+    write_csv(rows, tmp_path / "c.csv")
+    table = [line for line in (tmp_path / "c.md").read_text().splitlines() if line.startswith("| ")][1:]
+    for line, row in zip(table, read_csv(tmp_path / "c.csv"), strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[COLUMNS.index("label")] == row["label"]
+        assert float(cells[COLUMNS.index("gflops")]) == pytest.approx(float(row["gflops"]), abs=1e-4)
 
 
 def _env() -> dict:

@@ -300,7 +300,9 @@ def test_class_activation_maps_average_to_the_logits_they_explain(name):
     """CAM is the classifier applied before the average pool: averaging it over positions gives back
     the logits of the path it explains (Classifier: its logits; RA-CNN: scale 0; DCN: the coarse path)."""
     args = {"plain": ["recipe=synth_baseline"], "racnn": ["recipe=synth_racnn"],
-            "dcn": ["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet"],
+            # CAM explains an average pool; the DCN's default top layers max-pool (their CAM is still
+            # the classifier at every position, but no longer averages to the logits)
+            "dcn": ["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet", "model.dcn.pool=avg"],
             "dcn_whole": ["recipe=synth_dcn_fine", "model.dcn.fine_backbone=test_resnet"]}[name]
     cfg = load_recipe([*args, f"data.image_size={SIDE}"])
     torch.manual_seed(0)

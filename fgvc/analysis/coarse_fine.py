@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from fgvc.analysis import cost
 from fgvc.analysis.cost import count_flops, count_parameters, latency
 from fgvc.engine.metrics import accuracy_metrics
 from fgvc.errors import UserError
@@ -263,13 +264,18 @@ def cell(row: Row, key: str) -> str:
     return MD_FORMATS.get(key, "{}").format(value)
 
 
-def markdown(rows: list[Row], header: str, batch: int) -> str:
+ACCURACY_NOTE = ("Test split. Early-exit thresholds were chosen on the validation split, never on test; their "
+                 "FLOPs are coarse + escalated share x (dcn - coarse).")
+
+
+def markdown(rows: list[Row], header: str, batch: int, summary: str | None = None, note: str = ACCURACY_NOTE) -> str:
+    """The report as a markdown table under a header, a note on what was measured and a summary
+    line (default: `goal_line`)."""
     lines = [f"# Coarse vs fine: {header}", "",
-             f"Test split. FLOPs per image counted by torch's FlopCounterMode (2 FLOPs per multiply-add; "
+             f"{note} FLOPs per image counted by torch's FlopCounterMode (2 FLOPs per multiply-add; "
              f"FLOPs, not MACs). Latency: this CPU, {torch.get_num_threads()} thread(s), median and "
-             f"interquartile range per image at batch 1 and at batch {batch}. Early-exit thresholds were "
-             "chosen on the validation split, never on test; their FLOPs are coarse + escalated share x "
-             "(dcn - coarse).", "", goal_line(rows), "",
+             f"interquartile range per image at batch 1 and at batch {batch}.", "",
+             summary or goal_line(rows), "",
              "| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows]
@@ -354,6 +360,118 @@ def write_report(rows: list[Row], out_dir: Path, header: str, batch: int) -> lis
     write_csv(rows, paths[1])
     plot(rows, paths[2], header)
     return paths
+
+
+# --- cost only: a recipe's dcn against its whole-image counterpart ---------------------------------
+
+COST_FILES = ("coarse_fine_cost.md", "coarse_fine_cost.csv")
+COST_NOTE = ("Cost only: random weights (they cost what trained ones cost), random inputs; accuracy not "
+             "measured. Every path timed in alternating rounds (fgvc/analysis/cost.py), at batch 1 and at "
+             "the large batch, so a change in machine load affects them alike.")
+
+
+def cost_rows(model: DCN, whole: DCN, image_size: int, ks: list[int], batch: int = 32, rounds: int = 3,
+              min_run_time: float = 0.5) -> list[Row]:
+    """FLOPs, parameters and CPU latency per image (batch 1 and `batch`) of the coarse path, the
+    whole-image fine network (`whole`, built with whole_image=True) and the DCN at each k."""
+    if not isinstance(model, DCN) or model.whole_image or not isinstance(whole, DCN) or not whole.whole_image:
+        raise UserError("the coarse-fine cost report needs a dcn recipe (model.arch=dcn, model.dcn.whole_image=false).")
+    model.eval(), whole.eval()
+    big = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))  # (N, 3, H, W)
+    paths: dict[str, tuple[str, int, Callable[[Tensor], object], float]] = {
+        "coarse": ("coarse", 0, lambda x: model(x, top_k=0), count_parameters(model.coarse, model.head) / 1e6),
+        "fine (whole image)": ("fine", -1, whole, count_parameters(whole) / 1e6)}
+    for k in ks:
+        paths[f"dcn k={k}"] = ("dcn", k, lambda x, k=k: model(x, top_k=k), count_parameters(model) / 1e6)
+    fns = {name: fn for name, (_, _, fn, _) in paths.items()}
+    threads = torch.get_num_threads()
+    b1 = cost.interleaved_latency(fns, big[:1], rounds, min_run_time, threads)
+    bn = cost.interleaved_latency(fns, big, rounds, min_run_time, threads)
+    nan = float("nan")
+    return [Row(name, kind, k, nan, "", 1.0 if kind != "coarse" else 0.0, nan, nan,
+                count_flops(fn, big[:1]) / 1e9, params, b1[name].median_ms, b1[name].iqr_ms,
+                bn[name].median_ms / batch, bn[name].iqr_ms / batch)
+            for name, (kind, k, fn, params) in paths.items()]
+
+
+def cost_line(rows: list[Row]) -> str:
+    """Each dcn row's FLOPs share and speed-ups against the whole-image fine network (goal: <= 35%, >= 2x)."""
+    fine = next(r for r in rows if r.kind == "fine")
+    parts = [f"{r.path}: {100 * r.gflops / fine.gflops:.0f}% of the whole-image FLOPs, "
+             f"{fine.lat_b1_ms / r.lat_b1_ms:.2f}x its speed at batch 1 and {fine.lat_batch_ms / r.lat_batch_ms:.2f}x "
+             f"at the large batch" for r in rows if r.kind == "dcn"]
+    return (f"Against {fine.path} (goal: <= {100 * GOAL_FLOPS_SHARE:.0f}% of its FLOPs, >= {GOAL_SPEEDUP:g}x "
+            f"faster): " + "; ".join(parts) + ".")
+
+
+def report_cost(overrides: list[str], out_dir: str | Path, ks: list[int] | None = None, num_classes: int = 200,
+                batch: int = 32, rounds: int = 3, min_run_time: float = 0.5, overwrite: bool = False,
+                console=None) -> list[Row]:
+    """The cost report of a dcn recipe (`recipe=cub_dcn ...`) against the same recipe with
+    model.dcn.whole_image=true, at the recipe's image size; written to out_dir and printed."""
+    from fgvc.config import load_recipe
+    from fgvc.models.build import build_model
+
+    out_dir = Path(out_dir)
+    paths = [out_dir / name for name in COST_FILES]
+    if not overwrite and any(p.exists() for p in paths):
+        raise UserError(f"'{out_dir}' already holds a coarse-fine cost report; pass --overwrite or another --out.")
+    cfg = load_recipe(overrides)
+    if cfg.model.arch != "dcn" or cfg.model.dcn.whole_image:
+        raise UserError("the coarse-fine cost report needs a dcn recipe with model.dcn.whole_image=false, "
+                        "e.g. recipe=cub_dcn.")
+    cfg.model.pretrained, cfg.model.weights = False, ""  # random weights cost the same; nothing is fetched
+    size = cfg.data.image_size
+    model = build_model(cfg.model, num_classes, size)
+    cfg.model.dcn.whole_image = True
+    whole = build_model(cfg.model, num_classes, size)
+    rows = cost_rows(model, whole, size, sorted(set(ks or [model.top_k]) - {0}), batch, rounds, min_run_time)
+    header = f"cost of `{' '.join(overrides)}` against model.dcn.whole_image=true at {size} px"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths[0].write_text(markdown(rows, header, batch, summary=cost_line(rows), note=COST_NOTE))
+    write_csv(rows, paths[1])
+    from rich.console import Console
+
+    console = console or Console()
+    console.print(rich_table(rows, header))
+    console.print(cost_line(rows))
+    console.print(f"written: {', '.join(str(p) for p in paths)}")
+    return rows
+
+
+# --- comparing designs: top-1 per k of several runs ---------------------------------------------
+
+def design_table(run_dirs: list[str | Path], ks: list[int], batch: int = 64) -> str:
+    """A markdown table: for each run folder (dcn runs; a whole-image run gives one number), top-1 on
+    the validation and test splits at each k (k = 0: the coarse path) and its GFLOPs per image at
+    each k. Accuracy only, no latency: to choose a design, not to report the goal."""
+    from fgvc.engine.runs import load_run
+
+    head = ["run", *(f"k={k} val/test" for k in ks), *(f"GFLOPs k={k}" for k in ks)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run_dir in run_dirs:
+        run = load_run(run_dir)
+        test_loader, val_loader = _eval_loaders(run, batch)
+        n = len(run.class_names)
+        one = images(test_loader, 1)
+        model = run.model
+        if model.whole_image:
+            accs = []
+            for loader in (val_loader, test_loader):
+                y, lg = plain_logits(model.forward_whole_image, loader)
+                accs.append(100 * accuracy_metrics(lg, y, n)["top1"])
+            flops = count_flops(model.forward_whole_image, one) / 1e9
+            cells = [f"{accs[0]:.1f} / {accs[1]:.1f} (whole image)"] + [""] * (len(ks) - 1) + [f"{flops:.4f}"]
+            lines.append("| " + " | ".join([Path(run_dir).name, *cells, *[""] * (len(ks) - 1)]) + " |")
+            continue
+        per_split = []
+        for loader in (val_loader, test_loader):
+            y, coarse, by_k = dcn_logits(model, loader, [k for k in ks if k])
+            per_split.append({k: 100 * accuracy_metrics(coarse if k == 0 else by_k[k], y, n)["top1"] for k in ks})
+        flops = [count_flops(lambda x, k=k: model(x, top_k=k), one) / 1e9 for k in ks]
+        lines.append("| " + " | ".join([Path(run_dir).name, *(f"{per_split[0][k]:.1f} / {per_split[1][k]:.1f}"
+                                                              for k in ks), *(f"{f:.4f}" for f in flops)]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # --- wiring a run folder -------------------------------------------------------------------------

@@ -65,11 +65,11 @@ def latency(fn: Callable[[Tensor], object], x: Tensor, min_run_time: float = 1.0
 
 
 def interleaved_latency(fns: dict[str, Callable[[Tensor], object]], x: Tensor, rounds: int = 3,
-                        min_run_time: float = 1.0) -> dict[str, Latency]:
+                        min_run_time: float = 1.0, num_threads: int = 1) -> dict[str, Latency]:
     """Latency of several callables on the same input, timed in alternating rounds so that a change
     in machine load during the run affects them all alike."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name] += time_calls(fn, x, min_run_time)
+            times[name] += time_calls(fn, x, min_run_time, num_threads)
     return {name: summarize(t) for name, t in times.items()}

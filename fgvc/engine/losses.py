@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from fgvc.models.dcn import DcnOutput
+from fgvc.models.dcn import DcnOutput, DcnSchedule
 from fgvc.models.outputs import final_logits
 from fgvc.models.zoom import APN, CLS, PRETRAIN, ZoomOutput, ZoomSchedule
 
@@ -91,14 +91,18 @@ class ZoomLoss(nn.Module):
 
 
 class DcnLoss(nn.Module):
-    """CE on the mixed prediction + hint_weight * the paper's hint loss (MSE between the coarse
-    features and the stop-gradient fine features at the refined positions) + coarse_weight * CE on
-    the coarse prediction (it trains the confidence that gates the early exit)."""
+    """Per-branch losses: CE on the decision (mixed or fused) + hint_weight * the paper's hint loss
+    (MSE between the coarse features and the stop-gradient fine features at the refined positions)
+    + coarse_weight * CE on the coarse prediction (it trains the confidence that gates the early exit)
+    + fine_weight * CE on the patch branch alone (the fine network learns patch features that decide
+    by themselves, as GFNet's and MMAL-Net's local branches do)."""
 
-    def __init__(self, hint_weight: float = 1.0, coarse_weight: float = 0.5, label_smoothing: float = 0.0) -> None:
+    def __init__(self, hint_weight: float = 1.0, coarse_weight: float = 0.5, label_smoothing: float = 0.0,
+                 fine_weight: float = 0.0) -> None:
         super().__init__()
         self.hint_weight = hint_weight
         self.coarse_weight = coarse_weight
+        self.fine_weight = fine_weight
         self.label_smoothing = label_smoothing
 
     def forward(self, output: DcnOutput, target: Tensor) -> dict[str, Tensor]:
@@ -110,8 +114,11 @@ class DcnLoss(nn.Module):
         coarse_ce = zero
         if output.coarse_logits is not None:
             coarse_ce = classification_loss(output.coarse_logits, target, self.label_smoothing)
-        loss = ce + self.hint_weight * hint + self.coarse_weight * coarse_ce
-        return {"loss": loss, "ce": ce, "hint": hint, "coarse_ce": coarse_ce}
+        fine_ce = zero
+        if output.fine_logits is not None:
+            fine_ce = classification_loss(output.fine_logits, target, self.label_smoothing)
+        loss = ce + self.hint_weight * hint + self.coarse_weight * coarse_ce + self.fine_weight * fine_ce
+        return {"loss": loss, "ce": ce, "hint": hint, "coarse_ce": coarse_ce, "fine_ce": fine_ce}
 
 
 # --- from the recipe ---------------------------------------------------------------------------
@@ -124,13 +131,22 @@ def build_criterion(cfg: DictConfig) -> nn.Module:
     if cfg.model.arch == "racnn":
         return ZoomLoss(rank_margin=t.zoom.rank_margin, rank_weight=t.zoom.rank_weight, label_smoothing=smoothing)
     if cfg.model.arch == "dcn":
-        return DcnLoss(hint_weight=t.dcn.hint_weight, coarse_weight=t.dcn.coarse_weight, label_smoothing=smoothing)
+        return DcnLoss(hint_weight=t.dcn.hint_weight, coarse_weight=t.dcn.coarse_weight, label_smoothing=smoothing,
+                       fine_weight=t.dcn.fine_weight)
     return ClassificationLoss(smoothing)
 
 
-def build_schedule(cfg: DictConfig, updates_per_epoch: int) -> ZoomSchedule | None:
-    """RA-CNN's alternation of phases (paper sec. 3.4), counted in optimizer updates; None for the
-    other archs. The training loop is its one owner: it asks `phase(update)` before each forward."""
+def build_schedule(cfg: DictConfig, updates_per_epoch: int) -> ZoomSchedule | DcnSchedule | None:
+    """RA-CNN's alternation of phases (paper sec. 3.4) or the DCN's stages and k per update, counted
+    in optimizer updates; None for the other archs. The training loop is its one owner: it asks
+    `phase(update)` before each forward."""
+    if cfg.model.arch == "dcn":
+        d = cfg.train.dcn
+        if cfg.model.dcn.whole_image:
+            return None
+        return DcnSchedule(top_k=cfg.model.dcn.top_k, k_min=d.k_min, k_max=d.k_max, random_share=d.random_share,
+                           fine_updates=d.fine_epochs * updates_per_epoch,
+                           select_updates=d.select_epochs * updates_per_epoch, seed=cfg.seed)
     if cfg.model.arch != "racnn":
         return None
     z = cfg.train.zoom

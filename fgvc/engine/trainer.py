@@ -39,6 +39,7 @@ from fgvc.engine.runs import (atomic_write_text, check_run_dir, model_meta, prep
 from fgvc.engine.trackers import PROJECT_NAME, tracker_config, tracker_names
 from fgvc.errors import RunError
 from fgvc.models.build import build_model, data_backbone, mean_std
+from fgvc.models.dcn import DcnSchedule
 from fgvc.models.zoom import ZoomSchedule
 
 PARTLY_UNUSED_ARCHS = ("racnn", "dcn")  # some parameters sit out some steps: DDP must allow it
@@ -57,7 +58,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     criterion: torch.nn.Module
-    schedule: ZoomSchedule | None  # RA-CNN's phases; its one owner, asked before each forward
+    schedule: ZoomSchedule | DcnSchedule | None  # RA-CNN's phases or the DCN's steps; asked before each forward
     ema: ModelEmaV3 | None
     mixup: Mixup | None
     train_loader: DataLoader

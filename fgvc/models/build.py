@@ -47,7 +47,7 @@ def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                coarse_stages=d.coarse_stages, coarse_image_size=d.coarse_image_size or image_size // 2,
                fine_backbone=d.fine_backbone, patch_size=d.patch_size, top_k=d.top_k,
                saliency=d.saliency, exit_threshold=d.exit_threshold, whole_image=d.whole_image,
-               pretrained=m.pretrained)
+               pretrained=m.pretrained, pool=d.pool, top_layers=d.top_layers)
 
 
 def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.Module:
