@@ -3,6 +3,7 @@
     python fgvc/benchmark.py attention [--batch 8] [--out results/attention_benchmark.md]
     python fgvc/benchmark.py synthetic [--seeds 0 1 2] [--out results/synthetic] [--set key=value ...]
     python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 6] [--out results/train_speed.md]
+    python fgvc/benchmark.py recipes [--recipes cub_cbam ...] [--set key=value ...] [--out results/recipes.md]
 
 A small dispatcher; the measuring lives in fgvc/analysis/cost.py.
 """
@@ -120,7 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     spd.add_argument("--epochs", type=int, default=6, help="epochs of each timed path, the first not counted")
     spd.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     spd.add_argument("--out", default="", help="also write the table to this markdown file")
+    rec = sub.add_parser("recipes", help="every real recipe at its real size: 2 steps + 1 evaluation batch, CPU")
+    rec.add_argument("--recipes", nargs="+", default=None, help="a subset of the cub_/cars_/aircraft_/nabirds_ recipes")
+    rec.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every recipe")
+    rec.add_argument("--timeout", type=float, default=3600, help="seconds per recipe")
+    rec.add_argument("--out", default="results/recipes.md")
     args = parser.parse_args(argv)
+    if args.command == "recipes":
+        from fgvc.config import load_recipe
+        from fgvc.engine.recipe_bench import real_recipes, recipes_benchmark
+
+        recipes = args.recipes or real_recipes()
+        for r in recipes:  # every recipe and override is checked before the long runs start
+            load_recipe([f"recipe={r}", *args.set])
+        write_table(recipes_benchmark(recipes, list(args.set), args.timeout),
+                    "Every real recipe at its real size", args.out, argv)
+        return 0
     if args.command == "train":
         from fgvc.analysis.train_speed import train_speed
 
