@@ -3,6 +3,7 @@
     python fgvc/benchmark.py attention [--batch 8] [--out results/attention_benchmark.md]
     python fgvc/benchmark.py synthetic [--seeds 0 1 2] [--out results/synthetic] [--set key=value ...]
     python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 6] [--out results/train_speed.md]
+    python fgvc/benchmark.py data [--images 64] [--rounds 5] [--out results/data_speed.md]
     python fgvc/benchmark.py recipes [--recipes cub_cbam ...] [--set key=value ...] [--out results/recipes.md]
 
 A small dispatcher; the measuring lives in fgvc/analysis/cost.py.
@@ -126,7 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every recipe")
     rec.add_argument("--timeout", type=float, default=3600, help="seconds per recipe")
     rec.add_argument("--out", default="results/recipes.md")
+    dat = sub.add_parser("data", help="images/s of one loading process at 448 px, before and after, and workers per GPU")
+    dat.add_argument("--images", type=int, default=64, help="JPEGs per image size")
+    dat.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
+    dat.add_argument("--out", default="results/data_speed.md")
     args = parser.parse_args(argv)
+    if args.command == "data":
+        from fgvc.analysis.data_speed import data_speed
+
+        write_table(data_speed(args.images, args.rounds), "Data loading speed", args.out, argv)
+        return 0
     if args.command == "recipes":
         from fgvc.config import load_recipe
         from fgvc.engine.recipe_bench import real_recipes, recipes_benchmark

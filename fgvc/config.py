@@ -51,6 +51,8 @@ class DataConfig:
     hflip: float = 0.5  # probability of a horizontal flip
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
     eval_resize: float = 1.143  # evaluation: resize the short side to size*this, centre crop
+    randaugment: str = ""  # timm RandAugment string, e.g. rand-m9-mstd0.5-inc1; "" = off
+    random_erasing: float = 0.0  # probability of erasing one rectangle of a training image
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -97,6 +99,7 @@ class ModelConfig:
     pretrained: bool = False
     weights: str = ""  # a local .safetensors / .pth file of backbone weights
     drop_rate: float = 0.0
+    drop_path: float = 0.0  # stochastic depth rate of the timm backbone(s)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     zoom: ZoomConfig = field(default_factory=ZoomConfig)
     dcn: DcnConfig = field(default_factory=DcnConfig)
@@ -136,6 +139,11 @@ class TrainConfig:
     cutmix: float = 0.0  # cutmix alpha; 0 = off
     ema: bool = False
     ema_decay: float = 0.999
+    ema_warmup: bool = False  # EMA decay ramps up from 0 (timm ModelEmaV3 warm-up)
+    layer_decay: float = 0.0  # layer-wise lr decay of the backbone (ViT, Swin, ConvNeXt ...); 0 = off
+    channels_last: bool = False  # model and inputs in channels-last memory format
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute backbone activations in backward (timm models)
     new_lr_mult: float = 1.0  # lr multiplier for parameters that are not pretrained
     resume: str = ""  # "" | auto | a checkpoint folder
     keep_checkpoints: int = 2

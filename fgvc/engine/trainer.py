@@ -38,7 +38,7 @@ from fgvc.engine.optim import build_optimizer
 from fgvc.engine.runs import (atomic_write_text, check_run_dir, model_meta, prepare_run_dir, resolve_resume,
                               save_weights)
 from fgvc.errors import RunError
-from fgvc.models.build import build_model, data_backbone, mean_std
+from fgvc.models.build import build_model, data_backbone, mean_std, model_input
 
 MULTI_OUTPUT_ARCHS = ("racnn", "dcn")  # some parameters sit out some steps: DDP must allow it
 KILL_AFTER_EPOCH_ENV = "FGVC_KILL_AFTER_EPOCH"  # tests simulate `kill -9` at an epoch boundary
@@ -203,7 +203,7 @@ def train_one_epoch(model, raw, criterion, optimizer, scheduler, ema, mixup, loa
                   disable=not accelerator.is_local_main_process, transient=True) as bar:
         task = bar.add_task("train", total=len(loader), loss="")
         for batch in loader:
-            images, target = batch["image"], batch["label"]
+            images, target = model_input(raw, batch["image"]), batch["label"]  # uint8 -> normalised, on device
             if mixup is not None:
                 images, target = mixup(images, target)
             with accelerator.accumulate(model):
