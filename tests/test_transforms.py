@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from fgvc.data.records import CUB_PARTS, flip_pairs_from_names
 from fgvc.data.transforms import PairedTransform

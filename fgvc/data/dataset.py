@@ -80,7 +80,7 @@ class FGVCDataset(Dataset):
         try:
             tensor, box, parts_t = self.transform(source, s.box, s.parts)
         finally:
-            if isinstance(source, ImageFile):
+            if hasattr(source, "close"):  # a file opened for this item
                 source.close()
         if len(parts_t) != self.num_parts:  # a sample without part annotations in a set with parts
             parts_t = torch.zeros(self.num_parts, 3)

@@ -35,6 +35,7 @@ from fgvc.engine.checkpoint import TrainState, load_extras, save_checkpoint, tru
 from fgvc.engine.losses import build_criterion
 from fgvc.engine.metrics import predict, split_metrics
 from fgvc.engine.optim import build_optimizer
+from fgvc.engine.speed import apply_speed_switches
 from fgvc.engine.runs import (atomic_write_text, check_run_dir, model_meta, prepare_run_dir, resolve_resume,
                               save_weights)
 from fgvc.errors import RunError
@@ -81,7 +82,8 @@ def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Ru
     t = cfg.train
     with accelerator.main_process_first():  # the synthetic set is generated once
         index = read_index(cfg.data)
-    model = build_model(cfg.model, index.num_classes, cfg.data.image_size)
+    model = apply_speed_switches(build_model(cfg.model, index.num_classes, cfg.data.image_size),
+                                 t.channels_last, t.compile, t.grad_checkpointing)
     mean, std = mean_std(data_backbone(cfg.model))
     data = build_datasets(cfg.data, cfg.seed, mean, std, index=index)
     out = Path(cfg.output_dir)
@@ -106,7 +108,7 @@ def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Ru
         criterion.bind(model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     raw = accelerator.unwrap_model(model)
-    ema = ModelEmaV3(raw, decay=t.ema_decay) if t.ema else None  # after prepare: on the model's device
+    ema = ModelEmaV3(raw, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema else None  # after prepare: on its device
     state = TrainState()
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
