@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     spd.add_argument("--epochs", type=int, default=6, help="epochs of each timed path, the first not counted")
     spd.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     spd.add_argument("--out", default="", help="also write the table to this markdown file")
+    spd.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    spd.add_argument("--fake-images", type=int, default=0,
+                     help="time a real recipe on a fake copy of its data set with this many training images")
     rec = sub.add_parser("recipes", help="every real recipe at its real size: 2 steps + 1 evaluation batch, CPU")
     rec.add_argument("--recipes", nargs="+", default=None, help="a subset of the cub_/cars_/aircraft_/nabirds_ recipes")
     rec.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every recipe")
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from fgvc.analysis.train_speed import train_speed
 
-        write_table(train_speed(args.recipe, args.epochs, list(args.set)), "Training speed", args.out, argv)
+        write_table(train_speed(args.recipe, args.epochs, list(args.set), args.device, args.fake_images),
+                    "Training speed", args.out, argv)
         return 0
     if args.command == "synthetic":
         from fgvc.analysis.synthetic_bench import METHODS, run_benchmark

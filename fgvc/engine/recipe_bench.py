@@ -53,12 +53,12 @@ def split_counts(total: int, parts: int = 3) -> list[int]:
     return [total // parts + (1 if c < total % parts else 0) for c in range(parts)]
 
 
-def write_fake_set(name: str, base: Path, batch: int) -> Path:
-    """The data set's fake layout with 2 x batch training and one batch of test images; its data.root."""
+def write_fake_set(name: str, base: Path, train_images: int, test_images: int) -> Path:
+    """The data set's fake layout (real image size) with these numbers of images; its data.root."""
     from fgvc.data import fake_layouts
 
     writer, size, _ = REAL_SETS[name]
-    per_class = list(zip(split_counts(STEPS * batch), split_counts(batch)))
+    per_class = list(zip(split_counts(train_images), split_counts(test_images)))
     return getattr(fake_layouts, writer)(base, per_class=per_class, size=size).root
 
 
@@ -73,7 +73,7 @@ def run_one(recipe: str, overrides: list[str], work: Path) -> dict:
 
     cfg = load_recipe([f"recipe={recipe}", *overrides])
     batch = cfg.train.batch_size
-    root = write_fake_set(cfg.data.name, work / "data", batch)
+    root = write_fake_set(cfg.data.name, work / "data", STEPS * batch, batch)
     cfg = load_recipe([f"recipe={recipe}", "model.pretrained=false", f"data.root={root}",
                        "data.val_fraction=0", "train.epochs=1", "train.tensorboard=false", "overwrite=true",
                        f"output_dir={work / 'run'}", *overrides])
