@@ -275,6 +275,12 @@ def check_choices(cfg: DictConfig) -> None:
         raise UserError("data.num_workers and data.cache_mb must each be 0 or more.")
     if cfg.train.grad_accum_steps < 1 or cfg.train.batch_size < 1 or cfg.train.epochs < 1:
         raise UserError("train.epochs, train.batch_size and train.grad_accum_steps must each be at least 1.")
+    for key in ("data.random_erasing", "model.drop_path", "train.layer_decay"):
+        if not 0 <= OmegaConf.select(cfg, key) <= 1:
+            raise UserError(f"{key} is {OmegaConf.select(cfg, key)} but must be in [0, 1].")
+    if cfg.data.randaugment and not cfg.data.randaugment.startswith("rand"):
+        raise UserError(f"data.randaugment is '{cfg.data.randaugment}' but must be a timm RandAugment string "
+                        "such as rand-m9-mstd0.5-inc1, or empty.")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

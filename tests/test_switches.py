@@ -134,3 +134,10 @@ def test_training_with_every_new_option_runs(synth_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["selected"] == "ema" and 0 <= metrics["test"]["top1"] <= 1
+
+
+@pytest.mark.parametrize("key", ["data.random_erasing=1.5", "model.drop_path=-0.1", "train.layer_decay=2",
+                                 "data.randaugment=autoaug"])
+def test_bad_values_of_the_new_keys_are_one_sentence(key):
+    with pytest.raises(UserError, match=key.split("=")[0]):
+        load_recipe(["recipe=synth_baseline", key])
