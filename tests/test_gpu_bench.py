@@ -36,7 +36,7 @@ def test_data_benchmark_compares_old_and_new_and_counts_loading_processes(tmp_pa
 
 def test_train_benchmark_on_a_real_recipe_fake_data_and_cuda_request(tmp_path):
     proc = run_script("benchmark.py", "train", "--recipe", "cub_baseline", "--fake-images", "8", "--epochs", "2",
-                      "--set", *SMALL, "train.mixed_precision=no", timeout=600)
+                      "--set", *SMALL, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "`cub_baseline`" in proc.stdout and "| fgvc/train.py loop" in proc.stdout
     if not torch.cuda.is_available():
