@@ -3,6 +3,8 @@
     python fgvc/benchmark.py attention [--batch 8] [--out results/attention_benchmark.md]
     python fgvc/benchmark.py synthetic [--seeds 0 1 2] [--out results/synthetic] [--set key=value ...]
     python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 6] [--out results/train_speed.md]
+    python fgvc/benchmark.py data [--images 64] [--rounds 5] [--out results/data_speed.md]
+    python fgvc/benchmark.py recipes [--recipes cub_cbam ...] [--set key=value ...] [--out results/recipes.md]
 
 `attention` is measured here, with fgvc/analysis/cost.py's counter and timer; `synthetic` in
 fgvc/analysis/synthetic_bench.py; `train` in fgvc/engine/train_speed.py.
@@ -121,11 +123,39 @@ def main(argv: list[str] | None = None) -> int:
     spd.add_argument("--epochs", type=int, default=6, help="epochs of each timed path, the first not counted")
     spd.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     spd.add_argument("--out", default="", help="also write the table to this markdown file")
+    spd.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    spd.add_argument("--fake-images", type=int, default=0,
+                     help="time a real recipe on a fake copy of its data set with this many training images")
+    rec = sub.add_parser("recipes", help="every real recipe at its real size: 2 steps + 1 evaluation batch, CPU")
+    rec.add_argument("--recipes", nargs="+", default=None, help="a subset of the cub_/cars_/aircraft_/nabirds_ recipes")
+    rec.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every recipe")
+    rec.add_argument("--timeout", type=float, default=3600, help="seconds per recipe")
+    rec.add_argument("--out", default="results/recipes.md")
+    dat = sub.add_parser("data", help="images/s of one loading process at 448 px, before and after, and workers per GPU")
+    dat.add_argument("--images", type=int, default=64, help="JPEGs per image size")
+    dat.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
+    dat.add_argument("--out", default="results/data_speed.md")
     args = parser.parse_args(argv)
+    if args.command == "data":
+        from fgvc.analysis.data_speed import data_speed
+
+        write_table(data_speed(args.images, args.rounds), "Data loading speed", args.out, argv)
+        return 0
+    if args.command == "recipes":
+        from fgvc.config import load_recipe
+        from fgvc.engine.recipe_bench import real_recipes, recipes_benchmark
+
+        recipes = args.recipes or real_recipes()
+        for r in recipes:  # every recipe and override is checked before the long runs start
+            load_recipe([f"recipe={r}", *args.set])
+        write_table(recipes_benchmark(recipes, list(args.set), args.timeout),
+                    "Every real recipe at its real size", args.out, argv)
+        return 0
     if args.command == "train":
         from fgvc.engine.train_speed import train_speed
 
-        write_table(train_speed(args.recipe, args.epochs, list(args.set)), "Training speed", args.out, argv)
+        write_table(train_speed(args.recipe, args.epochs, list(args.set), args.device, args.fake_images),
+                    "Training speed", args.out, argv)
         return 0
     if args.command == "synthetic":
         from fgvc.analysis.synthetic_bench import METHODS, run_benchmark

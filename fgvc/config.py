@@ -86,6 +86,8 @@ class DataConfig:
     # images delivered at this many times image_size (>= 1); RA-CNN's zooms and the spatial transformer
     # cut their regions from those pixels and shrink the whole image to image_size themselves
     full_resolution: float = 1.0
+    randaugment: str = ""  # timm RandAugment string, e.g. rand-m9-mstd0.5-inc1; "" = off
+    random_erasing: float = 0.0  # probability of erasing one rectangle of a training image
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -143,6 +145,7 @@ class ModelConfig:
     pretrained: bool = False
     weights: str = ""  # a local .safetensors / .pth file of backbone weights
     drop_rate: float = only_for("classifier", default=0.0)
+    drop_path: float = only_for("classifier", default=0.0)  # stochastic depth rate of the timm backbone
     attention: AttentionConfig = only_for("classifier", default_factory=AttentionConfig)
     zoom: ZoomConfig = only_for("racnn", default_factory=ZoomConfig)
     dcn: DcnConfig = only_for("dcn", default_factory=DcnConfig)
@@ -188,6 +191,11 @@ class TrainConfig:
     cutmix: float = 0.0  # cutmix alpha; 0 = off
     ema: bool = False
     ema_decay: float = 0.999
+    ema_warmup: bool = False  # EMA decay ramps up from 0 (timm ModelEmaV3 warm-up)
+    layer_decay: float = 0.0  # layer-wise lr decay of the backbone (ViT, Swin, ConvNeXt ...); 0 = off
+    channels_last: bool = False  # model and inputs in channels-last memory format
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute backbone activations in backward (timm models)
     new_lr_mult: float = 1.0  # lr multiplier for parameters that are not pretrained
     resume: str = ""  # "" | auto | a checkpoint folder
     keep_checkpoints: int = 2
@@ -495,6 +503,12 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"recipe key '{key}' is {value} but must be {bound}.")
     if cfg.train.lr <= 0:
         raise UserError(f"train.lr is {cfg.train.lr} but must be more than 0.")
+    for key in ("data.random_erasing", "model.drop_path", "train.layer_decay"):
+        if not 0 <= OmegaConf.select(cfg, key) <= 1:
+            raise UserError(f"{key} is {OmegaConf.select(cfg, key)} but must be in [0, 1].")
+    if cfg.data.randaugment and not cfg.data.randaugment.startswith("rand"):
+        raise UserError(f"data.randaugment is '{cfg.data.randaugment}' but must be a timm RandAugment string "
+                        "such as rand-m9-mstd0.5-inc1, or empty.")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

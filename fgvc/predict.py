@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from fgvc.data.build import build_transform
     from fgvc.data.records import load_rgb
     from fgvc.engine.runs import load_run
+    from fgvc.models.build import model_input
     from fgvc.models.outputs import final_logits
 
     run = load_run(args.run_dir)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             continue
         with torch.no_grad():
-            probs = final_logits(run.model(image[None])).softmax(-1)[0]
+            probs = final_logits(run.model(model_input(run.model, image[None]))).softmax(-1)[0]
         top = probs.topk(k)
         results.append({"image": str(path), "top": [{"class": run.class_names[i], "prob": round(p, 4)}
                                                       for p, i in zip(top.values.tolist(), top.indices.tolist())]})

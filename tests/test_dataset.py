@@ -45,6 +45,8 @@ def test_decoded_images_are_cached_within_the_budget(synth_root, monkeypatch):
     reads = []
     real_load = dataset_module.load_rgb
     monkeypatch.setattr(dataset_module, "load_rgb", lambda *a: reads.append(a) or real_load(*a))
+    real_file = dataset_module.ImageFile  # the uncached set opens the file for a reduced decode
+    monkeypatch.setattr(dataset_module, "ImageFile", lambda *a: reads.append(a) or real_file(*a))
     uncached, cached = tiny_data(synth_root, "data.cache_mb=0").train, tiny_data(synth_root).train
     n = len(cached)
     for ds in (uncached, cached):

@@ -32,6 +32,7 @@ from fgvc.analysis import cost
 from fgvc.analysis.cost import count_flops, count_parameters, latency
 from fgvc.engine.metrics import accuracy_metrics
 from fgvc.errors import UserError
+from fgvc.models.build import model_input
 from fgvc.models.dcn import DCN, choose_threshold, escalate, threshold_for_cost
 
 DEFAULT_SHARES = (0.1, 0.25, 0.5)  # escalated shares of the validation split to pick thresholds for
@@ -88,7 +89,7 @@ def dcn_logits(model: DCN, loader: DataLoader, ks: list[int]) -> tuple[Tensor, T
     """One pass: labels (N,), coarse logits (N, K) and the DCN path's logits for every k."""
     labels, coarse, per_k = [], [], {k: [] for k in ks}
     for batch in loader:
-        x = batch["image"]
+        x = model_input(model, batch["image"])
         feats = model.coarse_features(x)  # (B, C, h, w)
         logits = model.head(feats)  # (B, K)
         labels.append(torch.as_tensor(batch["label"]))
@@ -99,19 +100,19 @@ def dcn_logits(model: DCN, loader: DataLoader, ks: list[int]) -> tuple[Tensor, T
 
 
 @torch.no_grad()
-def plain_logits(fn: Callable[[Tensor], Tensor], loader: DataLoader) -> tuple[Tensor, Tensor]:
+def plain_logits(fn: Callable[[Tensor], Tensor], loader: DataLoader, model: nn.Module) -> tuple[Tensor, Tensor]:
     labels, logits = [], []
     for batch in loader:
         labels.append(torch.as_tensor(batch["label"]))
-        logits.append(fn(batch["image"]))
+        logits.append(fn(model_input(model, batch["image"])))
     return torch.cat(labels), torch.cat(logits)
 
 
-def images(loader: DataLoader, n: int) -> Tensor:
-    """The first n images of a loader, (n, 3, H, W) (fewer if the split is smaller)."""
+def images(loader: DataLoader, n: int, model: nn.Module) -> Tensor:
+    """The first n images of a loader as `model`'s inputs, (n, 3, H, W) (fewer if the split is smaller)."""
     out, have = [], 0
     for batch in loader:
-        out.append(batch["image"])
+        out.append(model_input(model, batch["image"]))
         have += len(batch["image"])
         if have >= n:
             break
@@ -149,7 +150,7 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
         raise UserError("the coarse-fine report needs a dcn model with a coarse network (model.arch=dcn, "
                         "model.dcn.whole_image=false); give the run folder of such a run.")
     model.eval()
-    big = images(test_loader, batch)  # (N, 3, H, W): the large batch, and batch-1 inputs
+    big = images(test_loader, batch, model)  # (N, 3, H, W): the large batch, and batch-1 inputs
     one = big[:1]
     ks = sorted(set(ks if ks is not None else default_ks(model, one)) - {0})
     k_exit = model.top_k or max(ks)
@@ -170,13 +171,13 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
     if fine_model is not None:
         fine_model.eval()
         fine_fn = _logits_fn(fine_model)
-        y, lg = plain_logits(fine_fn, fine_test_loader or test_loader)
-        fine_big = images(fine_test_loader, batch) if fine_test_loader is not None else big
+        y, lg = plain_logits(fine_fn, fine_test_loader or test_loader, fine_model)
+        fine_big = images(fine_test_loader, batch, fine_model) if fine_test_loader is not None else big
         fine_row = Row(fine_label or "fine (whole image)", "fine", -1, nan, "", 1.0, *acc(lg, y),
                        count_flops(fine_fn, fine_big[:1]) / 1e9, count_parameters(fine_model) / 1e6,
                        *timing(fine_fn, fine_big, min_run_time))
     else:
-        y, lg = plain_logits(model.forward_whole_image, test_loader)
+        y, lg = plain_logits(model.forward_whole_image, test_loader, model)
         fine_row = Row(fine_label or "fine (whole image, this model's fine net, untrained for it)", "fine-untrained", -1,
                        nan, "", 1.0, *acc(lg, y), count_flops(model.forward_whole_image, one) / 1e9,
                        count_parameters(model.fine, model.project, model.head) / 1e6,

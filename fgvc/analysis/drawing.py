@@ -48,7 +48,9 @@ class ImageView:
 
 
 def to_display(image: Tensor, mean, std) -> np.ndarray:
-    """A normalised (3, H, W) network input -> (H, W, 3) float in [0, 1] for imshow."""
+    """A (3, H, W) network input, normalised or the data pipeline's uint8 -> (H, W, 3) float in [0, 1] for imshow."""
+    if image.dtype == torch.uint8:
+        return image.detach().cpu().numpy().transpose(1, 2, 0).astype(np.float32) / 255
     m = np.asarray(mean, dtype=np.float32)[:, None, None]
     s = np.asarray(std, dtype=np.float32)[:, None, None]
     return np.clip(image.detach().cpu().float().numpy() * s + m, 0, 1).transpose(1, 2, 0)

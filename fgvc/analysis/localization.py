@@ -199,6 +199,7 @@ def localize_run(run_dir: str | Path, out_dir: str | Path | None = None, split: 
     from fgvc.data.build import build_datasets
     from fgvc.data.synthetic import class_parts
     from fgvc.engine.runs import atomic_write_text, load_run
+    from fgvc.models.build import model_input
     from fgvc.data.build import make_loader
     from fgvc.errors import UserError
 
@@ -228,7 +229,8 @@ def localize_run(run_dir: str | Path, out_dir: str | Path | None = None, split: 
     per_image: list[dict] = []
     n_draw = len(chosen.positions) if draw is None else draw
     for batch in loader:
-        images, boxes, parts, labels = batch["image"], batch["box"].float(), batch["parts"].float(), batch["label"]
+        images, boxes, parts, labels = (model_input(run.model, batch["image"]), batch["box"].float(),
+                                        batch["parts"].float(), batch["label"])
         result = compute_maps(run.model, images, sources)
         b, _, h, w = images.shape
         maps = dict(result.maps)

@@ -126,6 +126,7 @@ def zoom_part_coverage(run_dir: Path) -> dict[str, float]:
     from fgvc.data.synthetic import class_parts
     from fgvc.engine.runs import load_run
     from fgvc.data.build import make_loader
+    from fgvc.models.build import model_input
 
     run = load_run(run_dir)
     data = build_datasets(run.cfg.data, run.cfg.seed, run.mean, run.std)
@@ -133,7 +134,7 @@ def zoom_part_coverage(run_dir: Path) -> dict[str, float]:
     inside: dict[str, list[Tensor]] = {}
     centre = delivered_side(run.cfg.data) / 2  # boxes and parts are in the delivered image's pixels
     for batch in make_loader(data.test, run.cfg.train.batch_size, 0, False):
-        out = run.model(batch["image"])
+        out = run.model(model_input(run.model, batch["image"]))
         parts = batch["parts"][:, cols]  # (B, P, 3)
         visible = parts[..., 2] > 0
         for z, box in enumerate(out.boxes, 1):  # (B, 3) cx, cy, half side in input pixels

@@ -26,6 +26,7 @@ from fgvc.data.build import build_transform
 from fgvc.data.records import load_rgb
 from fgvc.engine.runs import RunInfo
 from fgvc.errors import DataError
+from fgvc.models.build import model_input
 
 TOP_K = 5
 HOST = "127.0.0.1"  # never reachable from another machine
@@ -62,7 +63,8 @@ class Viewer:
             return self._analyse(image)
 
     def _analyse(self, image) -> Analysis:
-        result = compute_maps(self.run.model, image[None], self.sources)  # input (1, 3, H, W)
+        x = model_input(self.run.model, image[None])  # (1, 3, H, W) uint8 -> normalised float
+        result = compute_maps(self.run.model, x, self.sources)
         probs = result.logits.float().softmax(-1)[0]
         top = probs.topk(min(TOP_K, len(self.run.class_names)))
         view = ImageView(image=to_display(image, self.run.mean, self.run.std), title="",

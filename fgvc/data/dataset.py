@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fgvc.data.records import Sample, load_rgb
+from fgvc.data.records import ArrayImage, ImageFile, Sample, load_rgb
 from fgvc.data.transforms import PairedTransform
 
 MIB = 2**20
@@ -27,7 +27,7 @@ def augment_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class FGVCDataset(Dataset):
-    """Items are dicts: image (3, S, S) normalised, label, index (position in `samples`), box (4,)
+    """Items are dicts: image (3, S, S) uint8 (normalised on the model's device), label, index (position in `samples`), box (4,)
     x1 y1 x2 y2 in input pixels (nan without a box), parts (P, 3) x y visible in input pixels.
 
     `seed`: augmentation seed of the run (None: the transform is not reseeded per sample, as for
@@ -65,12 +65,23 @@ class FGVCDataset(Dataset):
                 self._cached_bytes += image.nbytes
         return image
 
+    def source(self, index: int) -> ArrayImage | ImageFile:
+        """The image for the transform: decoded (and cached) while the cache has room, else the file,
+        which the transform decodes at a reduced scale when the crop allows it."""
+        if index in self._cache or self._cached_bytes < self.cache_bytes:
+            return ArrayImage(self.image(index))
+        return ImageFile(self.samples[index].path, self.bottom_crop)
+
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        image = self.image(index)
+        source = self.source(index)
         if self.seed is not None:
             self.transform.set_random_seed(augment_seed(self.seed, int(self.epoch), index))
-        tensor, box, parts_t = self.transform(image, s.box, s.parts)
+        try:
+            tensor, box, parts_t = self.transform(source, s.box, s.parts)
+        finally:
+            if hasattr(source, "close"):  # a file opened for this item
+                source.close()
         if len(parts_t) != self.num_parts:  # a sample without part annotations in a set with parts
             parts_t = torch.zeros(self.num_parts, 3)
         return {"image": tensor, "label": s.label, "index": index, "box": box, "parts": parts_t}

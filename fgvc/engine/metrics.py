@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from fgvc.models.build import model_input
 from fgvc.models.outputs import final_logits, named_logits
 
 ECE_BINS = 15  # Guo et al. 2017
@@ -30,7 +31,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator
     logits, labels, indices, extra = [], [], [], {}
     for batch in loader:
         with accelerator.autocast():
-            out = model(batch["image"])
+            out = model(model_input(model, batch["image"]))
         gathered = accelerator.gather_for_metrics(
             (final_logits(out).float(), batch["label"], batch["index"],
              {k: v.float() for k, v in named_logits(out).items()}))

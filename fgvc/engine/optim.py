@@ -1,4 +1,5 @@
-"""The optimizer a recipe names, over parameter groups (no decay on biases and norms; new layers faster)."""
+"""The optimizer a recipe names, over parameter groups (no decay on biases and norms; new layers
+faster; optionally layer-wise learning-rate decay through the backbone)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,49 @@ import timm.optim
 import timm.scheduler
 import torch
 from omegaconf import DictConfig
+from timm.models import group_parameters
 
 from fgvc.errors import UserError
 
 
-def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, new_lr_mult: float) -> list[dict]:
-    """No decay on biases and norms; parameters that are not pretrained get lr * new_lr_mult."""
+
+def layer_lr_scales(model: torch.nn.Module, layer_decay: float) -> dict[str, float]:
+    """Layer-wise lr decay (Clark et al. 2020; BEiT, Bao et al. 2022): a parameter in layer i of a
+    timm backbone with L layers gets lr * layer_decay ** (L - 1 - i), the layers being timm's own
+    fine-grained `group_matcher` groups (ViT: embeddings, each block, the head; Swin, ConvNeXt:
+    stem, each block, the head). Parameters outside timm backbones (attention blocks, fgvc heads)
+    keep the full lr. Returns name -> scale for the backbones' parameters."""
+    scales: dict[str, float] = {}
+    outer: list[str] = []  # prefixes of the backbones found (a backbone's own sub-networks are its layers)
+    for prefix, net in model.named_modules():
+        if not hasattr(net, "group_matcher") or any(o == "" or prefix.startswith(o + ".") for o in outer):
+            continue
+        outer.append(prefix)
+        layer_of = group_parameters(net, net.group_matcher(coarse=False), reverse=True)  # name -> layer id
+        top = max(layer_of.values())
+        for name, layer in layer_of.items():
+            scales[f"{prefix}.{name}" if prefix else name] = layer_decay ** (top - layer)
+    if not scales:
+        raise UserError(f"train.layer_decay needs a timm backbone with layer groups, and this "
+                        f"{type(model).__name__} has none; set train.layer_decay=0.")
+    return scales
+
+
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, new_lr_mult: float,
+                 layer_decay: float = 0.0) -> list[dict]:
+    """No decay on biases and norms; parameters that are not pretrained get lr * new_lr_mult;
+    with 0 < layer_decay < 1, backbone layers get `layer_lr_scales` on top."""
     pretrained = getattr(model, "pretrained_names", set())
-    groups: dict[tuple[bool, bool], dict] = {}
+    scales = layer_lr_scales(model, layer_decay) if 0 < layer_decay < 1 else {}
+    groups: dict[tuple[bool, bool, float], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         new = bool(pretrained) and name not in pretrained
         no_decay = p.ndim <= 1
-        g = groups.setdefault((new, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                                "lr": lr * (new_lr_mult if new else 1.0)})
+        scale = scales.get(name, 1.0)
+        g = groups.setdefault((new, no_decay, scale), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                       "lr": lr * (new_lr_mult if new else 1.0) * scale})
         g["params"].append(p)
     return list(groups.values())
 
@@ -31,7 +60,7 @@ def build_optimizer(model: torch.nn.Module, t: DictConfig) -> torch.optim.Optimi
     """timm's optimizer named by train.optimizer over `param_groups`; an unknown name or a value the
     optimizer refuses is one sentence."""
     try:
-        return timm.optim.create_optimizer_v2(param_groups(model, t.lr, t.weight_decay, t.new_lr_mult),
+        return timm.optim.create_optimizer_v2(param_groups(model, t.lr, t.weight_decay, t.new_lr_mult, t.layer_decay),
                                               opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                                               momentum=t.momentum)
     except ValueError as err:  # an unknown name, or torch's own checks ("Invalid momentum value", ...)

@@ -2,6 +2,7 @@
 the trainer (not in fgvc/analysis/, which never reaches into training) because it runs the loop.
 
     python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 6] [--set key=value ...]
+    python fgvc/benchmark.py train --recipe cub_baseline --device cuda --fake-images 512   # on a GPU
 
 Three measurements in one run, on the same recipe:
 - the real path: `fgvc/train.py`'s loop (data loading, augmentation, logging, checkpointing), images
@@ -19,6 +20,7 @@ real path and its epochs pooled, so a change in machine load during the run show
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from fgvc.config import load_recipe
+from fgvc.errors import UserError
 
 WARMUP_EPOCHS = 1  # epochs not timed: first-call costs (allocator, worker start, JIT-like caches)
 
@@ -41,33 +44,41 @@ def real_path(cfg) -> float:
     return statistics.median(r["train_images"] / r["train_seconds"] for r in timed)
 
 
-def bare_loop(cfg, num_images: int, epochs: int) -> list[float]:
+def bare_loop(cfg, num_images: int, epochs: int, device: str = "cpu") -> list[float]:
     """Images per second of each epoch (after warm-up) of forward + backward + step on in-memory
-    tensors, same model and optimizer."""
+    tensors, same model, switches, precision and optimizer, on `device`."""
     from fgvc.data.build import delivered_side, read_index
     from fgvc.engine.losses import build_criterion, build_schedule
     from fgvc.engine.optim import build_optimizer
+    from fgvc.engine.speed import apply_speed_switches
     from fgvc.models.build import build_model
 
     t = cfg.train
     torch.manual_seed(cfg.seed)
     index = read_index(cfg.data)
-    model = build_model(cfg.model, index.num_classes, cfg.data.image_size).train()
+    model = build_model(cfg.model, index.num_classes, cfg.data.image_size).to(device).train()
+    model = apply_speed_switches(model, t.channels_last, t.compile, t.grad_checkpointing)
     optimizer = build_optimizer(model, t)
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+    scaler = torch.amp.GradScaler(device, enabled=precision == torch.float16)
     steps = max(1, num_images // t.batch_size)
     criterion, schedule = build_criterion(cfg), build_schedule(cfg, steps)
     size = delivered_side(cfg.data)  # what the loaders hand the model (data.full_resolution)
-    images = torch.randn(steps, t.batch_size, 3, size, size)
-    labels = torch.randint(0, index.num_classes, (steps, t.batch_size))
+    images = torch.randn(steps, t.batch_size, 3, size, size, device=device)
+    labels = torch.randint(0, index.num_classes, (steps, t.batch_size), device=device)
     rates = []
     for epoch in range(WARMUP_EPOCHS + epochs):
         start = time.perf_counter()
         for i in range(steps):
             phase = {} if schedule is None else {"phase": schedule.phase(epoch * steps + i)}
-            loss = criterion(model(images[i], **phase), labels[i])["loss"]
-            loss.backward()
-            optimizer.step()
+            with torch.autocast(torch.device(device).type, dtype=precision, enabled=precision is not None):
+                loss = criterion(model(images[i], **phase), labels[i])["loss"]
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         rates.append(steps * t.batch_size / (time.perf_counter() - start))
     return rates[WARMUP_EPOCHS:]
 
@@ -90,16 +101,40 @@ def data_pipeline(cfg) -> tuple[float, int]:
     return statistics.median(rates[WARMUP_EPOCHS:]), len(data.train)
 
 
-def train_speed(recipe: str, epochs: int, overrides: list[str]) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_recipe([f"recipe={recipe}", f"train.epochs={epochs}", f"output_dir={tmp}/run", *overrides])
-        data_rate, num_images = data_pipeline(cfg)
-        timed = max(1, epochs - WARMUP_EPOCHS)
-        before = bare_loop(cfg, num_images, timed)
-        real = real_path(cfg)
-        bare = statistics.median(before + bare_loop(cfg, num_images, timed))
+def train_speed(recipe: str, epochs: int, overrides: list[str], device: str = "cpu", fake_images: int = 0) -> str:
+    """The three rates on `device` (cpu | cuda); `fake_images` > 0 writes a fake copy of the recipe's
+    data set (real layout and image size, random weights) with that many training images, so a
+    real recipe can be timed on a GPU machine without the data set."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU on this machine; run it on a GPU machine "
+                        "(with a CUDA build of torch) or use --device cpu.")
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU")
+    if device == "cpu":  # the real path's Accelerator follows
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+    else:
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if fake_images:
+                from fgvc.engine.recipe_bench import write_fake_set
+
+                name = load_recipe([f"recipe={recipe}", *overrides]).data.name
+                root = write_fake_set(name, Path(tmp) / "data", fake_images, 8)
+                overrides = [f"data.root={root}", "model.pretrained=false", "data.val_fraction=0", *overrides]
+            cfg = load_recipe([f"recipe={recipe}", f"train.epochs={epochs}", f"output_dir={tmp}/run", *overrides])
+            data_rate, num_images = data_pipeline(cfg)
+            timed = max(1, epochs - WARMUP_EPOCHS)
+            before = bare_loop(cfg, num_images, timed, device)
+            real = real_path(cfg)
+            bare = statistics.median(before + bare_loop(cfg, num_images, timed, device))
+    finally:
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+        if use_cpu is not None:
+            os.environ["ACCELERATE_USE_CPU"] = use_cpu
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     lines = [f"### Training speed: `{recipe}` ({cfg.model.arch}, {cfg.model.backbone}, {cfg.data.image_size} px, "
-             f"batch {cfg.train.batch_size}, {cfg.data.num_workers} workers, {torch.get_num_threads()} threads)", "",
+             f"batch {cfg.train.batch_size}, {cfg.data.num_workers} workers, {cfg.train.mixed_precision} precision, "
+             f"{where})", "",
              "| path | images / s | against the bare loop |", "|---|---:|---:|",
              f"| bare loop (tensors in memory) | {bare:.1f} | 100% |",
              f"| fgvc/train.py loop (data, augmentation, logging, checkpoints) | {real:.1f} | {100 * real / bare:.0f}% |",

@@ -34,11 +34,12 @@ from fgvc.engine.guard import (SCHEDULE_KEYS, SET_ASIDE, check_precision, check_
 from fgvc.engine.losses import build_criterion, build_schedule
 from fgvc.engine.metrics import predict, split_metrics
 from fgvc.engine.optim import build_lr_scheduler, build_optimizer
+from fgvc.engine.speed import apply_speed_switches
 from fgvc.engine.runs import (atomic_write_text, check_run_dir, model_meta, prepare_run_dir, resolve_resume,
                               save_weights)
 from fgvc.engine.trackers import PROJECT_NAME, tracker_config, tracker_names
 from fgvc.errors import RunError
-from fgvc.models.build import build_model, data_backbone, mean_std
+from fgvc.models.build import build_model, data_backbone, mean_std, model_input
 from fgvc.models.dcn import DcnSchedule
 from fgvc.models.zoom import ZoomSchedule
 
@@ -88,7 +89,8 @@ def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Ru
     t = cfg.train
     with accelerator.main_process_first():  # the synthetic set is generated once
         index = read_index(cfg.data)
-    model = build_model(cfg.model, index.num_classes, cfg.data.image_size)
+    model = apply_speed_switches(build_model(cfg.model, index.num_classes, cfg.data.image_size),
+                                 t.channels_last, t.compile, t.grad_checkpointing)
     mean, std = mean_std(data_backbone(cfg.model))
     data = build_datasets(cfg.data, cfg.seed, mean, std, index=index)
     mixup = None
@@ -114,7 +116,7 @@ def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Ru
     accelerator.wait_for_everyone()
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     raw = accelerator.unwrap_model(model)
-    ema = ModelEmaV3(raw, decay=t.ema_decay) if t.ema else None  # after prepare: on the model's device
+    ema = ModelEmaV3(raw, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema else None  # after prepare: on its device
     state = TrainState()
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from)  # model, optimizer, RNG: safetensors / weights_only
@@ -213,7 +215,7 @@ def train_one_epoch(r: Run, epoch: int, t: DictConfig) -> dict[str, float]:
                   disable=not accelerator.is_local_main_process, transient=True) as bar:
         task = bar.add_task("train", total=len(loader), loss="")
         for batch in loader:
-            images, target = batch["image"], batch["label"]
+            images, target = model_input(r.raw, batch["image"]), batch["label"]  # uint8 -> normalised, on device
             if r.mixup is not None:
                 images, target = r.mixup(images, target)
             with accelerator.accumulate(model):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import timm
+import torch
 from omegaconf import DictConfig
 from timm.data import resolve_data_config
-from torch import nn
+from torch import Tensor, nn
 
+from fgvc.errors import UserError
 from fgvc.registry import Registry
 
 # arch name -> builder(model_cfg, num_classes, image_size) -> nn.Module
@@ -25,7 +27,8 @@ def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     return Classifier(m.backbone, num_classes, pretrained=m.pretrained, weights=m.weights, drop_rate=m.drop_rate,
                       attention=a.type, attention_stages=list(a.stages), attention_placement=a.placement,
                       attention_init=a.init, attention_reduction=a.reduction, attention_kernel_size=a.kernel_size,
-                      image_size=image_size, stn_count=a.stn_count, attention_options=options)
+                      image_size=image_size, stn_count=a.stn_count, attention_options=options,
+                      backbone_args={"drop_path_rate": m.drop_path} if m.drop_path else None)
 
 
 @ARCHS.register("racnn")
@@ -52,11 +55,29 @@ def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
 
 def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     """The network a recipe describes. Its `pretrained_names` (a set of parameter names, possibly
-    empty) says which parameters came from pretrained weights."""
+    empty) says which parameters came from pretrained weights; its `input_mean` and `input_std`
+    buffers (0..255 scale, not saved with the weights) normalise uint8 images in `model_input`."""
+    if model_cfg.drop_path and model_cfg.arch != "classifier":
+        raise UserError(f"model.drop_path applies to model.arch=classifier, not {model_cfg.arch}; "
+                        "set model.drop_path=0.")
     model = ARCHS.get(model_cfg.arch)(model_cfg, num_classes, image_size)
     if not hasattr(model, "pretrained_names"):
         model.pretrained_names = set()
+    mean, std = mean_std(data_backbone(model_cfg))
+    model.register_buffer("input_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+    model.register_buffer("input_std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
     return model
+
+
+def model_input(model: nn.Module, images: Tensor) -> Tensor:
+    """The data pipeline's (B, 3, H, W) uint8 images -> float (x - mean) / std on their device, with
+    the mean and std `build_model` gave the model (it may be wrapped by DDP). Normalising here rather
+    than in the loading processes moves a quarter of the bytes. Float images are taken as already
+    normalised and returned unchanged."""
+    if images.dtype != torch.uint8:
+        return images
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return (images.float() - net.input_mean) / net.input_std                    # (B, 3, H, W) float
 
 
 def mean_std(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
