@@ -57,9 +57,6 @@ def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.
     """The network a recipe describes. Its `pretrained_names` (a set of parameter names, possibly
     empty) says which parameters came from pretrained weights; its `input_mean` and `input_std`
     buffers (0..255 scale, not saved with the weights) normalise uint8 images in `model_input`."""
-    if model_cfg.drop_path and model_cfg.arch != "classifier":
-        raise UserError(f"model.drop_path applies to model.arch=classifier, not {model_cfg.arch}; "
-                        "set model.drop_path=0.")
     model = ARCHS.get(model_cfg.arch)(model_cfg, num_classes, image_size)
     if not hasattr(model, "pretrained_names"):
         model.pretrained_names = set()
