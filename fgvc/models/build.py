@@ -8,7 +8,6 @@ from omegaconf import DictConfig
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
-from fgvc.errors import UserError
 from fgvc.registry import Registry
 
 # arch name -> builder(model_cfg, num_classes, image_size) -> nn.Module
