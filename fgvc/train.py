@@ -24,7 +24,10 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     cfg = load_recipe(argv)  # every recipe error surfaces here, before any work starts
+    from fgvc.engine.threads import use_available_cores
     from fgvc.engine.trainer import train
+
+    use_available_cores()  # accelerate launch on a CPU-only machine would otherwise train on one thread
 
     train(cfg)
     return 0

@@ -187,7 +187,7 @@ def train(cfg: DictConfig) -> dict:
     # the selected weights, evaluated once on the test split
     raw.load_state_dict(load_file(str(out / "model.safetensors")))
     results = {"best_epoch": state.best_epoch, "selected": selected,
-               "train_time_s": round(state.train_time, 2)}
+               "train_time_s": round(state.train_time, 2), "cpu_threads": torch.get_num_threads()}
     results["val"] = (split_metrics(predict(model, val_loader, accelerator), index.num_classes)
                       if val_loader is not None else {"num_samples": 0})
     test_loader = accelerator.prepare(make_loader(data.test, t.batch_size, cfg.data.num_workers, False))
