@@ -3,6 +3,7 @@
     python fgvc/benchmark.py attention [--batch 8] [--out results/attention_benchmark.md]
     python fgvc/benchmark.py synthetic [--seeds 0 1 2] [--out results/synthetic] [--set key=value ...]
     python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 6] [--out results/train_speed.md]
+    python fgvc/benchmark.py pretrain [--out weights] [--runs runs/pretrain] [--set key=value ...]
 
 A small dispatcher; the measuring lives in fgvc/analysis/cost.py.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `fgvc` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fgvc.errors import cli_main  # noqa: E402
+from fgvc.errors import cli_main
 
 BENCH_BACKBONE = "resnet50"
 BENCH_SIDE = 224
@@ -120,7 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     spd.add_argument("--epochs", type=int, default=6, help="epochs of each timed path, the first not counted")
     spd.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     spd.add_argument("--out", default="", help="also write the table to this markdown file")
+    pre = sub.add_parser("pretrain", help="fractal-pretrain every backbone the synth_ recipes use; write safetensors")
+    pre.add_argument("--out", default="weights", help="where the .safetensors, .sha256 and README.md go")
+    pre.add_argument("--runs", default="runs/pretrain", help="where the pretraining run folders go (reused)")
+    pre.add_argument("--backbones", nargs="+", default=None, help="a subset (default: every synth_ backbone)")
+    pre.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides (e.g. a tiny budget)")
     args = parser.parse_args(argv)
+    if args.command == "pretrain":
+        from fgvc.analysis.pretrain import PRETRAIN_RECIPE, pretrain
+        from fgvc.config import load_recipe
+
+        load_recipe([f"recipe={PRETRAIN_RECIPE}", *args.set])  # a bad override stops before any training
+        command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        for backbone, digest in pretrain(Path(args.out), Path(args.runs), list(args.set), command,
+                                         args.backbones).items():
+            print(f"{digest}  {Path(args.out) / f'fractal_{backbone}.safetensors'}")
+        return 0
     if args.command == "train":
         from fgvc.analysis.train_speed import train_speed
 

@@ -27,11 +27,11 @@ DEFAULT_RECIPE = "synth_baseline"
 class SyntheticConfig:
     """The built-in synthetic fine-grained set (see fgvc/data/synthetic.py)."""
 
-    num_classes: int = 12
-    train_per_class: int = 80
-    test_per_class: int = 20
-    image_size: int = 96  # side of the written images, pixels
-    part_scale: float = 0.06  # size of the discriminative parts (beak, wing patch), fraction of the image side
+    num_classes: int = 25  # 5 beak x 5 wing colours: chance 4%
+    train_per_class: int = 48  # a quarter of it is the validation split of the synth_ recipes
+    test_per_class: int = 64  # 1,600 test images: binomial standard error of top-1 at most 1 point from 80% up
+    image_size: int = 192  # side of the written images, pixels (1.5x the 128-px network input)
+    part_scale: float = 0.04  # size of the discriminative parts (beak, wing patch), fraction of the image side
     distractors: int = 6  # clutter blobs on the background, most in the cue colours
     noise: float = 0.08  # std of pixel noise (0..1 scale)
     cue_strength: float = 1.0  # 1 = the class cue is fully visible; lower is harder
@@ -39,10 +39,26 @@ class SyntheticConfig:
 
 
 @dataclass
+class FractalConfig:
+    """The formula-driven pretraining set, rendered when read (see fgvc/data/fractal.py)."""
+
+    num_classes: int = 100
+    train_per_class: int = 60
+    test_per_class: int = 10
+    image_size: int = 96  # side of the rendered images, pixels
+    points: int = 12000  # chaos-game points per image
+    min_maps: int = 2  # affine maps per system, at least
+    max_maps: int = 4
+    min_fill: float = 0.08  # least share of a 64 x 64 grid a class's attractor must cover
+    jitter: float = 0.04  # per-image perturbation of the map parameters (intra-class variation)
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
-    name: str = "synthetic"  # cub | cars | aircraft | nabirds | synthetic | folder
+    name: str = "synthetic"  # cub | cars | aircraft | nabirds | synthetic | fractal | folder
     root: str = "data/synthetic"
-    image_size: int = 64  # network input side, pixels
+    image_size: int = 128  # network input side, pixels
     val_fraction: float = 0.1  # stratified share of train held out for model selection
     num_workers: int = 0  # loading processes; 0 = in the training process (the synthetic set, cached whole)
     cache_mb: int = 256  # decoded images kept in memory per data set and loading process; 0 = off
@@ -52,6 +68,7 @@ class DataConfig:
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
     eval_resize: float = 1.143  # evaluation: resize the short side to size*this, centre crop
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    fractal: FractalConfig = field(default_factory=FractalConfig)
 
 
 @dataclass
@@ -88,6 +105,8 @@ class DcnConfig:
     saliency: str = "entropy"  # entropy | gate
     exit_threshold: float = 2.0  # coarse confidence to stop early; > 1 means never
     whole_image: bool = False  # the full-image fine counterpart: fine backbone on the whole image
+    coarse_weights: str = ""  # a local .safetensors / .pth file for the coarse network (dcn does not use model.weights)
+    fine_weights: str = ""  # the same for the fine network
 
 
 @dataclass
@@ -157,7 +176,7 @@ class Recipe:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("cub", "cars", "aircraft", "nabirds", "synthetic", "folder"),
+    "data.name": ("cub", "cars", "aircraft", "nabirds", "synthetic", "fractal", "folder"),
     "data.aircraft_level": ("variant", "family", "manufacturer"),
     "model.arch": ("classifier", "racnn", "dcn"),
     "model.attention.placement": ("stage", "block"),
