@@ -36,6 +36,7 @@ class SyntheticConfig:
     noise: float = 0.08  # std of pixel noise (0..1 scale)
     cue_strength: float = 1.0  # 1 = the class cue is fully visible; lower is harder
     seed: int = 0  # the data set's own seed, independent of the training seed
+    hue_offset: float = 0.0  # turns every cue colour around the colour wheel (0..1): another set of cue colours
 
 
 @dataclass

@@ -72,6 +72,7 @@ def export_backbone(run_dir: Path, backbone: str, path: Path, command: str) -> s
     tmp = path.with_name(path.name + ".tmp")
     save_file(out, str(tmp), metadata={"backbone": backbone, "made_by": command, "source": "fgvc fractal pretraining"})
     tmp.replace(path)
+    path.chmod(0o644)  # safetensors writes owner-only files; these are shipped
     digest = sha256(path)
     path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
     return digest
