@@ -75,9 +75,9 @@ def test_pretrain_command_weights_load_into_every_synth_recipe(tmp_path):
     """Tiny budget: every backbone trained and exported; each synth_ recipe's networks (DCN coarse and
     fine included) take every tensor from the files, and no file tensor is left unused."""
     out, runs = tmp_path / "weights", tmp_path / "runs"
-    tiny = ["data.fractal.num_classes=3", "data.fractal.train_per_class=4", "data.fractal.test_per_class=2",
+    tiny = ["data.fractal.num_classes=4", "data.fractal.train_per_class=4", "data.fractal.test_per_class=2",
             "data.fractal.image_size=40", "data.fractal.points=2000", "data.image_size=32", "train.epochs=1",
-            "train.batch_size=8", "data.val_fraction=0.25"]
+            "train.batch_size=6", "data.val_fraction=0.25"]  # 12 training images: no batch of one
     proc = run_script("benchmark.py", "pretrain", "--out", str(out), "--runs", str(runs), "--set", *tiny)
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = {b: out / weights_name(b) for b in ("test_resnet", "resnet10t")}
