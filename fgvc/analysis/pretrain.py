@@ -21,6 +21,8 @@ from fgvc.analysis.synthetic_bench import ROOT, code_version, train_run
 
 PRETRAIN_RECIPE = "fractal_pretrain"
 WEIGHTS_DIR = "weights"
+HALF_ABOVE = 2_000_000  # tensors of larger backbones are stored in float16: half the repository size,
+# and a pretrained start does not need the last bits (loading casts them back to the model's float32)
 
 
 def synth_recipes() -> list[str]:
@@ -58,7 +60,8 @@ def sha256(path: Path) -> str:
 
 
 def export_backbone(run_dir: Path, backbone: str, path: Path, command: str) -> str:
-    """The run's timm network without its classifier, as safetensors (metadata: backbone, command);
+    """The run's timm network without its classifier, as safetensors (metadata: backbone, command;
+    float16 above HALF_ABOVE values);
     returns the file's sha256, also written next to it as `<file>.sha256`."""
     import timm
     from safetensors.torch import load_file, save_file
@@ -68,6 +71,8 @@ def export_backbone(run_dir: Path, backbone: str, path: Path, command: str) -> s
     heads = tuple(h + "." for h in (head if isinstance(head, (list, tuple)) else [head]))
     out = {k.removeprefix("net."): v.contiguous() for k, v in state.items()
            if k.startswith("net.") and not k.removeprefix("net.").startswith(heads)}
+    if sum(v.numel() for v in out.values() if v.is_floating_point()) > HALF_ABOVE:
+        out = {k: v.half() if v.is_floating_point() else v for k, v in out.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(out, str(tmp), metadata={"backbone": backbone, "made_by": command, "source": "fgvc fractal pretraining"})
