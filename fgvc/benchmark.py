@@ -5,6 +5,7 @@
     python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 6] [--out results/train_speed.md]
     python fgvc/benchmark.py data [--images 64] [--rounds 5] [--out results/data_speed.md]
     python fgvc/benchmark.py recipes [--recipes cub_cbam ...] [--set key=value ...] [--out results/recipes.md]
+    python fgvc/benchmark.py pretrain [--out weights] [--runs runs/pretrain] [--set key=value ...]
 
 `attention` is measured here, with fgvc/analysis/cost.py's counter and timer; `synthetic` in
 fgvc/analysis/synthetic_bench.py; `train` in fgvc/engine/train_speed.py.
@@ -20,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python fgvc/benchmark.py): see fgvc/_script.py
     import _script  # noqa: F401
 
-from fgvc.errors import cli_main  # noqa: E402
+from fgvc.errors import cli_main
 
 BENCH_BACKBONE = "resnet50"
 BENCH_SIDE = 224
@@ -135,7 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     dat.add_argument("--images", type=int, default=64, help="JPEGs per image size")
     dat.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
     dat.add_argument("--out", default="results/data_speed.md")
+    pre = sub.add_parser("pretrain", help="fractal-pretrain every backbone the synth_ recipes use; write safetensors")
+    pre.add_argument("--out", default="weights", help="where the .safetensors, .sha256 and README.md go")
+    pre.add_argument("--runs", default="runs/pretrain", help="where the pretraining run folders go (reused)")
+    pre.add_argument("--backbones", nargs="+", default=None, help="a subset (default: every synth_ backbone)")
+    pre.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides (e.g. a tiny budget)")
     args = parser.parse_args(argv)
+    if args.command == "pretrain":
+        from fgvc.analysis.pretrain import PRETRAIN_RECIPE, pretrain
+        from fgvc.config import load_recipe
+
+        load_recipe([f"recipe={PRETRAIN_RECIPE}", *args.set])  # a bad override stops before any training
+        command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        for backbone, digest in pretrain(Path(args.out), Path(args.runs), list(args.set), command,
+                                         args.backbones).items():
+            print(f"{digest}  {Path(args.out) / f'fractal_{backbone}.safetensors'}")
+        return 0
     if args.command == "data":
         from fgvc.analysis.data_speed import data_speed
 

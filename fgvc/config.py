@@ -68,11 +68,28 @@ class SyntheticConfig:
     noise: float = 0.08  # std of pixel noise (0..1 scale)
     cue_strength: float = 1.0  # 1 = the class cue is fully visible; lower is harder
     seed: int = 0  # the data set's own seed, independent of the training seed
+    hue_offset: float = 0.0  # turns every cue colour around the colour wheel (0..1): another set of cue colours
+
+
+@dataclass
+class FractalConfig:
+    """The formula-driven pretraining set, rendered when read (see fgvc/data/fractal.py)."""
+
+    num_classes: int = 100
+    train_per_class: int = 60
+    test_per_class: int = 10
+    image_size: int = 96  # side of the rendered images, pixels
+    points: int = 12000  # chaos-game points per image
+    min_maps: int = 2  # affine maps per system, at least
+    max_maps: int = 4
+    min_fill: float = 0.08  # least share of a 64 x 64 grid a class's attractor must cover
+    jitter: float = 0.04  # per-image perturbation of the map parameters (intra-class variation)
+    seed: int = 0
 
 
 @dataclass
 class DataConfig:
-    name: str = one_of("synthetic", ("cub", "cars", "aircraft", "nabirds", "synthetic", "folder"))
+    name: str = one_of("synthetic", ("cub", "cars", "aircraft", "nabirds", "synthetic", "fractal", "folder"))
     root: str = "data/synthetic"
     image_size: int = 64  # network input side, pixels
     val_fraction: float = 0.1  # stratified share of train held out for model selection
@@ -89,6 +106,7 @@ class DataConfig:
     randaugment: str = ""  # timm RandAugment string, e.g. rand-m9-mstd0.5-inc1; "" = off
     random_erasing: float = 0.0  # probability of erasing one rectangle of a training image
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    fractal: FractalConfig = field(default_factory=FractalConfig)
 
 
 @dataclass
@@ -136,6 +154,8 @@ class DcnConfig:
     whole_image: bool = False  # the full-image fine counterpart: fine backbone on the whole image
     pool: str = one_of("max", ("avg", "max"))  # top layers' global pool (the paper's max; see models/dcn.py)
     top_layers: str = one_of("mix", ("mix", "fuse"))  # mix: fine replaces coarse cells; fuse: [coarse; attn(patches)]
+    coarse_weights: str = ""  # a local .safetensors / .pth file for the coarse network (dcn does not use model.weights)
+    fine_weights: str = ""  # the same for the fine network
 
 
 @dataclass

@@ -23,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = load_recipe(argv)  # every recipe error surfaces here, before any work starts
     from fgvc.engine.guard import replaced_run_kept_until_started
+    from fgvc.engine.threads import use_available_cores
     from fgvc.engine.trainer import train
 
+    use_available_cores()  # accelerate launch on a CPU-only machine would otherwise train on one thread
     with replaced_run_kept_until_started():  # overwrite=true: the old run is back if this one fails early
         train(cfg)
     return 0

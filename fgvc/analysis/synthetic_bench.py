@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -71,14 +72,18 @@ class RunRow:
 
 def recipe_difference(run_dir: Path, args: list[str]) -> tuple[str, object, object] | None:
     """(key, saved value, wanted value) of the first recipe key whose value in a run folder's
-    recipe.yaml differs from what `args` would train now; None when they agree."""
+    recipe.yaml differs from what `args` would train now; None when they agree. The settings of a
+    generated data set the run does not read (data.synthetic.* in a fractal run) do not count."""
     from omegaconf import OmegaConf
 
-    from fgvc.config import flatten, load_recipe
+    from fgvc.config import Recipe, flatten, load_recipe
 
-    a = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "recipe.yaml"), resolve=True))
+    # a key added to the schema after the run was made counts as its default (which keeps old behaviour)
+    a = flatten(OmegaConf.to_container(OmegaConf.structured(Recipe), resolve=True))
+    a |= flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "recipe.yaml"), resolve=True))
     b = flatten(OmegaConf.to_container(load_recipe(args), resolve=True))
-    key = next((k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)), None)
+    unused = tuple(f"data.{name}." for name in ("synthetic", "fractal") if name != b.get("data.name"))
+    key = next((k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.startswith(unused)), None)
     return None if key is None else (key, a.get(key), b.get(key))
 
 
@@ -96,7 +101,10 @@ def train_run(recipe: str, seed: int, out: Path, extra: list[str], log) -> Path:
     cmd = [sys.executable, str(ROOT / "fgvc" / "train.py"), *args]
     cmd += ["train.resume=auto"] if out.exists() else []
     log("run " + " ".join(cmd[1:]))
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    # idle OpenMP threads sleep instead of spinning: on a machine shared with other work a spinning
+    # team waits for a thread that has no core (measured here: 17 against 68 images/s); same numbers
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"training {recipe} seed {seed} failed:\n{proc.stderr[-3000:]}")
     return out
@@ -228,6 +236,33 @@ def code_version() -> str:
     return f"commit {commit or 'unknown'}" + (" (with local changes)" if dirty else "")
 
 
+BASELINE = "synth_baseline"
+
+
+def paired_table(rows: list[RunRow]) -> list[str]:
+    """Each method against the baseline trained with the same seed: mean difference of test top-1 ±
+    its std over seeds, and on how many seeds the method is ahead (ties count for neither)."""
+    base = next((r for r in rows if r.method == BASELINE), None)
+    if base is None or len(rows) < 2:
+        return []
+    by_seed = dict(zip(base.seeds, base.top1))
+    lines = ["", f"## Paired with `{BASELINE}` (same seed)", "",
+             "Test top-1 of the method minus the baseline's, per seed: mean ± std over seeds, and the seeds "
+             "on which the method is ahead.", "",
+             "| method | difference (points) | seeds won | per seed (points) |", "|---|---:|---:|---|"]
+    for r in rows:
+        if r is base:
+            continue
+        diffs = [100 * (t - by_seed[s]) for s, t in zip(r.seeds, r.top1) if s in by_seed]
+        if not diffs:
+            continue
+        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        won = sum(d > 0 for d in diffs)
+        lines.append(f"| {r.method} | {statistics.fmean(diffs):+.1f} ± {std:.1f} | {won} of {len(diffs)} | "
+                     + " ".join(f"{d:+.1f}" for d in diffs) + " |")
+    return lines
+
+
 def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, source: str,
                   coverage: dict[str, dict[str, float]], command: str) -> None:
     header = ["# Synthetic benchmark", "",
@@ -246,7 +281,7 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
                      f"{r.flops / 1e6:.1f} | {r.latency_ms:.2f} | {statistics.fmean(r.train_time):.1f} | "
                      f"{r.pointing_cam:.2f} | {r.own_map or '–'} | "
                      f"{'–' if r.pointing_own != r.pointing_own else f'{r.pointing_own:.2f}'} | {r.top_part or '–'} |")
-    lines = header + table
+    lines = header + table + paired_table(rows)
     for method, cov in coverage.items():
         lines += ["", f"## Where the zooms of {method} go (seed {seeds[0]}, test split)", "",
                   "Share of the visible class-carrying parts (beak, wings) inside each zoom's box, against a "

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from fgvc.data import aircraft, cars, cub, folder, nabirds  # noqa: F401  (register the readers)
 from fgvc.data.dataset import FGVCDataset
+from fgvc.data.fractal import FractalSpec, fractal_index
 from fgvc.data.records import DATASETS, DatasetIndex, Sample
 from fgvc.data.synthetic import SyntheticSpec, ensure_synthetic
 from fgvc.data.transforms import PairedTransform
@@ -21,6 +22,8 @@ from fgvc.errors import DataError
 def read_index(data: DictConfig) -> DatasetIndex:
     """The data set the recipe names; the synthetic one is generated on first use."""
     root = Path(data.root).expanduser()
+    if data.name == "fractal":  # rendered when read: no files, data.root is not used
+        return fractal_index(FractalSpec(**data.fractal))
     if data.name == "synthetic":
         folder_ = ensure_synthetic(root, SyntheticSpec(**data.synthetic))
         index = DATASETS.get("cub")(folder_)

@@ -58,7 +58,8 @@ class FGVCDataset(Dataset):
         """The decoded (H, W, 3) uint8 image, from the cache when it holds it."""
         image = self._cache.get(index)
         if image is None:
-            image = load_rgb(self.samples[index].path, self.bottom_crop)
+            s = self.samples[index]
+            image = s.render() if s.render is not None else load_rgb(s.path, self.bottom_crop)
             if self._cached_bytes + image.nbytes <= self.cache_bytes:
                 image.setflags(write=False)  # augmentations must not change the cached copy
                 self._cache[index] = image

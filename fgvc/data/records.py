@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,6 +25,7 @@ class Sample:
     image_id: str  # the data set's own id (CUB: the line number of images.txt; NABirds: a UUID)
     box: np.ndarray | None = None  # (4,) float32: x, y, w, h in original image pixels
     parts: np.ndarray | None = None  # (P, 3) float32: x, y, visible (0/1), original pixels
+    render: Callable[[], np.ndarray] | None = None  # images made when read (fractal set): () -> (H, W, 3) uint8
 
 
 @dataclass

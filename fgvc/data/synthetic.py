@@ -41,6 +41,7 @@ class SyntheticSpec:
     noise: float = 0.08
     cue_strength: float = 1.0
     seed: int = 0
+    hue_offset: float = 0.0
 
 
 def class_parts() -> list[str]:
@@ -150,8 +151,8 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
     """Write the whole set in the CUB layout into `folder` (which must not exist)."""
     rng = np.random.default_rng(spec.seed)
     codes, n_beak, n_wing = class_codes(spec.num_classes)
-    beak_palette = _cue_palette(n_beak, 0.0)
-    wing_palette = _cue_palette(n_wing, 0.5 / max(n_wing, 1))
+    beak_palette = _cue_palette(n_beak, spec.hue_offset)
+    wing_palette = _cue_palette(n_wing, spec.hue_offset + 0.5 / max(n_wing, 1))
     cue_colours = beak_palette + wing_palette
     (folder / "images").mkdir(parents=True)
     (folder / "parts").mkdir()
@@ -188,8 +189,10 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
 
 
 def synthetic_folder(root: Path, spec: SyntheticSpec) -> Path:
-    """Where the set for `spec` lives: one sub-folder per setting, so sets never overwrite each other."""
-    digest = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
+    """Where the set for `spec` lives: one sub-folder per setting, so sets never overwrite each other.
+    A setting at its default that older sets did not have (hue_offset) leaves the name unchanged."""
+    fields = {k: v for k, v in asdict(spec).items() if not (k == "hue_offset" and v == 0.0)}
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     return Path(root) / f"synth-{spec.num_classes}c-{spec.image_size}px-{digest}"
 
 

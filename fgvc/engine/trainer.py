@@ -197,7 +197,7 @@ def final_evaluation(r: Run, cfg: DictConfig) -> dict:
     """The selected weights, evaluated once on the test split (and again on validation)."""
     r.raw.load_state_dict(load_file(str(r.out / "model.safetensors")))
     results = {"best_epoch": r.state.best_epoch, "selected": r.selected,
-               "train_time_s": round(r.state.train_time, 2)}
+               "train_time_s": round(r.state.train_time, 2), "cpu_threads": torch.get_num_threads()}
     results["val"] = (split_metrics(predict(r.model, r.val_loader, r.accelerator), r.num_classes)
                       if r.val_loader is not None else {"num_samples": 0})
     test_loader = r.accelerator.prepare(make_loader(r.data.test, cfg.train.batch_size, cfg.data.num_workers, False))

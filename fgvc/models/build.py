@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
+from fgvc.errors import UserError
 from fgvc.registry import Registry
 
 # arch name -> builder(model_cfg, num_classes, image_size) -> nn.Module
@@ -45,11 +46,15 @@ def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     from fgvc.models.dcn import DCN
 
     d = m.dcn
+    if m.weights:  # one file cannot hold two networks; never ignore it silently
+        raise UserError("model.weights is not used by model.arch=dcn; give model.dcn.coarse_weights and/or "
+                        "model.dcn.fine_weights instead.")
     return DCN(num_classes, image_size=image_size, coarse_backbone=d.coarse_backbone,
                coarse_stages=d.coarse_stages, coarse_image_size=d.coarse_image_size or image_size // 2,
                fine_backbone=d.fine_backbone, patch_size=d.patch_size, top_k=d.top_k,
                saliency=d.saliency, exit_threshold=d.exit_threshold, whole_image=d.whole_image,
-               pretrained=m.pretrained, pool=d.pool, top_layers=d.top_layers)
+               pretrained=m.pretrained, pool=d.pool, top_layers=d.top_layers,
+               coarse_weights=d.coarse_weights, fine_weights=d.fine_weights)
 
 
 def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.Module:

@@ -242,7 +242,7 @@ class _Features(nn.Module):
         return self.net(x)[-1] if self.features_only else self.net.forward_features(x)
 
 
-def _feature_extractor(name: str, stages: int, pretrained: bool) -> tuple[_Features, set[str], int]:
+def _feature_extractor(name: str, stages: int, pretrained: bool, weights: str = "") -> tuple[_Features, set[str], int]:
     """A timm network returning a (B, C, h, w) feature map: all of it (`stages` = 0) or its first
     `stages` feature levels (timm's feature_info; for ResNets level 1 is the stem)."""
     if stages:
@@ -251,9 +251,9 @@ def _feature_extractor(name: str, stages: int, pretrained: bool) -> tuple[_Featu
         if not 1 <= stages <= levels:
             raise UserError(f"model.dcn.coarse_stages is {stages} but '{name}' has {levels} feature levels; "
                             f"use 0 (all) or 1..{levels}.")
-        net, names = create_backbone(name, 0, pretrained, features_only=True, out_indices=(stages - 1,))
+        net, names = create_backbone(name, 0, pretrained, weights, features_only=True, out_indices=(stages - 1,))
         return _Features(net, features_only=True), names, net.feature_info.channels()[-1]
-    net, names = create_backbone(name, 0, pretrained)
+    net, names = create_backbone(name, 0, pretrained, weights)
     return _Features(net, features_only=False), names, net.num_features
 
 
@@ -270,7 +270,8 @@ class DCN(nn.Module):
                  coarse_stages: int = 0, coarse_image_size: int = 0, fine_backbone: str = "test_resnet",
                  patch_size: int = 32, top_k: int = 4, saliency: str = "entropy",
                  exit_threshold: float = NEVER_EXIT, whole_image: bool = False,
-                 pretrained: bool = False, pool: str = "avg", top_layers: str = "mix") -> None:
+                 pretrained: bool = False, pool: str = "avg", top_layers: str = "mix",
+                 coarse_weights: str = "", fine_weights: str = "") -> None:
         super().__init__()
         if saliency not in SALIENCY:
             raise UserError(f"model.dcn.saliency is '{saliency}'; use one of {', '.join(SALIENCY)}.")
@@ -285,7 +286,7 @@ class DCN(nn.Module):
         self.saliency = saliency
         self.pretrained_names: set[str] = set()
 
-        fine, fine_names, fine_width = _feature_extractor(fine_backbone, 0, pretrained)
+        fine, fine_names, fine_width = _feature_extractor(fine_backbone, 0, pretrained, fine_weights)
         self.fine = fine
         self.pretrained_names |= {f"fine.net.{n}" for n in fine_names}
         if whole_image:  # the coarse network's width only fixes the head shape: build it on meta
@@ -293,7 +294,8 @@ class DCN(nn.Module):
                 _, _, width = _feature_extractor(coarse_backbone, coarse_stages, False)
             self.coarse = None
         else:
-            coarse, coarse_names, width = _feature_extractor(coarse_backbone, coarse_stages, pretrained)
+            coarse, coarse_names, width = _feature_extractor(coarse_backbone, coarse_stages, pretrained,
+                                                            coarse_weights)
             self.coarse = coarse
             self.pretrained_names |= {f"coarse.net.{n}" for n in coarse_names}
         self.width = width

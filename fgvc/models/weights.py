@@ -9,10 +9,14 @@ from torch import nn
 
 from fgvc.errors import DATA_EXIT, UserError
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from .pth/.pt/.bin with `weights_only=True`."""
     path = Path(path)
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path  # recipes name shipped files (weights/...) relative to the repository
     if not path.is_file():
         raise UserError(f"weights file '{path}' does not exist; fix model.weights or drop it.")
     if path.suffix == ".safetensors":

@@ -1,0 +1,109 @@
+"""The fractal pretraining set, the pretraining command, and its weights in every synth_ recipe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import run_script
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from fgvc.analysis.pretrain import (
+    recipe_backbones,
+    sha256,
+    synth_backbones,
+    synth_recipes,
+    weights_name,
+)
+from fgvc.config import load_recipe
+from fgvc.data.build import read_index
+from fgvc.data.fractal import (
+    FractalSpec,
+    chaos_game,
+    class_systems,
+    filling_rate,
+    render,
+)
+from fgvc.errors import UserError
+from fgvc.models.build import build_model
+
+SMALL = FractalSpec(num_classes=5, train_per_class=3, test_per_class=2, image_size=48, points=3000)
+
+
+def test_fractal_images_are_deterministic_and_classes_differ():
+    a, b = render(SMALL, 1, 0), render(SMALL, 1, 0)
+    assert a.shape == (48, 48, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(render(SMALL, 1, 0), render(SMALL, 1, 1))  # variation within a class
+    (m1, _), (m2, _) = class_systems(SMALL)[:2]
+    assert m1.shape[1:] == (2, 2) and not (m1.shape == m2.shape and np.allclose(m1, m2))
+    other_seed = class_systems(FractalSpec(num_classes=5, seed=1))[0][0]
+    assert not (other_seed.shape == m1.shape and np.allclose(other_seed, m1))
+
+
+def test_every_class_system_is_contractive_and_fills_the_grid():
+    for maps, shifts in class_systems(SMALL):
+        assert (np.linalg.svd(maps, compute_uv=False) < 1).all()  # an attractor exists
+        pts, which = chaos_game(maps, shifts, 4000, np.random.default_rng(0))
+        assert filling_rate(pts) >= SMALL.min_fill and which.max() < len(maps)
+    line = np.stack([np.linspace(0, 1, 500), np.zeros(500)], 1)
+    assert filling_rate(line) < 0.02  # a degenerate attractor is rejected
+
+
+def test_fractal_data_set_from_the_recipe():
+    cfg = load_recipe(["recipe=fractal_pretrain", "data.fractal.num_classes=4", "data.fractal.train_per_class=3",
+                       "data.fractal.test_per_class=2"])
+    index = read_index(cfg.data)
+    assert index.num_classes == 4 and len(index.train) == 12 and len(index.test) == 8
+    s = index.train[5]
+    assert s.label == 1 and s.render().shape == (80, 80, 3)
+
+
+def test_dcn_refuses_model_weights_instead_of_ignoring_it():
+    cfg = load_recipe(["recipe=synth_dcn", "model.weights=some.safetensors"])
+    with pytest.raises(UserError, match="model.dcn.coarse_weights"):
+        build_model(cfg.model, 4, cfg.data.image_size)
+
+
+def test_every_synth_backbone_is_pretrained_by_the_command():
+    assert set(synth_backbones()) == {"test_resnet", "resnet10t"}
+
+
+@pytest.mark.slow
+def test_pretrain_command_weights_load_into_every_synth_recipe(tmp_path):
+    """Tiny budget: every backbone trained and exported; each synth_ recipe's networks (DCN coarse and
+    fine included) take every tensor from the files, and no file tensor is left unused."""
+    out, runs = tmp_path / "weights", tmp_path / "runs"
+    tiny = ["data.fractal.num_classes=4", "data.fractal.train_per_class=4", "data.fractal.test_per_class=2",
+            "data.fractal.image_size=40", "data.fractal.points=2000", "data.image_size=32", "train.epochs=1",
+            "train.batch_size=6", "data.val_fraction=0.25"]  # 12 training images: no batch of one
+    proc = run_script("benchmark.py", "pretrain", "--out", str(out), "--runs", str(runs), "--set", *tiny)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = {b: out / weights_name(b) for b in ("test_resnet", "resnet10t")}
+    for f in files.values():
+        assert f.with_name(f.name + ".sha256").read_text().split()[0] == sha256(f)
+        assert "python fgvc/benchmark.py pretrain" in (out / "README.md").read_text()
+    for recipe in synth_recipes():
+        cfg = load_recipe([f"recipe={recipe}"])
+        roles = recipe_backbones(cfg)
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{role}={files[b]}" for role, b in roles.items()]))
+        model = build_model(cfg.model, 5, 64)
+        nets = {"model.weights": [m for n, m in model.named_modules() if n in ("net", "backbones.0", "backbones.1",
+                                                                               "backbones.2")],
+                "model.dcn.coarse_weights": [model.coarse.net] if getattr(model, "coarse", None) else [],
+                "model.dcn.fine_weights": [model.fine.net] if hasattr(model, "fine") else []}
+        for role, backbone in roles.items():
+            saved = load_file(str(files[backbone]))
+            assert nets[role], (recipe, role)
+            for net in nets[role]:
+                state = net.state_dict()
+                # the backbone's own tensors (attention blocks added to it are new, not pretrained)
+                wanted = (set(state) if role == "model.dcn.coarse_weights"
+                          else set(timm.create_model(backbone, num_classes=0).state_dict()))
+                assert wanted <= set(saved), (recipe, role, sorted(wanted - set(saved))[:3])  # none missing
+                unused = set(saved) - wanted  # only the stages a truncated coarse network leaves out
+                assert not unused or role == "model.dcn.coarse_weights", (recipe, role, sorted(unused)[:3])
+                assert all(k.startswith(("layer3.", "layer4.")) for k in unused), (recipe, sorted(unused)[:3])
+                assert all(torch.equal(state[k], saved[k].to(state[k].dtype)) for k in wanted), (recipe, role)
+        assert model.pretrained_names  # the trainer knows which parameters came from the files
