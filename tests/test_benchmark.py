@@ -26,6 +26,7 @@ def test_synthetic_benchmark_table(tmp_path):
     assert "--methods synth_baseline synth_cbam synth_racnn" in page  # the whole command line
     table = [line for line in page.splitlines() if line.startswith("| synth_")]
     assert [line.split("|")[1].strip() for line in table] == METHODS
+    assert "## Paired with `synth_baseline`" in page and "| `synth_cbam` |" in page  # each method against it
     header = next(line for line in page.splitlines() if line.startswith("| method"))
     assert len(header.split("|")) == len(table[0].split("|")) == 13  # 11 columns
     for line in table:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_DATA
 
+from fgvc.models.build import model_input
 from fgvc.analysis.maps import compute_maps
 from fgvc.analysis.viewer import FIELD, Viewer, read_upload
 from fgvc.config import load_recipe
@@ -56,7 +57,7 @@ def test_viewer_draws_every_map_source_of_the_model(arch, tiny_arch_runs, synth_
     photo = sorted(synth_root.rglob("*.jpg"))[0]
     analysis = Viewer(run).analyse(photo.read_bytes(), photo.name)
     x = build_transform(run.cfg.data, False, run.mean, run.std, [], annotations=False)(load_rgb(photo), None, None)[0]
-    expected = compute_maps(run.model, x[None])  # the analysis code's own maps and prediction
+    expected = compute_maps(run.model, model_input(run.model, x[None]))  # the analysis code's own maps and prediction
     assert list(analysis.pictures) == ["photo", *expected.maps]
     own = {"cbam": {"cbam_stage2", "cbam_stage3"}, "racnn": {"zoom1"}, "dcn": {"dcn_saliency"}}[arch]
     assert own <= set(expected.maps)
@@ -105,7 +106,7 @@ def test_browser_uploads_a_photo_and_reads_the_prediction(demo_server, tiny_run,
     run = load_run(tiny_run)
     x = build_transform(run.cfg.data, False, run.mean, run.std, [])(load_rgb(photo), None, None)[0]
     with torch.no_grad():
-        expected = run.class_names[int(run.model(x[None]).argmax())]
+        expected = run.class_names[int(run.model(model_input(run.model, x[None])).argmax())]
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):

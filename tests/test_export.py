@@ -15,6 +15,7 @@ import torch
 from conftest import run_script
 from safetensors.torch import load_file
 
+from fgvc.models.build import model_input
 from fgvc.analysis.cost import count_flops
 from fgvc.analysis.share import export_run
 from fgvc.data.build import build_datasets, build_transform
@@ -40,7 +41,7 @@ def test_images(tiny_run) -> torch.Tensor:
     """(N, 3, 32, 32) test images through the run's own evaluation transform."""
     run = load_run(tiny_run)
     data = build_datasets(run.cfg.data, run.cfg.seed, run.mean, run.std)
-    return torch.stack([data.test[i]["image"] for i in range(8)])
+    return model_input(run.model, torch.stack([data.test[i]["image"] for i in range(8)]))  # normalised floats
 
 
 def test_timm_alone_gives_the_runs_logits(tiny_run, tmp_path, test_images):
@@ -93,7 +94,7 @@ def test_export_then_predict_on_the_folder(arch, tiny_arch_runs, synth_root, tmp
     transform = build_transform(run.cfg.data, False, run.mean, run.std, [])
     for path, result in zip(images, got):
         with torch.no_grad():
-            out_ = run.model(transform(load_rgb(path), None, None)[0][None])
+            out_ = run.model(model_input(run.model, transform(load_rgb(path), None, None)[0][None]))
         probs = (out_ if isinstance(out_, torch.Tensor) else out_.logits).softmax(-1)[0]
         top = probs.topk(len(run.class_names))
         assert [t["class"] for t in result["top"]] == [run.class_names[i] for i in top.indices.tolist()]

@@ -9,13 +9,13 @@ def test_paired_differences_mean_std_and_seeds_won():
     base = RunRow("synth_baseline", seeds=[0, 1, 2], top1=[0.80, 0.82, 0.78])
     gate = RunRow("synth_gate", seeds=[0, 1, 2], top1=[0.83, 0.81, 0.80])  # +3, -1, +2 points
     lines = paired_table([base, gate])
-    row = next(line for line in lines if line.startswith("| synth_gate"))
+    row = next(line for line in lines if line.startswith("| `synth_gate`"))
     assert "+1.3 ± 2.1" in row and "2 of 3" in row and "+3.0 -1.0 +2.0" in row
 
 
 def test_partial_method_is_paired_on_its_finished_seeds_only():
     base = RunRow("synth_baseline", seeds=[0, 1], top1=[0.80, 0.82])
     se = RunRow("synth_se", seeds=[1], top1=[0.81])
-    row = next(line for line in paired_table([base, se]) if line.startswith("| synth_se"))
+    row = next(line for line in paired_table([base, se]) if line.startswith("| `synth_se`"))
     assert "-1.0 ± 0.0" in row and "0 of 1" in row
     assert paired_table([se]) == []  # no baseline: no pairs

@@ -152,8 +152,8 @@ def test_resume_refuses_a_changed_recipe_and_rebuilds_a_changed_schedule(tiny_ru
 @pytest.mark.slow
 def test_non_finite_weights_are_not_saved(synth_root, tmp_path):
     out = tmp_path / "blowup"
-    # lr 100: epoch 2's loss stays finite while a BatchNorm running variance overflows
-    proc = train(out, synth_root, "train.epochs=2", "train.lr=100.0", "train.warmup_epochs=0")
+    # lr 300: epoch 2's loss stays finite while a BatchNorm running variance overflows (data-dependent)
+    proc = train(out, synth_root, "train.epochs=2", "train.lr=300.0", "train.warmup_epochs=0")
     one_sentence(proc, 4, "the weights hold NaN or infinite values")
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch_0001"]
     for path in (out / "model.safetensors", out / "checkpoints" / "epoch_0001" / "model.safetensors"):

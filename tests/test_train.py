@@ -160,7 +160,7 @@ def test_two_processes_train_dcn(tmp_path, synth_root):
     out = tmp_path / "ddp_dcn"
     proc = accelerate_launch("train.py", "recipe=synth_dcn", "train.epochs=1", f"output_dir={out}",
                              f"data.root={synth_root}", *TINY_DATA, "model.dcn.fine_backbone=test_resnet",
-                             "model.dcn.patch_size=16")
+                             "model.dcn.fine_weights=weights/fractal_test_resnet.safetensors", "model.dcn.patch_size=16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["num_samples"] == TEST_IMAGES and "top1_coarse" in metrics["test"]

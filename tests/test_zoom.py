@@ -318,6 +318,11 @@ def test_every_racnn_recipe_loads_and_synth_racnn_builds():
 def _ddp_phases_worker():
     """Each rank: a tiny RA-CNN under DDP with find_unused_parameters, one update per phase."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+
+    # the launcher forks this pytest process: a state an earlier test made in it (one process) must
+    # not be inherited, or the Accelerator below would see one rank
+    AcceleratorState._reset_state(reset_partial_state=True)
 
     acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     model = tiny_racnn()

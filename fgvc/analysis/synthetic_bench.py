@@ -258,7 +258,7 @@ def paired_table(rows: list[RunRow]) -> list[str]:
             continue
         std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
         won = sum(d > 0 for d in diffs)
-        lines.append(f"| {r.method} | {statistics.fmean(diffs):+.1f} ± {std:.1f} | {won} of {len(diffs)} | "
+        lines.append(f"| `{r.method}` | {statistics.fmean(diffs):+.1f} ± {std:.1f} | {won} of {len(diffs)} | "
                      + " ".join(f"{d:+.1f}" for d in diffs) + " |")
     return lines
 

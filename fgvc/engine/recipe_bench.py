@@ -75,7 +75,7 @@ def run_one(recipe: str, overrides: list[str], work: Path) -> dict:
     batch = cfg.train.batch_size
     root = write_fake_set(cfg.data.name, work / "data", STEPS * batch, batch)
     cfg = load_recipe([f"recipe={recipe}", "model.pretrained=false", f"data.root={root}",
-                       "data.val_fraction=0", "train.epochs=1", "train.tensorboard=false", "overwrite=true",
+                       "data.val_fraction=0", "train.epochs=1", "overwrite=true",
                        f"output_dir={work / 'run'}", *overrides])
     start = time.perf_counter()
     train(cfg)
