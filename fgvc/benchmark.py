@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every recipe")
     rec.add_argument("--timeout", type=float, default=3600, help="seconds per recipe")
     rec.add_argument("--out", default="results/recipes.md")
+    rec.add_argument("--keep", default="results/recipes", help="finished recipes' rows, reused by the next run")
+    rec.add_argument("--fresh", action="store_true", help="measure every recipe again (ignore --keep)")
     dat = sub.add_parser("data", help="images/s of one loading process at 448 px, before and after, and workers per GPU")
     dat.add_argument("--images", type=int, default=64, help="JPEGs per image size")
     dat.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         recipes = args.recipes or real_recipes()
         for r in recipes:  # every recipe and override is checked before the long runs start
             load_recipe([f"recipe={r}", *args.set])
-        write_table(recipes_benchmark(recipes, list(args.set), args.timeout),
+        write_table(recipes_benchmark(recipes, list(args.set), args.timeout, Path(args.keep), not args.fresh),
                     "Every real recipe at its real size", args.out, argv)
         return 0
     if args.command == "train":

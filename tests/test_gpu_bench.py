@@ -14,8 +14,9 @@ SMALL = ["data.image_size=64", "model.backbone=test_resnet", "train.batch_size=4
 
 def test_recipes_benchmark_runs_a_real_recipe_end_to_end(tmp_path):
     out = tmp_path / "recipes.md"
-    proc = run_script("benchmark.py", "recipes", "--recipes", "cub_cbam", "--set", *SMALL, "--out", str(out),
-                      timeout=1200)  # about 2 minutes; generous for a loaded machine
+    keep = tmp_path / "keep"
+    args = ["benchmark.py", "recipes", "--recipes", "cub_cbam", "--set", *SMALL, "--out", str(out), "--keep", str(keep)]
+    proc = run_script(*args, timeout=1200)  # about 2 minutes; generous for a loaded machine
     assert proc.returncode == 0, proc.stderr[-3000:]
     page = out.read_text()
     assert "Command: `python fgvc/benchmark.py recipes --recipes cub_cbam" in page and "commit" in page
@@ -23,6 +24,12 @@ def test_recipes_benchmark_runs_a_real_recipe_end_to_end(tmp_path):
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[0] == "cub_cbam" and cells[1] == "classifier" and cells[3] == "64" and cells[4] == "4"
     assert float(cells[7]) > 0 and float(cells[9]) > 0.1 and cells[10] == "yes"  # s/step, peak GiB, completed
+    # the finished row is kept and reused by the next run with the same overrides, not measured again
+    assert (keep / "cub_cbam.json").is_file()
+    (keep / "cub_cbam.json").write_text((keep / "cub_cbam.json").read_text().replace('"step_s": ', '"step_s": 1234'))
+    again = run_script(*args, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "| 1234" in next(line for line in out.read_text().splitlines() if line.startswith("| cub_cbam"))
 
 
 def test_data_benchmark_compares_old_and_new_and_counts_loading_processes(tmp_path):

@@ -10,7 +10,9 @@ set's on-disk layout (fgvc/data/fake_layouts.py) whose images have the real set'
 no validation split. Each recipe runs in its own process, so its peak memory is its own: the
 process's peak resident set (`getrusage(RUSAGE_SELF).ru_maxrss`, what the kernel counts, torch's
 allocations included; DataLoader worker processes not included). A recipe that does not fit in
-memory is retried at half the batch, and the table says so.
+memory is retried at half the batch, and the table says so. Each finished recipe's row is kept as
+JSON in `--keep` (default `results/recipes/`), so a run that is stopped resumes where it was; a row
+is reused only when the recipe and overrides it ran with are the same (`--fresh` measures all again).
 """
 
 from __future__ import annotations
@@ -112,8 +114,13 @@ def run_isolated(recipe: str, overrides: list[str], timeout: float) -> tuple[dic
         return None, (lines[-1] if lines else f"exit status {proc.returncode}")[:200]
 
 
-def recipes_benchmark(recipes: list[str], overrides: list[str], timeout: float) -> str:
-    """Run every recipe (halving the batch when it does not fit in memory) and make the table."""
+def recipes_benchmark(recipes: list[str], overrides: list[str], timeout: float, keep: Path | None = None,
+                      reuse: bool = True) -> str:
+    """Run every recipe (halving the batch when it does not fit in memory) and make the table.
+
+    A recipe's finished row is written to `keep/<recipe>.json` with the overrides it ran with and
+    reused from there by the next call with the same overrides (a benchmark that outlives a session).
+    """
     from fgvc.analysis.synthetic_bench import code_version
     from fgvc.config import load_recipe
 
@@ -125,6 +132,11 @@ def recipes_benchmark(recipes: list[str], overrides: list[str], timeout: float) 
     for recipe in recipes:
         batch = load_recipe([f"recipe={recipe}", *overrides]).train.batch_size
         notes, result = [], None
+        kept = keep / f"{recipe}.json" if keep is not None else None
+        if reuse and kept is not None and kept.is_file():
+            old = json.loads(kept.read_text())
+            if old.get("overrides") == overrides:
+                result, notes = old["result"], old["notes"]
         while result is None:
             result, why = run_isolated(recipe, [*overrides, f"train.batch_size={batch}"], timeout)
             if result is None and why == "out of memory" and batch > 1:
@@ -132,6 +144,9 @@ def recipes_benchmark(recipes: list[str], overrides: list[str], timeout: float) 
                 batch //= 2
                 continue
             break
+        if result is not None and kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps({"overrides": overrides, "notes": notes, "result": result}, indent=1))
         if result is None:
             lines.append(f"| {recipe} | | | | {batch} | | | | | | no: {why} |")
         else:
