@@ -29,12 +29,14 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
                           env=full_env, timeout=timeout, cwd=ROOT)
 
 
-def accelerate_launch(script: str, *args: str, num_processes: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Two connected CPU processes (plain `--cpu --num_processes 2` starts only one)."""
+def accelerate_launch(script: str, *args: str, num_processes: int = 2, timeout: int = 900,
+                      launcher: str = "accelerate.commands.launch") -> subprocess.CompletedProcess:
+    """Two connected CPU processes (plain `--cpu --num_processes 2` starts only one); `launcher`
+    "fgvc.launch" starts them through `fgvc-launch` instead of `accelerate launch`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+    cmd = [sys.executable, "-m", launcher, "--multi_gpu", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port), str(ROOT / "fgvc" / script), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}

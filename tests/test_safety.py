@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import os
 import resource
 import shutil
 import signal
@@ -163,6 +164,27 @@ def test_non_finite_weights_are_not_saved(synth_root, tmp_path):
     assert all(t.isfinite().all() for t in load_file(str(out / "model.safetensors")).values())
 
 
+def test_check_weights_finite_names_the_first_bad_tensor_and_passes_finite_ones():
+    """The check itself, without relying on a learning rate that happens to overflow a buffer."""
+    from fgvc.engine.guard import check_weights_finite
+    from fgvc.errors import RunError
+
+    class OneProcess:  # what check_weights_finite uses of an Accelerator
+        def reduce(self, tensor, reduction):
+            return tensor
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    check_weights_finite({"model": net}, OneProcess(), epoch=0)  # finite: no error
+    net[1].running_var[2] = float("inf")  # a buffer, as in the issue (parameters stayed finite)
+    with pytest.raises(RunError, match=r"after epoch 3 .*first: '1.running_var'"):
+        check_weights_finite({"model": net}, OneProcess(), epoch=2)
+    net[1].running_var.fill_(1.0)
+    teacher = torch.nn.Linear(2, 2)
+    teacher.weight.data[0, 0] = float("nan")
+    with pytest.raises(RunError, match=r"first: 'weight \(ema\)'"):
+        check_weights_finite({"model": net, "ema": teacher}, OneProcess(), epoch=0)
+
+
 # 7. Values typed for string keys stay strings.
 
 def test_mixed_precision_no_on_the_command_line(tmp_path):
@@ -298,17 +320,30 @@ def test_full_disk_while_saving_is_one_sentence(synth_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_error_on_one_of_two_processes_ends_in_its_sentence(synth_root, tmp_path):
+def test_an_error_on_one_of_two_processes_ends_in_its_sentence(tiny_run, synth_root, tmp_path):  # tiny_run writes the set
     data = shutil.copytree(synth_root, tmp_path / "data")
     victim = sorted(data.rglob("*.jpg"))[0]
     victim.write_bytes(b"garbage")  # read by one of the two processes only
+    # fgvc-launch: accelerate launch's options, the failing process's exit code and sentence, no traceback
     proc = accelerate_launch("train.py", "recipe=synth_baseline", "train.epochs=1", f"output_dir={tmp_path / 'run'}",
+                             f"data.root={data}", *TINY_DATA, launcher="fgvc.launch")
+    one_sentence(proc, 3, victim.name)
+    assert "[rank" not in proc.stderr and "gloo" not in proc.stderr.lower()  # no echo from the other process
+    # plain accelerate launch: the same one sentence, then accelerate's own exit 1 and summary
+    proc = accelerate_launch("train.py", "recipe=synth_baseline", "train.epochs=1", f"output_dir={tmp_path / 'run2'}",
                              f"data.root={data}", *TINY_DATA)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and victim.name in errors[0], proc.stderr[-3000:]
     assert "exitcode  : 3" in proc.stderr  # accelerate's own summary: the failing process's exit code
-    assert "[rank" not in proc.stderr and "gloo" not in proc.stderr.lower()  # no echo from the other process
     assert 'fgvc/engine' not in proc.stderr  # no traceback through fgvc's code
+
+
+def test_fgvc_launch_passes_on_a_single_process_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fgvc.launch", "--num_processes", "1", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", "--num_machines", "1", str(ROOT / "fgvc" / "train.py"),
+                           "recipe=no_such_recipe"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    one_sentence(proc, 2, "recipe 'no_such_recipe' does not exist")
 
 
 # 10. Papercuts.
