@@ -19,3 +19,13 @@ def test_partial_method_is_paired_on_its_finished_seeds_only():
     row = next(line for line in paired_table([base, se]) if line.startswith("| `synth_se`"))
     assert "-1.0 ± 0.0" in row and "0 of 1" in row
     assert paired_table([se]) == []  # no baseline: no pairs
+
+
+def test_a_resumed_run_is_reused_and_another_seed_is_not(tmp_path):
+    from fgvc.analysis.synthetic_bench import recipe_difference
+    from fgvc.config import load_recipe, to_yaml
+
+    args = ["recipe=synth_baseline", "seed=0", f"output_dir={tmp_path}"]
+    (tmp_path / "recipe.yaml").write_text(to_yaml(load_recipe([*args, "train.resume=auto"])))
+    assert recipe_difference(tmp_path, args) is None  # continued from a checkpoint: the same run
+    assert recipe_difference(tmp_path, [*args[:1], "seed=1", args[2]]) == ("seed", 0, 1)
