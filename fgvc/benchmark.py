@@ -6,9 +6,11 @@
     python fgvc/benchmark.py data [--images 64] [--rounds 5] [--out results/data_speed.md]
     python fgvc/benchmark.py recipes [--recipes cub_cbam ...] [--set key=value ...] [--out results/recipes.md]
     python fgvc/benchmark.py pretrain [--out weights] [--runs runs/pretrain] [--set key=value ...]
+    python fgvc/benchmark.py timm --timm-train PATH/TO/timm/train.py [--rounds 3] [--epochs 3] [--out results/timm_speed.md]
 
 `attention` is measured here, with fgvc/analysis/cost.py's counter and timer; `synthetic` in
-fgvc/analysis/synthetic_bench.py; `train` in fgvc/engine/train_speed.py.
+fgvc/analysis/synthetic_bench.py; `train` in fgvc/engine/train_speed.py; `timm` (fgvc's loop against
+timm's train.py) in fgvc/engine/timm_speed.py.
 """
 
 from __future__ import annotations
@@ -127,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     spd.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     spd.add_argument("--fake-images", type=int, default=0,
                      help="time a real recipe on a fake copy of its data set with this many training images")
+    tim = sub.add_parser("timm", help="images/s of fgvc's training loop against timm's train.py, same data and settings")
+    tim.add_argument("--timm-train", required=True, metavar="PATH", help="timm's train.py (not part of fgvc)")
+    tim.add_argument("--rounds", type=int, default=3, help="alternating rounds, each one run of both tools")
+    tim.add_argument("--epochs", type=int, default=3, help="epochs of each run, the first not counted")
+    tim.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both tools")
+    tim.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="synth_baseline overrides for both")
+    tim.add_argument("--runs", default="runs/timm_speed", help="the runs, their logs and the ImageFolder view")
+    tim.add_argument("--source", default="", help="where the train.py comes from, written on the page")
+    tim.add_argument("--out", default="", help="also write the page to this markdown file")
     rec = sub.add_parser("recipes", help="every real recipe at its real size: 2 steps + 1 evaluation batch, CPU")
     rec.add_argument("--recipes", nargs="+", default=None, help="a subset of the cub_/cars_/aircraft_/nabirds_ recipes")
     rec.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every recipe")
@@ -168,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             load_recipe([f"recipe={r}", *args.set])
         write_table(recipes_benchmark(recipes, list(args.set), args.timeout, Path(args.keep), not args.fresh),
                     "Every real recipe at its real size", args.out, argv)
+        return 0
+    if args.command == "timm":
+        from fgvc.engine.timm_speed import timm_speed
+
+        write_table(timm_speed(args.timm_train, args.rounds, args.epochs, args.threads, Path(args.runs),
+                               list(args.set), args.source), "fgvc's training loop against timm's train.py",
+                    args.out, argv)
         return 0
     if args.command == "train":
         from fgvc.engine.train_speed import train_speed
