@@ -69,6 +69,7 @@ class SyntheticConfig:
     cue_strength: float = 1.0  # 1 = the class cue is fully visible; lower is harder
     seed: int = 0  # the data set's own seed, independent of the training seed
     hue_offset: float = 0.0  # turns every cue colour around the colour wheel (0..1): another set of cue colours
+    hidden: float = 0.0  # share of images in which each class part (beak, wing patch) is not visible: a ceiling on top-1
 
 
 @dataclass
@@ -243,7 +244,7 @@ RANGES: list[tuple[str, float, float]] = [
     ("train.weight_decay", 0, INF), ("train.min_lr", 0, INF), ("train.momentum", 0, 1), ("train.warmup_epochs", 0, INF),
     ("train.clip_grad", 0, INF), ("train.label_smoothing", 0, 1), ("train.mixup", 0, INF), ("train.cutmix", 0, INF),
     ("train.ema_decay", 0, 1), ("train.new_lr_mult", 0, INF), ("train.keep_checkpoints", 1, INF),
-    ("train.log_every", 1, INF),
+    ("train.log_every", 1, INF), ("data.synthetic.hidden", 0, 1), ("data.synthetic.cue_strength", 0, 1),
 ]
 
 

@@ -62,3 +62,18 @@ def test_every_class_has_its_own_pair_of_part_colours():
     assert len(set(codes)) == 12 and n_beak * n_wing >= 12
     # each beak colour is shared by several classes: the beak alone does not tell the class
     assert len({c[0] for c in codes}) < 12 and len({c[1] for c in codes}) < 12
+
+
+def test_hidden_parts_are_not_drawn_and_are_recorded_invisible(tmp_path):
+    """data.synthetic.hidden: a class part that cannot be seen is neither drawn nor marked visible
+    (CUB's visibility flag), so no model can read the class from it; 0 changes nothing."""
+    beak, wings = CUB_PARTS.index("beak"), [CUB_PARTS.index("left wing"), CUB_PARTS.index("right wing")]
+    shown = DATASETS.get("cub")(ensure_synthetic(tmp_path, SPEC))
+    hidden = DATASETS.get("cub")(ensure_synthetic(tmp_path, SyntheticSpec(**{**SPEC.__dict__, "hidden": 1.0})))
+    for s in hidden.train + hidden.test:
+        assert s.parts[beak, 2] == 0 and s.parts[wings, 2].sum() == 0 and (s.parts[:, 2] > 0).sum() == 11
+    assert all(s.parts[beak, 2] == 1 and s.parts[wings, 2].sum() == 1 for s in shown.train + shown.test)
+    some = DATASETS.get("cub")(ensure_synthetic(tmp_path, SyntheticSpec(**{**SPEC.__dict__, "hidden": 0.5,
+                                                                             "train_per_class": 20})))
+    seen = [s.parts[beak, 2] for s in some.train]
+    assert 0.25 < 1 - np.mean(seen) < 0.75  # about half the beaks hidden

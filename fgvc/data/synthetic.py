@@ -42,6 +42,7 @@ class SyntheticSpec:
     cue_strength: float = 1.0
     seed: int = 0
     hue_offset: float = 0.0
+    hidden: float = 0.0
 
 
 def class_parts() -> list[str]:
@@ -70,6 +71,11 @@ def _rgb(c: np.ndarray | tuple) -> tuple[int, int, int]:
 def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb, cue_colours):
     """One image (H, W, 3) uint8, its box (x, y, w, h) and 15 CUB parts (x, y, visible)."""
     s = spec.image_size
+    # each class part is hidden in a share `hidden` of the images (beak turned away, wing patch
+    # folded under), as CUB records parts that cannot be seen: no model can tell its colour there,
+    # so top-1 has a ceiling below 100%. No draw when 0: sets made before the option are unchanged.
+    hide_beak = spec.hidden > 0 and rng.random() < spec.hidden
+    hide_wing = spec.hidden > 0 and rng.random() < spec.hidden
     # background: a smooth random gradient plus clutter blobs in cue and random colours
     top, bottom = rng.uniform(0.2, 0.9, 3), rng.uniform(0.2, 0.9, 3)
     ramp = np.linspace(0, 1, s)[:, None, None]
@@ -106,14 +112,16 @@ def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb
     draw.ellipse([wx - 0.55 * a, wy - 0.45 * b, wx + 0.55 * a, wy + 0.45 * b],
                  fill=_rgb(np.array(body_rgb) / 255 * 0.7))
     pr = max(1.5, spec.part_scale * s * 0.6)
-    draw.ellipse([wx - pr, wy - pr, wx + pr, wy + pr], fill=_rgb(wing_rgb))
+    if not hide_wing:
+        draw.ellipse([wx - pr, wy - pr, wx + pr, wy + pr], fill=_rgb(wing_rgb))
     draw.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=head_rgb)
     ex, ey = hx + face * 0.35 * hr, hy - 0.2 * hr
     er = max(1.0, 0.16 * hr)
     draw.ellipse([ex - er, ey - er, ex + er, ey + er], fill=(10, 10, 10))
     bx0 = hx + face * 0.85 * hr
     tip = (bx0 + face * beak_len, hy)
-    draw.polygon([(bx0, hy - beak_half), tip, (bx0, hy + beak_half)], fill=_rgb(beak_rgb))
+    if not hide_beak:
+        draw.polygon([(bx0, hy - beak_half), tip, (bx0, hy + beak_half)], fill=_rgb(beak_rgb))
 
     arr = np.asarray(img).astype(np.float32) / 255
     arr = np.clip(arr + rng.normal(0, spec.noise, arr.shape), 0, 1)
@@ -123,11 +131,11 @@ def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb
     near_wing, far_wing = ("right wing", "left wing") if face > 0 else ("left wing", "right wing")
     near_leg, far_leg = ("right leg", "left leg") if face > 0 else ("left leg", "right leg")
     pts = {
-        "back": (cx - face * 0.2 * a, cy - 0.95 * b, 1), "beak": (bx0 + face * 0.5 * beak_len, hy, 1),
+        "back": (cx - face * 0.2 * a, cy - 0.95 * b, 1), "beak": (bx0 + face * 0.5 * beak_len, hy, int(not hide_beak)),
         "belly": (cx, cy + 0.7 * b, 1), "breast": (cx + face * 0.6 * a, cy + 0.3 * b, 1),
         "crown": (hx, hy - 0.9 * hr, 1), "forehead": (hx + face * 0.6 * hr, hy - 0.65 * hr, 1),
         near_eye: (ex, ey, 1), far_eye: (0, 0, 0), near_leg: (cx + 0.2 * a, leg_bot, 1),
-        far_leg: (cx - 0.25 * a, leg_bot, 1), near_wing: (wx, wy, 1), far_wing: (0, 0, 0),
+        far_leg: (cx - 0.25 * a, leg_bot, 1), near_wing: (wx, wy, int(not hide_wing)), far_wing: (0, 0, 0),
         "nape": (hx - face * 0.7 * hr, hy + 0.3 * hr, 1), "tail": (tail_x, cy - 0.3 * b, 1),
         "throat": (hx + face * 0.3 * hr, hy + 0.85 * hr, 1),
     }
@@ -185,14 +193,19 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
     write("bounding_boxes.txt", boxes)
     write("parts/parts.txt", [f"{i} {n}" for i, n in enumerate(CUB_PARTS, 1)])
     write("parts/part_locs.txt", locs)
-    write(MANIFEST, [json.dumps(asdict(spec), sort_keys=True)])
+    write(MANIFEST, [json.dumps(_named_fields(spec, later=("hidden",)), sort_keys=True)])
+
+
+def _named_fields(spec: SyntheticSpec, later: tuple[str, ...] = ("hue_offset", "hidden")) -> dict:
+    """The settings that name a set: those added `later` count only away from their default 0, so
+    a set made before they existed keeps its folder name (hue_offset, hidden) and manifest (hidden)."""
+    return {k: v for k, v in asdict(spec).items() if not (k in later and v == 0.0)}
 
 
 def synthetic_folder(root: Path, spec: SyntheticSpec) -> Path:
     """Where the set for `spec` lives: one sub-folder per setting, so sets never overwrite each other.
-    A setting at its default that older sets did not have (hue_offset) leaves the name unchanged."""
-    fields = {k: v for k, v in asdict(spec).items() if not (k == "hue_offset" and v == 0.0)}
-    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    A setting at its default that older sets did not have (hue_offset, hidden) leaves the name unchanged."""
+    digest = hashlib.sha1(json.dumps(_named_fields(spec), sort_keys=True).encode()).hexdigest()[:10]
     return Path(root) / f"synth-{spec.num_classes}c-{spec.image_size}px-{digest}"
 
 
