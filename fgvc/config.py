@@ -86,6 +86,7 @@ class FractalConfig:
     min_fill: float = 0.08  # least share of a 64 x 64 grid a class's attractor must cover
     jitter: float = 0.04  # per-image perturbation of the map parameters (intra-class variation)
     seed: int = 0
+    class_colours: float = 0.0  # share of images in their class's own map colours (0: random colours, FractalDB)
 
 
 @dataclass
@@ -245,6 +246,7 @@ RANGES: list[tuple[str, float, float]] = [
     ("train.clip_grad", 0, INF), ("train.label_smoothing", 0, 1), ("train.mixup", 0, INF), ("train.cutmix", 0, INF),
     ("train.ema_decay", 0, 1), ("train.new_lr_mult", 0, INF), ("train.keep_checkpoints", 1, INF),
     ("train.log_every", 1, INF), ("data.synthetic.hidden", 0, 1), ("data.synthetic.cue_strength", 0, 1),
+    ("data.fractal.class_colours", 0, 1),
 ]
 
 

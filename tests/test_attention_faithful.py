@@ -263,7 +263,8 @@ def test_default_stages_per_method_and_backbone(backbone):
 @pytest.mark.parametrize("backbone", list(DEFAULT_STAGES))
 @pytest.mark.parametrize("method", ["se", "cbam", "residual", "gate", "stn"])
 def test_naming_only_the_method_builds_and_trains_one_step(backbone, method):
-    cfg = load_recipe([f"model.backbone={backbone}", f"model.attention.type={method}", f"data.image_size={SIDE}"])
+    cfg = load_recipe([f"model.backbone={backbone}", "model.weights=", f"model.attention.type={method}",
+                       f"data.image_size={SIDE}"])
     assert list(cfg.model.attention.stages) == []
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=4, image_size=SIDE).train()

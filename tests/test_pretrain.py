@@ -42,6 +42,26 @@ def test_fractal_images_are_deterministic_and_classes_differ():
     assert not (other_seed.shape == m1.shape and np.allclose(other_seed, m1))
 
 
+def test_class_colours_give_each_class_its_own_hues_and_zero_changes_nothing():
+    import colorsys
+    import dataclasses
+
+    coloured = dataclasses.replace(SMALL, class_colours=1.0)
+    assert np.array_equal(render(dataclasses.replace(SMALL, class_colours=0.0), 2, 1), render(SMALL, 2, 1))
+    assert not np.array_equal(render(coloured, 2, 1), render(SMALL, 2, 1))
+
+    def ink_hues(img):  # hues of the pixels that differ most from the image's smooth background
+        flat = img.reshape(-1, 3).astype(float) / 255
+        far = np.abs(flat - np.median(flat, 0)).sum(1) > 0.5
+        return np.array([colorsys.rgb_to_hsv(*px)[0] for px in flat[far]])
+
+    def hue_histogram(label, index):
+        return np.histogram(ink_hues(render(coloured, label, index)), bins=12, range=(0, 1))[0] > 0
+
+    same = [(hue_histogram(c, 0) & hue_histogram(c, 1)).sum() / hue_histogram(c, 0).sum() for c in range(5)]
+    assert np.mean(same) > 0.6  # two images of a class share most of their hue bins
+
+
 def test_every_class_system_is_contractive_and_fills_the_grid():
     for maps, shifts in class_systems(SMALL):
         assert (np.linalg.svd(maps, compute_uv=False) < 1).all()  # an attractor exists
@@ -57,7 +77,7 @@ def test_fractal_data_set_from_the_recipe():
     index = read_index(cfg.data)
     assert index.num_classes == 4 and len(index.train) == 12 and len(index.test) == 8
     s = index.train[5]
-    assert s.label == 1 and s.render().shape == (80, 80, 3)
+    assert s.label == 1 and s.render().shape == (cfg.data.fractal.image_size,) * 2 + (3,)
 
 
 def test_dcn_refuses_model_weights_instead_of_ignoring_it():
@@ -80,7 +100,7 @@ def test_pretrain_command_weights_load_into_every_synth_recipe(tmp_path):
             "train.batch_size=6", "data.val_fraction=0.25"]  # 12 training images: no batch of one
     proc = run_script("benchmark.py", "pretrain", "--out", str(out), "--runs", str(runs), "--set", *tiny)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    files = {b: out / weights_name(b) for b in ("test_resnet", "resnet10t")}
+    files = {b: out / weights_name(b) for b in synth_backbones()}
     for f in files.values():
         assert f.with_name(f.name + ".sha256").read_text().split()[0] == sha256(f)
         assert "python fgvc/benchmark.py pretrain" in (out / "README.md").read_text()

@@ -63,7 +63,7 @@ def stn_model(count: int, *extra: str):
 
 @pytest.mark.parametrize("count", [2, 4])
 def test_parallel_transformers_build_train_and_concatenate_their_features(count):
-    model = stn_model(count).train()
+    model = stn_model(count, "model.attention.init=default").train()  # the paper's start: every part learns
     channels = model.net.num_features
     assert model.stn.count == count and model.stn_head.in_features == count * channels
     x, y = torch.rand(4, 3, FULL, FULL), torch.randint(0, CLASSES, (4,))
@@ -103,7 +103,7 @@ def test_full_resolution_delivers_larger_images_and_its_mistakes_are_user_errors
     t = build_transform(cfg.data, False, (0.5,) * 3, (0.25,) * 3, [])
     image, box, parts = t((torch.rand(60, 80, 3) * 255).byte().numpy(), None, None)
     assert image.shape == (3, 48, 48)
-    assert delivered_side(load_recipe(["recipe=synth_baseline"]).data) == 64  # default 1: unchanged
+    assert delivered_side(load_recipe(["recipe=synth_baseline", "data.image_size=64"]).data) == 64  # default 1: unchanged
     for args, phrase in ((["recipe=synth_baseline", "data.full_resolution=2"], "data.full_resolution"),
                          (["recipe=synth_racnn", "data.full_resolution=0.5"], "at least 1"),
                          (["recipe=synth_cbam", "model.attention.stn_count=2"], "model.attention.stn_count"),

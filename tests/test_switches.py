@@ -78,7 +78,7 @@ def test_grad_checkpointing_without_a_timm_network_is_one_sentence():
 
 
 def test_drop_path_reaches_the_backbone_and_only_the_classifier_arch():
-    cfg = load_recipe(["recipe=synth_baseline", "model.backbone=test_vit", "model.drop_path=0.2"])
+    cfg = load_recipe(["recipe=synth_baseline", "model.backbone=test_vit", "model.weights=", "model.drop_path=0.2"])
     model = build_model(cfg.model, 4, 32)
     rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) == pytest.approx(0.2)
@@ -93,7 +93,7 @@ def test_drop_path_reaches_the_backbone_and_only_the_classifier_arch():
 
 @pytest.mark.parametrize("backbone", ["test_vit", "test_convnext"])
 def test_layer_decay_lowers_the_lr_layer_by_layer(backbone):
-    cfg = load_recipe(["recipe=synth_baseline", f"model.backbone={backbone}", "train.layer_decay=0.5",
+    cfg = load_recipe(["recipe=synth_baseline", f"model.backbone={backbone}", "model.weights=", "train.layer_decay=0.5",
                        "train.lr=1.0", "train.new_lr_mult=1.0"])
     model = build_model(cfg.model, 4, 32)
     scales = layer_lr_scales(model, 0.5)
@@ -105,7 +105,7 @@ def test_layer_decay_lowers_the_lr_layer_by_layer(backbone):
     assert first == pytest.approx(0.5 ** round(-torch.log2(torch.tensor(first)).item())) and first < 0.1
     assert set(lr_of) == {n for n, _ in model.named_parameters()}  # every parameter in exactly one group
     assert all(lr_of[n] == pytest.approx(s) for n, s in scales.items())
-    plain = load_recipe(["recipe=synth_baseline", f"model.backbone={backbone}", "train.lr=1.0"])
+    plain = load_recipe(["recipe=synth_baseline", f"model.backbone={backbone}", "model.weights=", "train.lr=1.0"])
     assert {g["lr"] for g in build_optimizer(model, plain.train).param_groups} == {1.0}
 
 

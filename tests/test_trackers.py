@@ -34,7 +34,7 @@ def test_tracker_config_is_flat_and_typed():
     flat = tracker_config(cfg)
     assert set(flat) == set(flatten(OmegaConf.to_container(cfg)))  # every leaf, nothing nested
     assert all(type(v) in (int, float, str, bool) for v in flat.values())
-    assert flat["train.log_with"] == "tensorboard" and flat["data.image_size"] == 64
+    assert flat["train.log_with"] == "tensorboard" and flat["data.image_size"] == cfg.data.image_size
     assert flat["data.crop_scale"] == "[0.6, 1.0]"
     assert flat["model.attention.stages"] == str(list(cfg.model.attention.stages))
 

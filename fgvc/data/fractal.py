@@ -26,6 +26,7 @@ fgvc's own construction (not FractalDB's parameter search):
 
 from __future__ import annotations
 
+import colorsys
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class FractalSpec:
     min_fill: float = 0.08  # least share of a 64 x 64 grid the attractor must cover
     jitter: float = 0.04  # std of the per-image perturbation of every map parameter
     seed: int = 0
+    class_colours: float = 0.0  # share of images drawn in their class's own map colours (0: random colours only)
 
 
 def _rotation(angle: float) -> np.ndarray:
@@ -121,6 +123,20 @@ def class_systems(spec: FractalSpec) -> tuple[tuple[np.ndarray, np.ndarray], ...
     return tuple(systems)
 
 
+HUE_JITTER = 0.02  # per-image turn of a class's hues (fraction of the colour wheel)
+
+
+def _class_colours(spec: FractalSpec, label: int, n: int, dark: bool, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3) RGB: the class's own saturated hue for each map (drawn from (seed, class) alone), turned
+    slightly per image, bright on a dark background and deep on a light one. With these the class is
+    its shape AND its colours, so pretraining keeps features that tell hues apart, which random
+    colours teach a network to ignore (fgvc's addition to FractalDB's rendering; data.fractal.class_colours)."""
+    hues = np.random.default_rng([spec.seed, label, 2]).uniform(0, 1, n)
+    turn = rng.normal(0, HUE_JITTER)
+    value = rng.uniform(0.8, 1.0) if dark else rng.uniform(0.3, 0.5)
+    return np.array([colorsys.hsv_to_rgb((h + turn) % 1.0, rng.uniform(0.7, 1.0), value) for h in hues])
+
+
 def render(spec: FractalSpec, label: int, index: int) -> np.ndarray:
     """Image `index` of class `label`: (S, S, 3) uint8, the same on every call and machine."""
     maps, shifts = class_systems(spec)[label]
@@ -143,6 +159,8 @@ def render(spec: FractalSpec, label: int, index: int) -> np.ndarray:
     ramp = np.linspace(0, 1, s)[:, None, None]
     image = (base[0] * (1 - ramp) + base[1] * ramp) * np.ones((s, s, 3))  # (S, S, 3)
     colours = rng.uniform(0.5, 1.0, (len(maps), 3)) if dark else rng.uniform(0.0, 0.5, (len(maps), 3))
+    if spec.class_colours > 0 and rng.random() < spec.class_colours:
+        colours = _class_colours(spec, label, len(maps), dark, rng)
     ink = np.zeros((s, s, 3))
     hits = np.zeros((s, s))
     np.add.at(ink, (pix[keep, 1], pix[keep, 0]), colours[which[keep]])

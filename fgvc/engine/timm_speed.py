@@ -44,6 +44,8 @@ from fgvc.errors import RunError, UserError
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 RECIPE = "synth_baseline"
+# timm's train.py starts from random weights and has no lr multiplier for new layers: fgvc does the same
+FROM_SCRATCH = ["model.weights=", "train.new_lr_mult=1.0"]
 WARMUP_EPOCHS = 1  # epochs not timed: first-call costs (allocator, caches filling, lazy imports)
 # the line timm's train.py logs after an update: epoch, update index, updates per epoch, then the
 # epoch's mean so far in brackets: "(0.094s,  340.23/s)"
@@ -199,6 +201,7 @@ def timm_speed(timm_train: str, rounds: int, epochs: int, threads: int, runs: Pa
     if epochs <= WARMUP_EPOCHS or rounds < 1:
         raise UserError(f"--epochs must be more than the {WARMUP_EPOCHS} warm-up epoch(s) and --rounds at "
                         "least 1; e.g. --epochs 3 --rounds 3.")
+    overrides = [*FROM_SCRATCH, *overrides]
     cfg = load_recipe([f"recipe={RECIPE}", *overrides, f"train.epochs={epochs}", "data.val_fraction=0"])
     check_mappable(cfg)
     runs = runs.resolve()

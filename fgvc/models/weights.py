@@ -58,6 +58,7 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor],
         raise UserError(f"weights do not fit the backbone: {len(missing)} tensors missing and "
                         f"{len(wrong)} of another shape (first: '{bad}'); give a file made for this backbone "
                         "(model.backbone with model.weights; model.dcn.coarse_backbone / fine_backbone with "
-                        "model.dcn.coarse_weights / fine_weights).")
+                        "model.dcn.coarse_weights / fine_weights), or an empty value (model.weights=) to start "
+                        "without one.")
     backbone.load_state_dict({k: state[k] for k in wanted}, strict=False)
     return wanted
