@@ -13,7 +13,7 @@ from conftest import execute_notebook
 import torch
 import torch.nn.functional as F
 
-from fgvc.analysis.coarse_fine import (COLUMNS, FILES, coarse_fine_rows, cost_rows, markdown, read_csv,
+from fgvc.analysis.coarse_fine import (COLUMNS, FILES, coarse_fine_rows, cost_line, cost_rows, markdown, read_csv,
                                        read_plot_points, write_csv, write_report)
 from fgvc.analysis.cost import count_flops
 from fgvc.errors import UserError
@@ -358,6 +358,7 @@ def test_cost_rows_table_and_csv_agree(tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[COLUMNS.index("label")] == row["label"]
         assert float(cells[COLUMNS.index("gflops")]) == pytest.approx(float(row["gflops"]), abs=1e-4)
+    assert cost_line(rows).startswith("Against fine (whole image)") and "dcn k=3: " in cost_line(rows)
 
 
 def _env() -> dict:

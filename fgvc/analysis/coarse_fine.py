@@ -343,9 +343,9 @@ def rich_table(rows: list[Row], title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    for name in ("path", "esc.", "top-1 %", "mca %", "GFLOPs", "params M", "ms b1 (IQR)", "ms/img batch (IQR)",
+    for name in ("row", "esc.", "top-1 %", "mca %", "GFLOPs", "params M", "ms b1 (IQR)", "ms/img batch (IQR)",
                  "Pareto"):
-        table.add_column(name, justify="left" if name == "path" else "right")
+        table.add_column(name, justify="left" if name == "row" else "right")
     for r in rows:
         front = "/".join(n for n, on in (("FLOPs", r.pareto_flops), ("lat.", r.pareto_latency)) if on)
         table.add_row(r.label, cell(r, "escalated"), cell(r, "top1"), cell(r, "mean_class_acc"), cell(r, "gflops"),
@@ -398,10 +398,10 @@ def cost_rows(model: DCN, whole: DCN, image_size: int, ks: list[int], batch: int
 def cost_line(rows: list[Row]) -> str:
     """Each dcn row's FLOPs share and speed-ups against the whole-image fine network (goal: <= 35%, >= 2x)."""
     fine = next(r for r in rows if r.kind == "fine")
-    parts = [f"{r.path}: {100 * r.gflops / fine.gflops:.0f}% of the whole-image FLOPs, "
+    parts = [f"{r.label}: {100 * r.gflops / fine.gflops:.0f}% of the whole-image FLOPs, "
              f"{fine.lat_b1_ms / r.lat_b1_ms:.2f}x its speed at batch 1 and {fine.lat_batch_ms / r.lat_batch_ms:.2f}x "
              f"at the large batch" for r in rows if r.kind == "dcn"]
-    return (f"Against {fine.path} (goal: <= {100 * GOAL_FLOPS_SHARE:.0f}% of its FLOPs, >= {GOAL_SPEEDUP:g}x "
+    return (f"Against {fine.label} (goal: <= {100 * GOAL_FLOPS_SHARE:.0f}% of its FLOPs, >= {GOAL_SPEEDUP:g}x "
             f"faster): " + "; ".join(parts) + ".")
 
 
