@@ -120,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--methods", nargs="+", default=None, help="a subset of the synth_ recipes")
     syn.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                      help="recipe overrides for every run (e.g. a tiny budget)")
-    syn.add_argument("--no-identity", action="store_true", help="skip the identity-init experiment")
+    syn.add_argument("--identity", action="store_true",
+                     help="also the identity-init experiment (a backbone trained on another synthetic task, then "
+                          "CBAM fine-tuned from it with init=default and identity)")
+    syn.add_argument("--no-identity", action="store_true", help=argparse.SUPPRESS)  # the old opt-out; now the default
+    syn.add_argument("--jobs", type=int, default=1,
+                     help="runs trained side by side, the cores shared between them (1: one run on every core, "
+                          "whose numbers equal `fgvc/train.py` run alone)")
     spd = sub.add_parser("train", help="images/s of the real training path against a bare loop and the data alone")
     spd.add_argument("--recipe", default="synth_baseline")
     spd.add_argument("--epochs", type=int, default=6, help="epochs of each timed path, the first not counted")
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             load_recipe([f"recipe={m}", *args.set])
         command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         run_benchmark(args.seeds, Path(args.out), Path(args.runs), list(args.set), methods, command,
-                      identity_experiment=not args.no_identity)
+                      identity_experiment=args.identity, jobs=args.jobs)
         print(Path(args.out, "README.md").read_text())
         return 0
     if args.command == "attention":

@@ -18,7 +18,7 @@ METHODS = ["synth_baseline", "synth_cbam", "synth_racnn"]
 def test_synthetic_benchmark_table(tmp_path):
     out, runs = tmp_path / "results", tmp_path / "runs"
     args = ["synthetic", "--seeds", "0", "1", "--out", str(out), "--runs", str(runs), "--methods", *METHODS,
-            "--set", f"data.root={tmp_path / 'data'}", *TINY]
+            "--identity", "--jobs", "2", "--set", f"data.root={tmp_path / 'data'}", *TINY]
     proc = run_script("benchmark.py", *args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     page = (out / "README.md").read_text()
@@ -77,3 +77,29 @@ def test_accuracy_plot_stops_at_100_percent_and_names_methods_in_a_legend(tmp_pa
     assert tops and max(tops) <= 100  # 94 + 10 is drawn up to 100, not past it
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["gate", "se", "dcn"]
     assert not any(child.__class__.__name__ == "Annotation" for child in ax.get_children())
+
+
+def test_runs_side_by_side_share_the_cores_and_every_run_is_tried(tmp_path, monkeypatch):
+    """--jobs: each run gets cores // jobs threads; a failed run does not stop the others, and its
+    error is raised once they have ended."""
+    import os
+    import subprocess
+
+    from fgvc.analysis import synthetic_bench
+
+    seen = []
+
+    def fake_run(cmd, cwd, capture_output, text, env):
+        seen.append((cmd[2], env.get("OMP_NUM_THREADS")))
+        return subprocess.CompletedProcess(cmd, 1 if cmd[2] == "recipe=bad" else 0, "", "boom")
+
+    monkeypatch.setattr(synthetic_bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(synthetic_bench.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    plan = [(r, 0, tmp_path / r, []) for r in ("a", "bad", "c", "d")]
+    with pytest.raises(RuntimeError, match="training bad seed 0 failed"):
+        synthetic_bench.train_all(plan, 2, log=lambda line: None)
+    assert sorted(seen) == [(f"recipe={r}", "2") for r in ("a", "bad", "c", "d")]
+    seen.clear()
+    synthetic_bench.train_all(plan[:1], 1, log=lambda line: None)  # one at a time: the cores left to the run
+    assert seen == [("recipe=a", os.environ.get("OMP_NUM_THREADS"))]

@@ -8,7 +8,7 @@ parameters, FLOPs and CPU latency per image, training time, and where the model 
 game of its class activation map and of its own attention map, and the part the CAM's peak lands on
 most often). A second experiment trains a backbone on a *different* synthetic task (other classes,
 other cue colours), then fine-tunes CBAM from it with `model.attention.init=default` and
-`identity`, against the plain backbone fine-tuned the same way: does an identity start protect
+`identity`, against the plain backbone fine-tuned the same way (`--identity`): does an identity start protect
 pretrained features? Finished runs are reused, so an interrupted benchmark continues where it stopped.
 """
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[2]
+BASELINE = "synth_baseline"
 METHODS = ["synth_baseline", "synth_se", "synth_cbam", "synth_residual", "synth_gate", "synth_stn",
            "synth_racnn", "synth_dcn", "synth_dcn_fine"]
 PRETRAIN_TASK = ["data.synthetic.num_classes=9", "data.synthetic.seed=101"]  # another task: other classes and colours
@@ -89,8 +90,9 @@ def recipe_difference(run_dir: Path, args: list[str]) -> tuple[str, object, obje
     return None if key is None else (key, a.get(key), b.get(key))
 
 
-def train_run(recipe: str, seed: int, out: Path, extra: list[str], log) -> Path:
-    """Train one run unless it has finished already with the same recipe; returns its folder."""
+def train_run(recipe: str, seed: int, out: Path, extra: list[str], log, threads: int = 0) -> Path:
+    """Train one run unless it has finished already with the same recipe; returns its folder.
+    `threads` > 0 sets the run's OMP_NUM_THREADS (several runs side by side); 0 leaves the cores to it."""
     args = [f"recipe={recipe}", f"seed={seed}", f"output_dir={out}", *extra]
     if (out / "metrics.json").is_file():
         differs = recipe_difference(out, args)  # a finished run is reused only for the same recipe
@@ -102,14 +104,33 @@ def train_run(recipe: str, seed: int, out: Path, extra: list[str], log) -> Path:
         return out
     cmd = [sys.executable, str(ROOT / "fgvc" / "train.py"), *args]
     cmd += ["train.resume=auto"] if out.exists() else []
-    log("run " + " ".join(cmd[1:]))
+    log("run " + " ".join(cmd[1:]) + (f"  ({threads} thread{'s' * (threads > 1)})" if threads else ""))
     # idle OpenMP threads sleep instead of spinning: on a machine shared with other work a spinning
     # team waits for a thread that has no core (measured here: 17 against 68 images/s); same numbers
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ} | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"training {recipe} seed {seed} failed:\n{proc.stderr[-3000:]}")
     return out
+
+
+def train_all(plan: list[tuple[str, int, Path, list[str]]], jobs: int, log) -> None:
+    """Train (recipe, seed, folder, overrides) runs, `jobs` at a time, the machine's cores shared
+    evenly between them (jobs = 1: one run at a time on every core, as `fgvc/train.py` runs alone).
+    Every run is tried; the first failure is raised once all have ended, so finished runs are kept."""
+    if jobs <= 1:
+        for recipe, seed, out, extra in plan:
+            train_run(recipe, seed, out, extra, log)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(train_run, recipe, seed, out, extra, log, threads) for recipe, seed, out, extra in plan]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
 
 
 def measure(run_dir: Path) -> tuple[int, int, float]:
@@ -179,17 +200,21 @@ def mean_std_text(values: list[float], scale: float = 100.0) -> str:
 
 
 def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[str], methods: list[str],
-                  command: str, identity_experiment: bool = True, log=print) -> list[RunRow]:
-    """`command`: the command line printed on the page."""
+                  command: str, identity_experiment: bool = False, jobs: int = 1, log=print) -> list[RunRow]:
+    """`command`: the command line printed on the page. The runs are trained first, `jobs` at a time:
+    the baseline's seeds, then the methods seed by seed (so an interrupted benchmark has whole pairs);
+    then every finished run is measured."""
     out.mkdir(parents=True, exist_ok=True)
     from fgvc.analysis.localization import compare_table, localize_run
 
     source = code_version()  # what trained the runs: taken before hours of work, not after
+    order = [(m, s) for s in seeds for m in methods if m == BASELINE] + [(m, s) for s in seeds for m in methods if m != BASELINE]
+    train_all([(m, s, runs_dir / f"{m}-s{s}", overrides) for m, s in order], jobs, log)
     rows, reports = [], []
     for method in methods:
         row = RunRow(method)
         for seed in seeds:
-            row.add(seed, train_run(method, seed, runs_dir / f"{method}-s{seed}", overrides, log))
+            row.add(seed, runs_dir / f"{method}-s{seed}")
         first = runs_dir / f"{method}-s{seeds[0]}"
         row.params, row.flops, row.latency_ms = measure(first)
         reports.append(localize_run(first, out_dir=out / "localization" / method, num_images=LOCALIZE_IMAGES, draw=4))
@@ -201,11 +226,13 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
     if identity_experiment:
         pre = train_run("synth_baseline", seeds[0], runs_dir / "pretrain-other-task", overrides + PRETRAIN_TASK, log)
         weights = backbone_weights(pre)
-        for label, recipe, extra in FINETUNE:
+        plan = [(recipe, seed, runs_dir / f"finetune-{recipe}-{extra[0].split('=')[-1] if extra else 'plain'}-s{seed}",
+                 overrides + extra + [f"model.weights={weights}"]) for _, recipe, extra in FINETUNE for seed in seeds]
+        train_all(plan, jobs, log)
+        for i, (label, _, _) in enumerate(FINETUNE):
             row = RunRow(label)
-            for seed in seeds:
-                name = f"finetune-{recipe}-{extra[0].split('=')[-1] if extra else 'plain'}-s{seed}"
-                row.add(seed, train_run(recipe, seed, runs_dir / name, overrides + extra + [f"model.weights={weights}"], log))
+            for _, seed, folder, _ in plan[i * len(seeds):(i + 1) * len(seeds)]:
+                row.add(seed, folder)
             finetune_rows.append(row)
     coverage = {m: zoom_part_coverage(runs_dir / f"{m}-s{seeds[0]}") for m in methods if "racnn" in m}
     write_outputs(rows, finetune_rows, seeds, out, source, coverage, command)
@@ -237,8 +264,6 @@ def code_version() -> str:
                            capture_output=True, text=True).stdout.strip()  # results/ is what this writes
     return f"commit {commit or 'unknown'}" + (" (with local changes)" if dirty else "")
 
-
-BASELINE = "synth_baseline"
 
 
 def paired_table(rows: list[RunRow]) -> list[str]:
