@@ -218,7 +218,8 @@ class TrainConfig:
     channels_last: bool = False  # model and inputs in channels-last memory format
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute backbone activations in backward (timm models)
-    new_lr_mult: float = 1.0  # lr multiplier for parameters that are not pretrained
+    new_lr_mult: float = 1.0  # lr multiplier for the new classifier(s) when the backbone is pretrained
+    new_block_lr_mult: float = 1.0  # the same for other parameters that are not pretrained (attention blocks, proposal nets)
     resume: str = ""  # "" | auto | a checkpoint folder
     keep_checkpoints: int = 2
     log_with: str = ""  # "" = none | Accelerate tracker names: tensorboard, wandb, mlflow, ... (comma-separated)
@@ -244,7 +245,8 @@ RANGES: list[tuple[str, float, float]] = [
     ("data.image_size", 1, INF), ("data.hflip", 0, 1), ("data.color_jitter", 0, INF), ("data.eval_resize", 1, INF),
     ("train.weight_decay", 0, INF), ("train.min_lr", 0, INF), ("train.momentum", 0, 1), ("train.warmup_epochs", 0, INF),
     ("train.clip_grad", 0, INF), ("train.label_smoothing", 0, 1), ("train.mixup", 0, INF), ("train.cutmix", 0, INF),
-    ("train.ema_decay", 0, 1), ("train.new_lr_mult", 0, INF), ("train.keep_checkpoints", 1, INF),
+    ("train.ema_decay", 0, 1), ("train.new_lr_mult", 0, INF), ("train.new_block_lr_mult", 0, INF),
+    ("train.keep_checkpoints", 1, INF),
     ("train.log_every", 1, INF), ("data.synthetic.hidden", 0, 1), ("data.synthetic.cue_strength", 0, 1),
     ("data.fractal.class_colours", 0, 1),
 ]

@@ -140,3 +140,21 @@ def test_training_with_every_new_option_runs(synth_root, tmp_path):
 def test_bad_values_of_the_new_keys_are_one_sentence(key):
     with pytest.raises(UserError, match=key.split("=")[0]):
         load_recipe(["recipe=synth_baseline", key])
+
+
+@pytest.mark.parametrize("recipe", ["synth_cbam", "synth_gate", "synth_stn", "synth_racnn", "synth_dcn"])
+def test_new_classifiers_and_new_blocks_get_their_own_lr(recipe):
+    """From pretrained weights: the backbone at lr, every classifier (a linear layer with one output
+    per class) at lr * new_lr_mult, every other new parameter at lr * new_block_lr_mult."""
+    cfg = load_recipe([f"recipe={recipe}", "train.lr=1.0", "train.new_lr_mult=10", "train.new_block_lr_mult=0.5"])
+    model = build_model(cfg.model, 4, 32)
+    assert model.pretrained_names and model.head_names
+    lr_of = {n: g["lr"] for g in build_optimizer(model, cfg.train).param_groups
+             for p in g["params"] for n, q in model.named_parameters() if q is p}
+    assert set(lr_of) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, lr in lr_of.items():
+        want = 1.0 if name in model.pretrained_names else 10.0 if name in model.head_names else 0.5
+        assert lr == want, name
+    blocks = [n for n in lr_of if n not in model.pretrained_names | model.head_names]
+    assert blocks or recipe == "synth_dcn"  # attention blocks, proposal networks (dcn: its top layers' conv)
+    assert all(n.endswith(("weight", "bias")) for n in model.head_names)

@@ -38,20 +38,25 @@ def layer_lr_scales(model: torch.nn.Module, layer_decay: float) -> dict[str, flo
 
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, new_lr_mult: float,
-                 layer_decay: float = 0.0) -> list[dict]:
-    """No decay on biases and norms; parameters that are not pretrained get lr * new_lr_mult;
-    with 0 < layer_decay < 1, backbone layers get `layer_lr_scales` on top."""
+                 layer_decay: float = 0.0, new_block_lr_mult: float | None = None) -> list[dict]:
+    """No decay on biases and norms. When the model has pretrained parameters, the others get a
+    multiplied lr: its classifiers (`head_names`) lr * new_lr_mult, other new parameters (attention
+    blocks, proposal networks) lr * new_block_lr_mult (None: new_lr_mult as well); with
+    0 < layer_decay < 1, backbone layers get `layer_lr_scales` on top."""
     pretrained = getattr(model, "pretrained_names", set())
+    heads = getattr(model, "head_names", None)
+    block_mult = new_lr_mult if new_block_lr_mult is None else new_block_lr_mult
     scales = layer_lr_scales(model, layer_decay) if 0 < layer_decay < 1 else {}
     groups: dict[tuple[bool, bool, float], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         new = bool(pretrained) and name not in pretrained
+        mult = (new_lr_mult if heads is None or name in heads else block_mult) if new else 1.0
         no_decay = p.ndim <= 1
         scale = scales.get(name, 1.0)
-        g = groups.setdefault((new, no_decay, scale), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                                       "lr": lr * (new_lr_mult if new else 1.0) * scale})
+        g = groups.setdefault((mult, no_decay, scale), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                        "lr": lr * mult * scale})
         g["params"].append(p)
     return list(groups.values())
 
@@ -60,7 +65,8 @@ def build_optimizer(model: torch.nn.Module, t: DictConfig) -> torch.optim.Optimi
     """timm's optimizer named by train.optimizer over `param_groups`; an unknown name or a value the
     optimizer refuses is one sentence."""
     try:
-        return timm.optim.create_optimizer_v2(param_groups(model, t.lr, t.weight_decay, t.new_lr_mult, t.layer_decay),
+        return timm.optim.create_optimizer_v2(param_groups(model, t.lr, t.weight_decay, t.new_lr_mult, t.layer_decay,
+                                                           t.new_block_lr_mult),
                                               opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                                               momentum=t.momentum)
     except ValueError as err:  # an unknown name, or torch's own checks ("Invalid momentum value", ...)

@@ -59,11 +59,15 @@ def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
 
 def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     """The network a recipe describes. Its `pretrained_names` (a set of parameter names, possibly
-    empty) says which parameters came from pretrained weights; its `input_mean` and `input_std`
-    buffers (0..255 scale, not saved with the weights) normalise uint8 images in `model_input`."""
+    empty) says which parameters came from pretrained weights, its `head_names` which belong to a
+    classifier (a linear layer with one output per class: the backbone's, RA-CNN's per scale, the
+    DCN's, the gates' and the transformers' heads); its `input_mean` and `input_std` buffers (0..255
+    scale, not saved with the weights) normalise uint8 images in `model_input`."""
     model = ARCHS.get(model_cfg.arch)(model_cfg, num_classes, image_size)
     if not hasattr(model, "pretrained_names"):
         model.pretrained_names = set()
+    model.head_names = {f"{name}.{p}" for name, mod in model.named_modules()
+                        if isinstance(mod, nn.Linear) and mod.out_features == num_classes for p, _ in mod.named_parameters()}
     mean, std = mean_std(data_backbone(model_cfg))
     model.register_buffer("input_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
     model.register_buffer("input_std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
