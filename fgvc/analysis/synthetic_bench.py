@@ -122,12 +122,19 @@ def train_all(plan: list[tuple[str, int, Path, list[str]]], jobs: int, log) -> N
         for recipe, seed, out, extra in plan:
             train_run(recipe, seed, out, extra, log)
         return
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // jobs)
+    lock = threading.Lock()
+
+    def log_line(line: str) -> None:  # print writes a line and its newline apart: one line at a time
+        with lock:
+            log(line)
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(train_run, recipe, seed, out, extra, log, threads) for recipe, seed, out, extra in plan]
+        futures = [pool.submit(train_run, recipe, seed, out, extra, log_line, threads) for recipe, seed, out, extra in plan]
     errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
         raise errors[0]
