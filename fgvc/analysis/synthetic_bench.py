@@ -125,8 +125,9 @@ def train_all(plan: list[tuple[str, int, Path, list[str]]], jobs: int, log) -> N
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // jobs)
+    from fgvc.engine.threads import available_cores
+
+    threads = max(1, available_cores() // jobs)
     lock = threading.Lock()
 
     def log_line(line: str) -> None:  # print writes a line and its newline apart: one line at a time

@@ -38,21 +38,20 @@ def layer_lr_scales(model: torch.nn.Module, layer_decay: float) -> dict[str, flo
 
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, new_lr_mult: float,
-                 layer_decay: float = 0.0, new_block_lr_mult: float | None = None) -> list[dict]:
+                 layer_decay: float = 0.0, new_block_lr_mult: float = 1.0) -> list[dict]:
     """No decay on biases and norms. When the model has pretrained parameters, the others get a
-    multiplied lr: its classifiers (`head_names`) lr * new_lr_mult, other new parameters (attention
-    blocks, proposal networks) lr * new_block_lr_mult (None: new_lr_mult as well); with
-    0 < layer_decay < 1, backbone layers get `layer_lr_scales` on top."""
+    multiplied lr: its classifiers (`head_names`; every new parameter of a model without them)
+    lr * new_lr_mult, other new parameters (attention blocks, proposal networks) lr * new_block_lr_mult;
+    with 0 < layer_decay < 1, backbone layers get `layer_lr_scales` on top."""
     pretrained = getattr(model, "pretrained_names", set())
     heads = getattr(model, "head_names", None)
-    block_mult = new_lr_mult if new_block_lr_mult is None else new_block_lr_mult
     scales = layer_lr_scales(model, layer_decay) if 0 < layer_decay < 1 else {}
-    groups: dict[tuple[bool, bool, float], dict] = {}
+    groups: dict[tuple[float, bool, float], dict] = {}  # (lr multiplier, no decay, layer scale) -> group
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         new = bool(pretrained) and name not in pretrained
-        mult = (new_lr_mult if heads is None or name in heads else block_mult) if new else 1.0
+        mult = (new_lr_mult if heads is None or name in heads else new_block_lr_mult) if new else 1.0
         no_decay = p.ndim <= 1
         scale = scales.get(name, 1.0)
         g = groups.setdefault((mult, no_decay, scale), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,

@@ -38,9 +38,14 @@ def launcher_forced_one_thread(env: dict[str, str], parent_env: bytes | None, pa
     return not (user_env or user_flag)
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cores_per_process(env: dict[str, str]) -> int:
     """The cores this process may run on, shared evenly by the processes on this machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     local = int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, cores // max(1, local))
 
