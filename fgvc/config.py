@@ -158,6 +158,8 @@ class DcnConfig:
     top_layers: str = one_of("mix", ("mix", "fuse"))  # mix: fine replaces coarse cells; fuse: [coarse; attn(patches)]
     coarse_weights: str = ""  # a local .safetensors / .pth file for the coarse network (dcn does not use model.weights)
     fine_weights: str = ""  # the same for the fine network
+    detach_fusion: bool = False  # fuse: the fused classifier's loss trains only it; each network learns from its branch's loss
+    top_hidden: bool = True  # the paper's 1x1 conv + ReLU in the top layers; false: pool and classify (models/dcn.py)
 
 
 @dataclass

@@ -78,7 +78,8 @@ def tiny_run(tmp_path_factory, synth_root) -> Path:
 
 ARCH_ARGS = {  # tiny settings per model.arch on TINY_DATA's 32 px images
     "racnn": ["recipe=synth_racnn", "model.zoom.scales=2"],
-    "dcn": ["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet", "model.dcn.patch_size=16"],
+    "dcn": ["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet",
+            "model.dcn.fine_weights=weights/fractal_test_resnet.safetensors", "model.dcn.patch_size=16"],
 }
 
 

@@ -37,7 +37,8 @@ def tiny_dcn(**kw) -> DCN:
     return DCN(NUM_CLASSES, **(args | kw)).eval()
 
 
-DESIGNS = {"mix-avg": dict(), "mix-max": dict(pool="max"), "fuse": dict(top_layers="fuse")}
+DESIGNS = {"mix-avg": dict(), "mix-max": dict(pool="max"), "fuse": dict(top_layers="fuse"),
+           "fuse-linear": dict(top_layers="fuse", top_hidden=False, saliency="cam")}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def model() -> DCN:
 
 @pytest.fixture(scope="module", params=list(DESIGNS))
 def design(request) -> DCN:
-    """The DCN under each choice of top layers: the paper's mix (average or max pool) and fuse."""
+    """The DCN under each choice of top layers: the paper's mix (average or max pool), fuse, and fuse
+    without the hidden layers (pool and classify, patch vectors attention-pooled as they are)."""
     return tiny_dcn(**DESIGNS[request.param])
 
 
@@ -99,7 +101,8 @@ def test_flops_grow_linearly_with_k(design, x):
     assert f3 - f2 == f2 - f1
     per_patch = count_flops(model.fine_vectors, torch.zeros(1, 3, PATCH, PATCH))
     if model.fusion is not None:  # and the patch vector's attention layers
-        per_patch += count_flops(lambda v: model.fusion.score(model.fusion.patch(v)), torch.zeros(1, model.width))
+        patch = model.fusion.patch or torch.nn.Identity()  # the hidden layer, if the design has it
+        per_patch += count_flops(lambda v: model.fusion.score(patch(v)), torch.zeros(1, model.width))
     assert f2 - f1 == per_patch  # each extra position costs exactly one fine patch
 
 
@@ -164,6 +167,25 @@ def test_loss_terms_and_hint_reaches_only_the_coarse_network(x):
     terms["hint"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.coarse.parameters())
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in net.fine.parameters())
+
+
+def test_detached_fusion_trains_the_networks_only_through_their_own_branches(x):
+    """detach_fusion: the fused prediction's loss reaches its classifier and nothing before it; the
+    coarse and patch branches' losses still reach their networks. Without it, it reaches both."""
+    for detach in (True, False):
+        net = tiny_dcn(top_layers="fuse", top_hidden=False, saliency="cam", detach_fusion=detach).train()
+        out = net(x)
+        out.logits.sum().backward()
+        fused = net.fusion.fused_classifier.weight.grad
+        assert fused is not None and fused.abs().sum() > 0
+        for branch in (net.coarse, net.fine):
+            reached = any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
+            assert reached != detach
+        net.zero_grad(set_to_none=True)
+        out = net(x)
+        (out.coarse_logits.sum() + out.fine_logits.sum()).backward()
+        for branch in (net.coarse, net.fine):
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
 
 
 def test_whole_image_counterpart_has_the_same_head_shape(x):

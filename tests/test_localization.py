@@ -178,7 +178,8 @@ FAMILIES = {
     "gate": (["recipe=synth_gate"], None),
     "stn": (["recipe=synth_stn"], {"cam", "gradcam", "stn_region"}),
     "racnn": (["recipe=synth_racnn"], {"cam", "gradcam", "zoom1", "zoom2"}),
-    "dcn": (["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet", "model.dcn.patch_size=16"],
+    "dcn": (["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet",
+            "model.dcn.fine_weights=weights/fractal_test_resnet.safetensors", "model.dcn.patch_size=16"],
             {"cam", "gradcam", "dcn_saliency"}),
 }
 
@@ -302,8 +303,10 @@ def test_class_activation_maps_average_to_the_logits_they_explain(name):
     args = {"plain": ["recipe=synth_baseline"], "racnn": ["recipe=synth_racnn"],
             # CAM explains an average pool; the DCN's default top layers max-pool (their CAM is still
             # the classifier at every position, but no longer averages to the logits)
-            "dcn": ["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet", "model.dcn.pool=avg"],
-            "dcn_whole": ["recipe=synth_dcn_fine", "model.dcn.fine_backbone=test_resnet"]}[name]
+            "dcn": ["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet",
+            "model.dcn.fine_weights=weights/fractal_test_resnet.safetensors", "model.dcn.pool=avg"],
+            "dcn_whole": ["recipe=synth_dcn_fine", "model.dcn.fine_backbone=test_resnet",
+                          "model.dcn.fine_weights=weights/fractal_test_resnet.safetensors"]}[name]
     cfg = load_recipe([*args, f"data.image_size={SIDE}"])
     torch.manual_seed(0)
     model = build_model(cfg.model, 3, SIDE).eval()

@@ -156,5 +156,5 @@ def test_new_classifiers_and_new_blocks_get_their_own_lr(recipe):
         want = 1.0 if name in model.pretrained_names else 10.0 if name in model.head_names else 0.5
         assert lr == want, name
     blocks = [n for n in lr_of if n not in model.pretrained_names | model.head_names]
-    assert blocks or recipe == "synth_dcn"  # attention blocks, proposal networks (dcn: its top layers' conv)
+    assert blocks or recipe == "synth_dcn"  # attention blocks, proposal networks (dcn: its projection and attention pooling)
     assert all(n.endswith(("weight", "bias")) for n in model.head_names)

@@ -180,8 +180,12 @@ def _gradcam_setup(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         # backbone: explain the first scale's own logits, read on the whole image
         return _final_stage(model.backbones[0]), _LogitsOnly(model, lambda out: out.scale_logits[0])
     if isinstance(model, DCN):
-        layer = model.fine if model.coarse is None else model.coarse  # (B, C, h, w) features
-        return layer, _LogitsOnly(model, final_logits)
+        if model.coarse is None:
+            return model.fine, _LogitsOnly(model, final_logits)  # (B, C, h, w) features
+        if model.fusion is not None and model.fusion.detach:
+            # the fused classifier reads detached vectors: explain the coarse branch's own logits
+            return model.coarse, _LogitsOnly(model, lambda out: out.coarse_logits)
+        return model.coarse, _LogitsOnly(model, final_logits)
     return _final_stage(model.net), _LogitsOnly(model, final_logits)
 
 

@@ -54,7 +54,8 @@ def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                fine_backbone=d.fine_backbone, patch_size=d.patch_size, top_k=d.top_k,
                saliency=d.saliency, exit_threshold=d.exit_threshold, whole_image=d.whole_image,
                pretrained=m.pretrained, pool=d.pool, top_layers=d.top_layers,
-               coarse_weights=d.coarse_weights, fine_weights=d.fine_weights)
+               coarse_weights=d.coarse_weights, fine_weights=d.fine_weights, top_hidden=d.top_hidden,
+               detach_fusion=d.detach_fusion)
 
 
 def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.Module:
