@@ -43,7 +43,7 @@ commands are in README.md, "Coarse/fine dynamic capacity"):
 | fuse without hidden layers, coarse = the baseline's test_resnet at 128 px, hint 1.0 | 18 (epoch 6) | | |
 | the same, hint 0 | 83.2 | 81.75 | 2.77 (chance: the fine network died) |
 | the same, fused loss detached from both networks, branch losses weight 1, heads 10x | 41 (epoch 4) | | 2.76 (chance) |
-| the same, heads at the backbones' lr (`synth_dcn` today with a test_resnet fine network) | 83.2 | 81.69 | 1.62 |
+| the same, heads at the backbones' lr (`synth_dcn` today with a test_resnet fine network) | 83.3 | 81.69 | 1.62 |
 
 So: `top_hidden=false` (pool and classify, as the plain classifier does), `top_layers=fuse` with
 `detach_fusion` (each network learns from its own branch's loss, the fused classifier on their
