@@ -40,6 +40,8 @@ ATTENTION_TYPES = ("none", "se", "cbam", "residual", "gate", "stn",
 KEYS_ADDED_LATER = {
     "model.attention.residual_form": "output_mask",  # issue 16: the paper's form became the default
     "model.attention.gate_width": "half",  # issue 16: the authors' width (the gating stage's) became the default
+    "model.dcn.top_hidden": True,  # issue 14: top layers that train became the default
+    "model.dcn.detach_fusion": False,
 }
 SAVED_RUN_MARK = "model.attention.reduction"  # a key every saved run's recipe.yaml has
 
@@ -151,15 +153,15 @@ class DcnConfig:
     fine_backbone: str = "test_resnet"
     patch_size: int = 32  # fine patch side at full resolution, pixels
     top_k: int = 4  # patches given to the fine network
-    saliency: str = one_of("entropy", ("entropy", "cam", "gate"))  # cam: the coarse net's CAM, no backward
+    saliency: str = one_of("cam", ("entropy", "cam", "gate"))  # cam: the coarse net's CAM, no backward; entropy: the paper's
     exit_threshold: float = 2.0  # coarse confidence to stop early; > 1 means never
     whole_image: bool = False  # the full-image fine counterpart: fine backbone on the whole image
-    pool: str = one_of("max", ("avg", "max"))  # top layers' global pool (the paper's max; see models/dcn.py)
-    top_layers: str = one_of("mix", ("mix", "fuse"))  # mix: fine replaces coarse cells; fuse: [coarse; attn(patches)]
+    pool: str = one_of("avg", ("avg", "max"))  # top layers' global pool (max: the paper's; see models/dcn.py)
+    top_layers: str = one_of("fuse", ("mix", "fuse"))  # mix (paper): fine replaces coarse cells; fuse: [coarse; attn(patches)]
     coarse_weights: str = ""  # a local .safetensors / .pth file for the coarse network (dcn does not use model.weights)
     fine_weights: str = ""  # the same for the fine network
-    detach_fusion: bool = False  # fuse: the fused classifier's loss trains only it; each network learns from its branch's loss
-    top_hidden: bool = True  # the paper's 1x1 conv + ReLU in the top layers; false: pool and classify (models/dcn.py)
+    detach_fusion: bool = True  # fuse: the fused classifier's loss trains only it; each network learns from its branch's loss
+    top_hidden: bool = False  # true: the paper's 1x1 conv + ReLU before pooling (collapsed, models/dcn.py); false: pool, classify
 
 
 @dataclass
@@ -186,9 +188,9 @@ class ZoomTrainConfig:
 
 @dataclass
 class DcnTrainConfig:
-    hint_weight: float = 1.0
-    coarse_weight: float = 0.5  # cross-entropy on the coarse prediction (for early exit)
-    fine_weight: float = 0.5  # cross-entropy on the patch branch alone (the k refined patches)
+    hint_weight: float = 0.0  # the paper's hint loss (1.0 in the paper; it held the fused design back: models/dcn.py)
+    coarse_weight: float = 1.0  # cross-entropy on the coarse prediction (for early exit)
+    fine_weight: float = 1.0  # cross-entropy on the patch branch alone (the k refined patches)
     k_min: int = 1  # k drawn per update from k_min..k_max (when k_max > 0)
     k_max: int = 0  # 0: always model.dcn.top_k
     random_share: float = 0.25  # share of the k training patches drawn at random instead of by saliency

@@ -188,6 +188,29 @@ def test_detached_fusion_trains_the_networks_only_through_their_own_branches(x):
             assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.parameters())
 
 
+def test_recipe_defaults_are_the_design_that_trains_and_old_runs_rebuild_as_trained(tmp_path):
+    """`model.arch=dcn` alone gets the top layers that trained on the benchmark (models/dcn.py); a run
+    saved before top_hidden / detach_fusion existed rebuilds with the paper's top layers it was trained
+    with (its head.conv weights load)."""
+    from omegaconf import OmegaConf
+
+    from fgvc.config import load_recipe, to_yaml
+    from fgvc.models.build import build_model
+
+    cfg = load_recipe(["model.arch=dcn"])
+    d = cfg.model.dcn
+    assert (d.top_layers, d.top_hidden, d.detach_fusion, d.pool, d.saliency) == ("fuse", False, True, "avg", "cam")
+    assert cfg.train.dcn.hint_weight == 0
+    saved = OmegaConf.create(to_yaml(load_recipe(["model.arch=dcn", "model.dcn.top_layers=mix", "model.dcn.pool=max"])))
+    del saved.model.dcn["top_hidden"], saved.model.dcn["detach_fusion"]
+    old = tmp_path / "old.yaml"
+    old.write_text(OmegaConf.to_yaml(saved))
+    again = load_recipe(recipe_file=old)
+    assert again.model.dcn.top_hidden is True and again.model.dcn.detach_fusion is False
+    again.model.weights = ""  # the default recipe's classifier weights; a dcn names its two files instead
+    assert build_model(again.model, NUM_CLASSES, IMAGE).head.conv is not None
+
+
 def test_whole_image_counterpart_has_the_same_head_shape(x):
     dcn, whole = tiny_dcn(), tiny_dcn(whole_image=True)
     assert whole.coarse is None
