@@ -179,7 +179,7 @@ FAMILIES = {
     "stn": (["recipe=synth_stn"], {"cam", "gradcam", "stn_region"}),
     "racnn": (["recipe=synth_racnn"], {"cam", "gradcam", "zoom1", "zoom2"}),
     "dcn": (["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet",
-            "model.dcn.fine_weights=weights/fractal_test_resnet.safetensors", "model.dcn.patch_size=16"],
+             "model.dcn.fine_weights=weights/fractal_test_resnet.safetensors", "model.dcn.patch_size=16"],
             {"cam", "gradcam", "dcn_saliency"}),
 }
 
@@ -301,10 +301,10 @@ def test_class_activation_maps_average_to_the_logits_they_explain(name):
     """CAM is the classifier applied before the average pool: averaging it over positions gives back
     the logits of the path it explains (Classifier: its logits; RA-CNN: scale 0; DCN: the coarse path)."""
     args = {"plain": ["recipe=synth_baseline"], "racnn": ["recipe=synth_racnn"],
-            # CAM explains an average pool; the DCN's default top layers max-pool (their CAM is still
-            # the classifier at every position, but no longer averages to the logits)
+            # CAM explains an average pool (with the paper's max pool the DCN's CAM is still the
+            # classifier at every position, but no longer averages to the logits)
             "dcn": ["recipe=synth_dcn", "model.dcn.fine_backbone=test_resnet",
-            "model.dcn.fine_weights=weights/fractal_test_resnet.safetensors", "model.dcn.pool=avg"],
+                    "model.dcn.fine_weights=weights/fractal_test_resnet.safetensors", "model.dcn.pool=avg"],
             "dcn_whole": ["recipe=synth_dcn_fine", "model.dcn.fine_backbone=test_resnet",
                           "model.dcn.fine_weights=weights/fractal_test_resnet.safetensors"]}[name]
     cfg = load_recipe([*args, f"data.image_size={SIDE}"])
