@@ -23,10 +23,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = load_recipe(argv)  # every recipe error surfaces here, before any work starts
     from fgvc.engine.guard import replaced_run_kept_until_started
+    from fgvc.engine.allocator import keep_freed_memory
     from fgvc.engine.threads import use_available_cores
     from fgvc.engine.trainer import train
 
     use_available_cores()  # accelerate launch on a CPU-only machine would otherwise train on one thread
+    keep_freed_memory()  # no page faults and zeroing for the buffers every step frees and allocates again
     with replaced_run_kept_until_started():  # overwrite=true: the old run is back if this one fails early
         train(cfg)
     return 0
