@@ -250,7 +250,7 @@ def test_recipes_build_the_model_and_loss():
                        "train.dcn.fine_epochs=2", "train.dcn.fine_weight=0.5", "seed=4"])
     net = build_model(cfg.model, 12, cfg.data.image_size)
     assert net.fusion is not None and net.head.pool == "max" and build_criterion(cfg).fine_weight == 0.5
-    assert build_schedule(cfg, 10) == DcnSchedule(top_k=2, k_min=1, k_max=8, random_share=0.25, fine_updates=20,
+    assert build_schedule(cfg, 10) == DcnSchedule(top_k=1, k_min=1, k_max=8, random_share=0.25, fine_updates=20,
                                                   seed=4)
     assert build_schedule(load_recipe(["recipe=synth_dcn_fine"]), 10) is None  # nothing to schedule
     for name in ("cub_dcn", "cars_dcn"):  # real-data recipes resolve (weights are not fetched here)

@@ -87,7 +87,7 @@ def test_dcn_refuses_model_weights_instead_of_ignoring_it():
 
 
 def test_every_synth_backbone_is_pretrained_by_the_command():
-    assert set(synth_backbones()) == {"test_resnet", "resnet10t"}  # the DCN's coarse and fine networks included
+    assert set(synth_backbones()) == {"test_resnet"}  # the DCN's coarse and fine networks included (both test_resnet)
 
 
 @pytest.mark.slow
