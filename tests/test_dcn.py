@@ -13,7 +13,7 @@ from conftest import execute_notebook
 import torch
 import torch.nn.functional as F
 
-from fgvc.analysis.coarse_fine import (COLUMNS, FILES, coarse_fine_rows, cost_line, cost_rows, markdown, read_csv,
+from fgvc.analysis.coarse_fine import (COLUMNS, FILES, Row, coarse_fine_rows, cost_line, cost_rows, markdown, read_csv,
                                        read_plot_points, write_csv, write_report)
 from fgvc.analysis.cost import count_flops
 from fgvc.errors import UserError
@@ -449,3 +449,23 @@ def test_notebook_executes(tiny_dcn_run, tmp_path):
                                                          "FGVC_REPORT_FAST": "1"})
     assert any("coarse_fine.png" in str(o) or o.get("output_type") == "display_data"
                for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def _row(label: str, kind: str, top1: float, gflops: float, b1: float, batch: float) -> Row:
+    return Row(label=label, kind=kind, k=1, threshold=float("nan"), chosen_on="", escalated=1.0, top1=top1,
+               mean_class_acc=top1, gflops=gflops, params_m=1.0, lat_b1_ms=b1, lat_b1_iqr_ms=0.0,
+               lat_batch_ms=batch, lat_batch_iqr_ms=0.0)
+
+
+def test_goal_line_needs_accuracy_flops_and_both_speeds():
+    from fgvc.analysis.coarse_fine import goal_line
+
+    fine = _row("fine (whole image)", "fine", 81.0, 1.0, 10.0, 8.0)
+    slow_batch = _row("dcn k=1", "dcn", 80.9, 0.2, 4.0, 5.0)  # cheapest and 2.5x at batch 1, only 1.6x at batch 32
+    exit_ok = _row("exit t=0.3 k=1", "exit", 80.8, 0.3, 4.5, 3.0)  # 30% FLOPs, 2.2x and 2.7x
+    line = goal_line([fine, slow_batch, exit_ok])
+    assert line.startswith("Goal reached") and "exit t=0.3 k=1 (80.80%)" in line and "30% of its FLOPs" in line
+    line = goal_line([fine, slow_batch])
+    assert line.startswith("Goal not reached") and "dcn k=1" in line and "1.60x its large-batch speed" in line
+    too_far = _row("dcn k=1", "dcn", 80.4, 0.2, 4.0, 3.0)  # 0.6 points below
+    assert goal_line([fine, too_far]).startswith("Goal not reached: no dcn or early-exit setting is within 0.5")

@@ -223,7 +223,8 @@ def _logits_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
 
 def goal_line(rows: list[Row]) -> str:
     """The issue's goal: within 0.5 points of the full-image fine network, at most 35% of its
-    FLOPs and at least 2x faster (batch 1). Says which row reaches it, or the closest."""
+    FLOPs and at least 2x faster at batch 1 and at the large batch. Says the cheapest setting that
+    reaches all of it, or else the cheapest within the accuracy gap and what it misses."""
     fine = next(r for r in rows if r.kind.startswith("fine"))
     candidates = [r for r in rows if r.kind in ("dcn", "exit") and r.top1 >= fine.top1 - GOAL_ACCURACY_GAP]
     if not candidates:
@@ -231,15 +232,21 @@ def goal_line(rows: list[Row]) -> str:
         gap = f"; the most accurate, {best.label}, is {fine.top1 - best.top1:.2f} points below" if best else ""
         return (f"Goal not reached: no dcn or early-exit setting is within {GOAL_ACCURACY_GAP} points of "
                 f"{fine.label} ({fine.top1:.2f}% top-1){gap}.")
-    best = min(candidates, key=lambda r: r.gflops)
-    share, speed = best.gflops / fine.gflops, fine.lat_b1_ms / best.lat_b1_ms
-    reached = share <= GOAL_FLOPS_SHARE and speed >= GOAL_SPEEDUP
+
+    def meets(r: Row) -> bool:
+        return (r.gflops / fine.gflops <= GOAL_FLOPS_SHARE and fine.lat_b1_ms / r.lat_b1_ms >= GOAL_SPEEDUP
+                and fine.lat_batch_ms / r.lat_batch_ms >= GOAL_SPEEDUP)
+
+    reaching = [r for r in candidates if meets(r)]
+    best = min(reaching or candidates, key=lambda r: r.gflops)
+    share, speed, speed_batch = best.gflops / fine.gflops, fine.lat_b1_ms / best.lat_b1_ms, fine.lat_batch_ms / best.lat_batch_ms
     unfair = " (not a fair comparison: the fine network was not trained on whole images; give --fine-run)" \
         if fine.kind == "fine-untrained" else ""
-    return (f"Goal {'reached' if reached else 'not reached'}{unfair}: the cheapest setting within {GOAL_ACCURACY_GAP} "
-            f"points of {fine.label} ({fine.top1:.2f}% top-1) is {best.label} ({best.top1:.2f}%), at "
-            f"{100 * share:.0f}% of its FLOPs (goal <= {100 * GOAL_FLOPS_SHARE:.0f}%) and {speed:.2f}x its "
-            f"batch-1 speed (goal >= {GOAL_SPEEDUP:g}x).")
+    which = "the cheapest setting that reaches it" if reaching else f"the cheapest setting within {GOAL_ACCURACY_GAP} points"
+    return (f"Goal {'reached' if reaching else 'not reached'}{unfair}: {which}, against {fine.label} "
+            f"({fine.top1:.2f}% top-1), is {best.label} ({best.top1:.2f}%), at {100 * share:.0f}% of its FLOPs "
+            f"(goal <= {100 * GOAL_FLOPS_SHARE:.0f}%), {speed:.2f}x its batch-1 speed and {speed_batch:.2f}x its "
+            f"large-batch speed (goal >= {GOAL_SPEEDUP:g}x each).")
 
 
 # --- writing -------------------------------------------------------------------------------------
