@@ -44,13 +44,15 @@ def _coarse_fine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thresholds", type=number_list(float), default=[], help="early exit: given thresholds too")
     p.add_argument("--batch", type=int, default=32, help="the large batch for latency (and evaluation)")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds over every path")
 
 
 def _coarse_fine(args: argparse.Namespace) -> None:
     from fgvc.analysis.coarse_fine import report_run
 
     report_run(args.run_dir, args.fine_run, ks=args.k, shares=tuple(args.shares), costs=tuple(args.costs),
-               thresholds=tuple(args.thresholds), batch=args.batch, min_run_time=args.min_run_time)
+               thresholds=tuple(args.thresholds), batch=args.batch, min_run_time=args.min_run_time,
+               rounds=args.rounds)
 
 
 def _coarse_fine_cost_args(p: argparse.ArgumentParser) -> None:

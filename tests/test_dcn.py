@@ -469,3 +469,15 @@ def test_goal_line_needs_accuracy_flops_and_both_speeds():
     assert line.startswith("Goal not reached") and "dcn k=1" in line and "1.60x its large-batch speed" in line
     too_far = _row("dcn k=1", "dcn", 80.4, 0.2, 4.0, 3.0)  # 0.6 points below
     assert goal_line([fine, too_far]).startswith("Goal not reached: no dcn or early-exit setting is within 0.5")
+
+
+def test_report_times_every_path_in_alternating_rounds():
+    from fgvc.analysis.coarse_fine import Timed, timings
+
+    calls: list[int] = []
+    paths = [Timed(lambda x, i=i: calls.append(i), torch.zeros(4, 3, 8, 8)) for i in range(2)]
+    paths.append(Timed(lambda x: calls.append(2), torch.zeros(4, 3, 8, 8), per_image=torch.zeros(2, 3, 8, 8)))
+    out = timings(paths, min_run_time=0.001, rounds=2)
+    runs = [c for j, c in enumerate(calls) if j == 0 or calls[j - 1] != c]  # consecutive repeats collapsed
+    assert runs == [0, 1, 2, 0, 1, 2]
+    assert len(out) == 3 and all(len(t) == 4 and t[0] > 0 and t[2] > 0 for t in out)

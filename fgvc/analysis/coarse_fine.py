@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from fgvc.analysis import cost
-from fgvc.analysis.cost import count_flops, count_parameters, latency
+from fgvc.analysis.cost import count_flops, count_parameters, summarize, time_calls
 from fgvc.engine.metrics import accuracy_metrics
 from fgvc.errors import UserError
 from fgvc.models.build import model_input
@@ -70,18 +70,36 @@ COLUMNS = [f.name for f in fields(Row)]
 
 # --- measurements --------------------------------------------------------------------------------
 
-def timing(fn: Callable[[Tensor], object], big: Tensor, min_run_time: float,
-           per_image: Tensor | None = None) -> tuple[float, float, float, float]:
-    """Per-image milliseconds of `fn`, (median, IQR) at batch 1 and (median, IQR) at the batch `big`,
-    with fgvc/analysis/cost.py's timer at this process's thread count. `per_image`: a data-dependent
-    path, timed at batch 1 over these images in turn."""
+@dataclass
+class Timed:
+    """One path to time: `fn` at batch 1 (or, for a data-dependent path, over `per_image` in turn,
+    one image a call) and at the large batch `big`."""
+    fn: Callable[[Tensor], object]
+    big: Tensor
+    per_image: Tensor | None = None
+
+
+def timings(paths: list[Timed], min_run_time: float, rounds: int) -> list[tuple[float, float, float, float]]:
+    """Per-image milliseconds of each path, (median, IQR) at batch 1 and (median, IQR) at its large
+    batch, with fgvc/analysis/cost.py's timer at this process's thread count. The paths are timed in
+    `rounds` alternating rounds, so that a change in machine load during the report (this machine
+    is shared) affects every path alike and their ratios stay comparable."""
     threads = torch.get_num_threads()
-    if per_image is None:
-        b1, n1 = latency(fn, big[:1], min_run_time, threads), 1
-    else:
-        b1, n1 = latency(lambda xs: [fn(x[None]) for x in xs], per_image, min_run_time, threads), len(per_image)
-    bn = latency(fn, big, min_run_time, threads)
-    return b1.median_ms / n1, b1.iqr_ms / n1, bn.median_ms / len(big), bn.iqr_ms / len(big)
+    b1: list[list[float]] = [[] for _ in paths]
+    bn: list[list[float]] = [[] for _ in paths]
+    for _ in range(max(1, rounds)):
+        for i, p in enumerate(paths):
+            if p.per_image is None:
+                b1[i] += time_calls(p.fn, p.big[:1], min_run_time, threads)
+            else:
+                b1[i] += [t / len(p.per_image) for t in time_calls(
+                    lambda xs, fn=p.fn: [fn(x[None]) for x in xs], p.per_image, min_run_time, threads)]
+            bn[i] += [t / len(p.big) for t in time_calls(p.fn, p.big, min_run_time, threads)]
+    out = []
+    for one, many in zip(b1, bn):
+        l1, ln = summarize(one), summarize(many)
+        out.append((l1.median_ms, l1.iqr_ms, ln.median_ms, ln.iqr_ms))
+    return out
 
 
 @torch.no_grad()
@@ -143,9 +161,10 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
                      ks: list[int] | None = None, shares: tuple[float, ...] = DEFAULT_SHARES,
                      costs: tuple[float, ...] = DEFAULT_COSTS, thresholds: tuple[float, ...] = (),
                      fine_model: nn.Module | None = None, fine_test_loader: DataLoader | None = None,
-                     fine_label: str = "", batch: int = 32, min_run_time: float = 0.5) -> list[Row]:
+                     fine_label: str = "", batch: int = 32, min_run_time: float = 0.5, rounds: int = 3) -> list[Row]:
     """Every row of the report: coarse, fine on the whole image, dcn for each k, early exit for each
-    threshold (chosen on `val_loader` for each share of escalated images and each target cost)."""
+    threshold (chosen on `val_loader` for each share of escalated images and each target cost).
+    Latencies: every path timed in `rounds` alternating rounds (`timings`)."""
     if not isinstance(model, DCN) or model.whole_image:
         raise UserError("the coarse-fine report needs a dcn model with a coarse network (model.arch=dcn, "
                         "model.dcn.whole_image=false); give the run folder of such a run.")
@@ -161,11 +180,14 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
         return 100 * m["top1"], 100 * m["mean_class_acc"]
 
     rows: list[Row] = []
+    paths: list[Timed] = []  # rows[i] is timed by paths[i]
     nan = float("nan")
+    untimed = (nan, nan, nan, nan)
     coarse_params = count_parameters(model.coarse, model.head) / 1e6
     coarse_flops = count_flops(lambda x: model(x, top_k=0), one)
     rows.append(Row("coarse", "coarse", 0, nan, "", 0.0, *acc(coarse_logits), coarse_flops / 1e9,
-                    coarse_params, *timing(lambda x: model(x, top_k=0), big, min_run_time)))
+                    coarse_params, *untimed))
+    paths.append(Timed(lambda x: model(x, top_k=0), big))
 
     # the full-image fine network
     if fine_model is not None:
@@ -174,21 +196,22 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
         y, lg = plain_logits(fine_fn, fine_test_loader or test_loader, fine_model)
         fine_big = images(fine_test_loader, batch, fine_model) if fine_test_loader is not None else big
         fine_row = Row(fine_label or "fine (whole image)", "fine", -1, nan, "", 1.0, *acc(lg, y),
-                       count_flops(fine_fn, fine_big[:1]) / 1e9, count_parameters(fine_model) / 1e6,
-                       *timing(fine_fn, fine_big, min_run_time))
+                       count_flops(fine_fn, fine_big[:1]) / 1e9, count_parameters(fine_model) / 1e6, *untimed)
+        paths.append(Timed(fine_fn, fine_big))
     else:
         y, lg = plain_logits(model.forward_whole_image, test_loader, model)
         fine_row = Row(fine_label or "fine (whole image, this model's fine net, untrained for it)", "fine-untrained", -1,
                        nan, "", 1.0, *acc(lg, y), count_flops(model.forward_whole_image, one) / 1e9,
-                       count_parameters(model.fine, model.project, model.head) / 1e6,
-                       *timing(model.forward_whole_image, big, min_run_time))
+                       count_parameters(model.fine, model.project, model.head) / 1e6, *untimed)
+        paths.append(Timed(model.forward_whole_image, big))
     rows.append(fine_row)
 
     dcn_flops: dict[int, float] = {}
     for k in ks:
         dcn_flops[k] = count_flops(lambda x, k=k: model(x, top_k=k), one)
         rows.append(Row(f"dcn k={k}", "dcn", k, nan, "", 1.0, *acc(by_k[k]), dcn_flops[k] / 1e9,
-                        count_parameters(model) / 1e6, *timing(lambda x, k=k: model(x, top_k=k), big, min_run_time)))
+                        count_parameters(model) / 1e6, *untimed))
+        paths.append(Timed(lambda x, k=k: model(x, top_k=k), big))
     if k_exit not in dcn_flops:
         dcn_flops[k_exit] = count_flops(lambda x: model(x, top_k=k_exit), one)
 
@@ -206,7 +229,11 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
         flops = coarse_flops + share * (dcn_flops[k_exit] - coarse_flops)
         run = lambda x, t=t: model.early_exit(x, t, k_exit)  # noqa: E731
         rows.append(Row(f"exit t={t:.3g} k={k_exit}", "exit", k_exit, t, how, share, *acc(logits), flops / 1e9,
-                        count_parameters(model) / 1e6, *timing(run, big, min_run_time, per_image=big[:LATENCY_IMAGES])))
+                        count_parameters(model) / 1e6, *untimed))
+        paths.append(Timed(run, big, per_image=big[:LATENCY_IMAGES]))
+
+    for row, (b1, b1_iqr, bn, bn_iqr) in zip(rows, timings(paths, min_run_time, rounds)):
+        row.lat_b1_ms, row.lat_b1_iqr_ms, row.lat_batch_ms, row.lat_batch_iqr_ms = b1, b1_iqr, bn, bn_iqr
 
     for row, on_f, on_l in zip(rows, pareto([(r.gflops, r.top1) for r in rows]),
                                pareto([(r.lat_b1_ms, r.top1) for r in rows])):
@@ -273,7 +300,8 @@ def cell(row: Row, key: str) -> str:
 
 
 ACCURACY_NOTE = ("Test split. Early-exit thresholds were chosen on the validation split, never on test; their "
-                 "FLOPs are coarse + escalated share x (dcn - coarse).")
+                 "FLOPs are coarse + escalated share x (dcn - coarse). Every path timed in alternating rounds, "
+                 "so a change in machine load affects them alike.")
 
 
 def markdown(rows: list[Row], header: str, batch: int, summary: str | None = None, note: str = ACCURACY_NOTE) -> str:
@@ -495,7 +523,7 @@ def _eval_loaders(run, batch: int) -> tuple[DataLoader, DataLoader | None]:
 def report_run(run_dir: str | Path, fine_run: str | Path | None = None, ks: list[int] | None = None,
                shares: tuple[float, ...] = DEFAULT_SHARES, costs: tuple[float, ...] = DEFAULT_COSTS,
                thresholds: tuple[float, ...] = (), batch: int = 32, min_run_time: float = 0.5,
-               console=None) -> list[Row]:
+               rounds: int = 3, console=None) -> list[Row]:
     """The report of a finished dcn run folder, written into it and printed."""
     from fgvc.engine.runs import load_run
 
@@ -513,7 +541,7 @@ def report_run(run_dir: str | Path, fine_run: str | Path | None = None, ks: list
     rows = coarse_fine_rows(run.model, test_loader, len(run.class_names), val_loader, ks=ks, shares=shares,
                             costs=costs, thresholds=thresholds, fine_model=fine_model,
                             fine_test_loader=fine_loader, fine_label=fine_label, batch=batch,
-                            min_run_time=min_run_time)
+                            min_run_time=min_run_time, rounds=rounds)
     compared = (f"compared with the full-image run '{fine_run}'" if fine_run is not None else
                 "compared with this model's fine network on the whole image (not trained for it; "
                 "give --fine-run for a fair comparison)")
