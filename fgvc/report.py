@@ -30,7 +30,7 @@ def number_list(kind: type):
 
 
 def _coarse_fine_args(p: argparse.ArgumentParser) -> None:
-    from fgvc.analysis.coarse_fine import DEFAULT_COSTS, DEFAULT_SHARES
+    from fgvc.analysis.coarse_fine import DEFAULT_COSTS, DEFAULT_DROPS, DEFAULT_SHARES
 
     p.add_argument("run_dir", help="a finished model.arch=dcn run folder")
     p.add_argument("--fine-run", help="a full-image run of the same recipe family (e.g. synth_dcn_fine) "
@@ -41,6 +41,9 @@ def _coarse_fine_args(p: argparse.ArgumentParser) -> None:
                    help="early exit: thresholds chosen on validation to escalate these shares of images")
     p.add_argument("--costs", type=number_list(float), default=list(DEFAULT_COSTS),
                    help="early exit: thresholds chosen on validation for these FLOPs shares of the fine network")
+    p.add_argument("--drops", type=number_list(float), default=list(DEFAULT_DROPS),
+                   help="early exit: thresholds chosen on validation to lose at most these top-1 points against "
+                   "refining every image (the fewest escalated)")
     p.add_argument("--thresholds", type=number_list(float), default=[], help="early exit: given thresholds too")
     p.add_argument("--batch", type=int, default=32, help="the large batch for latency (and evaluation)")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
@@ -52,7 +55,7 @@ def _coarse_fine(args: argparse.Namespace) -> None:
 
     report_run(args.run_dir, args.fine_run, ks=args.k, shares=tuple(args.shares), costs=tuple(args.costs),
                thresholds=tuple(args.thresholds), batch=args.batch, min_run_time=args.min_run_time,
-               rounds=args.rounds)
+               rounds=args.rounds, drops=tuple(args.drops))
 
 
 def _coarse_fine_cost_args(p: argparse.ArgumentParser) -> None:

@@ -376,9 +376,12 @@ def check_report_files(out: Path) -> list[dict]:
 def test_report_rows_from_a_model_and_loaders(design, tmp_path):
     model = design
     rows = coarse_fine_rows(model, _loader(12, 2), NUM_CLASSES, _loader(8, 3), ks=[1, model.top_k],
-                            shares=(0.5,), costs=(0.35,), thresholds=(NEVER_EXIT,), batch=4, min_run_time=0.01)
+                            shares=(0.5,), costs=(0.35,), thresholds=(NEVER_EXIT,), drops=(0.5,), batch=4,
+                            min_run_time=0.01, rounds=1)
     kinds = [r.kind for r in rows]
-    assert kinds == ["coarse", "fine-untrained", "dcn", "dcn", "exit", "exit", "exit"]
+    assert kinds == ["coarse", "fine-untrained", "dcn", "dcn", "exit", "exit", "exit", "exit"]
+    assert [r.chosen_on for r in rows[4:]] == ["given", "val: 50% escalated", f"val: within 0.5 points of k={model.top_k}",
+                                               "val: 35% of fine FLOPs"]
     assert "untrained" in rows[1].label
     given = rows[4]  # threshold above 1: every test image takes the dcn path at the recipe's k
     assert given.threshold == NEVER_EXIT and given.escalated == 1.0 and given.top1 == rows[3].top1
@@ -426,12 +429,13 @@ def tiny_dcn_run(tmp_path_factory) -> Path:
 
 def test_report_runs_on_a_tiny_trained_run(tiny_dcn_run):
     cmd = [sys.executable, str(ROOT / "fgvc" / "report.py"), "coarse-fine", str(tiny_dcn_run), "--k", "1,2",
-           "--shares", "0.5", "--thresholds", "2", "--batch", "4", "--min-run-time", "0.01"]
+           "--shares", "0.5", "--thresholds", "2", "--batch", "4", "--min-run-time", "0.01", "--rounds", "1"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert all((tiny_dcn_run / name).is_file() for name in FILES)
     rows = check_report_files(tiny_dcn_run)
-    assert [r["kind"] for r in rows] == ["coarse", "fine-untrained", "dcn", "dcn", "exit", "exit", "exit"]
+    assert [r["kind"] for r in rows] == ["coarse", "fine-untrained", "dcn", "dcn", "exit", "exit", "exit", "exit"]
+    assert [r["chosen_on"] for r in rows][-2:] == ["val: within 0.5 points of k=1", "val: 35% of fine FLOPs"]  # the synth_dcn k
     assert "coarse" in done.stdout and "Goal" in done.stdout
 
 
@@ -481,3 +485,29 @@ def test_report_times_every_path_in_alternating_rounds():
     runs = [c for j, c in enumerate(calls) if j == 0 or calls[j - 1] != c]  # consecutive repeats collapsed
     assert runs == [0, 1, 2, 0, 1, 2]
     assert len(out) == 3 and all(len(t) == 4 and t[0] > 0 and t[2] > 0 for t in out)
+
+
+def test_threshold_for_accuracy_is_the_fewest_escalated_within_the_drop():
+    from fgvc.models.dcn import threshold_for_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    n, classes = 200, 5
+    labels = torch.randint(0, classes, (n,), generator=g)
+    coarse = torch.randn(n, classes, generator=g) * 2
+    refined = torch.randn(n, classes, generator=g)
+    refined[torch.arange(n), labels] += 3  # refining is right far more often than the coarse guess
+    full = 100 * (refined.argmax(-1) == labels).float().mean().item()
+
+    def exit_top1(t: float) -> tuple[float, int]:
+        up = escalate(coarse, t)
+        pred = torch.where(up, refined.argmax(-1), coarse.argmax(-1))
+        return 100 * (pred == labels).float().mean().item(), int(up.sum())
+
+    for drop in (0.0, 0.5, 2.0, 10.0):
+        top1, escalated = exit_top1(threshold_for_accuracy(coarse, refined, labels, drop))
+        assert top1 >= full - drop - 1e-6
+        # brute force: no threshold escalating fewer images keeps that accuracy
+        conf = coarse.softmax(-1).amax(-1).sort().values
+        fewer = [exit_top1(float(c)) for c in conf[:escalated]]
+        assert all(t < full - drop - 1e-6 for t, e in fewer if e < escalated)
+    assert exit_top1(threshold_for_accuracy(coarse, refined, labels, 100.0))[1] == 0  # any drop allowed: none escalated

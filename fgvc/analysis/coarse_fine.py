@@ -33,10 +33,11 @@ from fgvc.analysis.cost import count_flops, count_parameters, summarize, time_ca
 from fgvc.engine.metrics import accuracy_metrics
 from fgvc.errors import UserError
 from fgvc.models.build import model_input
-from fgvc.models.dcn import DCN, choose_threshold, escalate, threshold_for_cost
+from fgvc.models.dcn import DCN, choose_threshold, escalate, threshold_for_accuracy, threshold_for_cost
 
 DEFAULT_SHARES = (0.1, 0.25, 0.5)  # escalated shares of the validation split to pick thresholds for
 DEFAULT_COSTS = (0.35,)  # target FLOPs as a share of the full-image fine network (the issue's goal)
+DEFAULT_DROPS = (0.5,)  # top-1 points that early exit may lose on validation against refining every image
 GOAL_ACCURACY_GAP = 0.5  # points of top-1 the DCN may lose against the full-image fine network
 GOAL_FLOPS_SHARE = 0.35  # ... while spending at most this share of its FLOPs
 GOAL_SPEEDUP = 2.0  # ... and being at least this much faster (batch-1 CPU latency)
@@ -160,10 +161,12 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
 def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_loader: DataLoader | None = None,
                      ks: list[int] | None = None, shares: tuple[float, ...] = DEFAULT_SHARES,
                      costs: tuple[float, ...] = DEFAULT_COSTS, thresholds: tuple[float, ...] = (),
-                     fine_model: nn.Module | None = None, fine_test_loader: DataLoader | None = None,
+                     drops: tuple[float, ...] = DEFAULT_DROPS, fine_model: nn.Module | None = None,
+                     fine_test_loader: DataLoader | None = None,
                      fine_label: str = "", batch: int = 32, min_run_time: float = 0.5, rounds: int = 3) -> list[Row]:
     """Every row of the report: coarse, fine on the whole image, dcn for each k, early exit for each
-    threshold (chosen on `val_loader` for each share of escalated images and each target cost).
+    threshold (chosen on `val_loader` for each share of escalated images, each target cost and each
+    top-1 drop allowed against refining every image).
     Latencies: every path timed in `rounds` alternating rounds (`timings`)."""
     if not isinstance(model, DCN) or model.whole_image:
         raise UserError("the coarse-fine report needs a dcn model with a coarse network (model.arch=dcn, "
@@ -217,9 +220,11 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
 
     # early exit: thresholds chosen on validation, scored on test
     chosen: list[tuple[float, str]] = [(float(t), "given") for t in thresholds]
-    if val_loader is not None and (shares or costs):
-        _, val_coarse, _ = dcn_logits(model, val_loader, [])
+    if val_loader is not None and (shares or costs or drops):
+        val_labels, val_coarse, val_refined = dcn_logits(model, val_loader, [k_exit] if drops else [])
         chosen += [(choose_threshold(val_coarse, s), f"val: {100 * s:g}% escalated") for s in shares]
+        chosen += [(threshold_for_accuracy(val_coarse, val_refined[k_exit], val_labels, d),
+                    f"val: within {d:g} points of k={k_exit}") for d in drops]
         chosen += [(threshold_for_cost(val_coarse, c * fine_row.gflops * 1e9, coarse_flops, dcn_flops[k_exit]),
                     f"val: {100 * c:g}% of fine FLOPs") for c in costs]
     for t, how in chosen:
@@ -523,13 +528,13 @@ def _eval_loaders(run, batch: int) -> tuple[DataLoader, DataLoader | None]:
 def report_run(run_dir: str | Path, fine_run: str | Path | None = None, ks: list[int] | None = None,
                shares: tuple[float, ...] = DEFAULT_SHARES, costs: tuple[float, ...] = DEFAULT_COSTS,
                thresholds: tuple[float, ...] = (), batch: int = 32, min_run_time: float = 0.5,
-               rounds: int = 3, console=None) -> list[Row]:
+               rounds: int = 3, drops: tuple[float, ...] = DEFAULT_DROPS, console=None) -> list[Row]:
     """The report of a finished dcn run folder, written into it and printed."""
     from fgvc.engine.runs import load_run
 
     run = load_run(run_dir)
     test_loader, val_loader = _eval_loaders(run, batch)
-    if val_loader is None and (shares or costs):
+    if val_loader is None and (shares or costs or drops):
         print("note: the run has no validation split (data.val_fraction=0): only --thresholds are used.")
     fine_model = fine_loader = None
     fine_label = ""
@@ -539,7 +544,7 @@ def report_run(run_dir: str | Path, fine_run: str | Path | None = None, ks: list
         fine_loader = test_loader if same_data else _eval_loaders(fine, batch)[0]
         fine_model, fine_label = fine.model, f"fine (whole image, run {Path(fine_run).name})"
     rows = coarse_fine_rows(run.model, test_loader, len(run.class_names), val_loader, ks=ks, shares=shares,
-                            costs=costs, thresholds=thresholds, fine_model=fine_model,
+                            costs=costs, thresholds=thresholds, drops=drops, fine_model=fine_model,
                             fine_test_loader=fine_loader, fine_label=fine_label, batch=batch,
                             min_run_time=min_run_time, rounds=rounds)
     compared = (f"compared with the full-image run '{fine_run}'" if fine_run is not None else

@@ -106,6 +106,26 @@ def threshold_for_cost(val_coarse_logits: Tensor, target_flops: float, coarse_fl
     return choose_threshold(val_coarse_logits, share)
 
 
+def threshold_for_accuracy(val_coarse_logits: Tensor, val_refined_logits: Tensor, val_labels: Tensor,
+                           max_drop: float) -> float:
+    """The threshold that escalates the fewest VALIDATION images while the early-exit top-1 (coarse
+    prediction for the confident, refined for the escalated) stays within `max_drop` points of the
+    top-1 with every image refined. Escalating the m least confident, for every m at once:
+    correct(m) = sum of refined-correct over the first m + sum of coarse-correct over the rest."""
+    confidence = val_coarse_logits.float().softmax(-1).amax(-1)  # (N,)
+    order = confidence.argsort()  # least confident first
+    coarse_ok = (val_coarse_logits.argmax(-1) == val_labels)[order].float()  # (N,)
+    refined_ok = (val_refined_logits.argmax(-1) == val_labels)[order].float()  # (N,)
+    n = confidence.numel()
+    zero = coarse_ok.new_zeros(1)
+    # (N + 1,): top-1 in percent when the first m images are escalated, m = 0..N
+    correct = torch.cat([zero, refined_ok.cumsum(0)]) + coarse_ok.sum() - torch.cat([zero, coarse_ok.cumsum(0)])
+    top1 = 100 * correct / n
+    target = 100 * refined_ok.mean() - max_drop
+    m = int((top1 >= target - SHARE_ROUNDING).nonzero()[0])  # the fewest escalated (m = N always qualifies)
+    return choose_threshold(val_coarse_logits, m / n)
+
+
 class TopLayers(nn.Module):
     """g: the layers shared by the coarse and the mixed representation, then the classifier:
     [1x1 conv, ReLU,] global pool ("avg", or the paper's "max"), linear. Without `hidden` (the 1x1
