@@ -468,6 +468,12 @@ def _schema_fields(schema: type, prefix: str = "") -> list[tuple[str, Field]]:
     return found
 
 
+def keys_unread_by(arch: str) -> tuple[str, ...]:
+    """The schema keys and sections (dotted names) that model.arch=`arch` does not read (`only_for`)."""
+    return tuple(key for key, f in _schema_fields(Recipe)
+                 if f.metadata.get("archs") is not None and arch not in f.metadata["archs"])
+
+
 def validate(cfg: DictConfig) -> None:
     """The one check of a resolved recipe: each key's choices, the keys each model.arch reads, ranges."""
     defaults = OmegaConf.structured(Recipe)

@@ -29,3 +29,20 @@ def test_a_resumed_run_is_reused_and_another_seed_is_not(tmp_path):
     (tmp_path / "recipe.yaml").write_text(to_yaml(load_recipe([*args, "train.resume=auto"])))
     assert recipe_difference(tmp_path, args) is None  # continued from a checkpoint: the same run
     assert recipe_difference(tmp_path, [*args[:1], "seed=1", args[2]]) == ("seed", 0, 1)
+
+
+def test_keys_the_arch_does_not_read_do_not_make_a_run_stale(tmp_path):
+    """A plain classifier saved when model.dcn.pool defaulted to max is still the same run; a DCN is not."""
+    from omegaconf import OmegaConf
+
+    from fgvc.analysis.synthetic_bench import recipe_difference
+    from fgvc.config import keys_unread_by, load_recipe, to_yaml
+
+    assert set(keys_unread_by("classifier")) >= {"model.dcn", "train.dcn", "model.zoom"}
+    assert "model.dcn" not in keys_unread_by("dcn")
+    for recipe, stale in (("synth_baseline", False), ("synth_dcn", True)):
+        args = [f"recipe={recipe}", "seed=0", f"output_dir={tmp_path}"]
+        saved = OmegaConf.create(to_yaml(load_recipe(args)))
+        saved.model.dcn.pool = "max"  # the schema's default before issue 14's redesign
+        (tmp_path / "recipe.yaml").write_text(OmegaConf.to_yaml(saved))
+        assert recipe_difference(tmp_path, args) == (("model.dcn.pool", "max", "avg") if stale else None)

@@ -74,11 +74,12 @@ class RunRow:
 def recipe_difference(run_dir: Path, args: list[str]) -> tuple[str, object, object] | None:
     """(key, saved value, wanted value) of the first recipe key whose value in a run folder's
     recipe.yaml differs from what `args` would train now; None when they agree. The settings of a
-    generated data set the run does not read (data.synthetic.* in a fractal run) and how it was
-    continued (train.resume) do not count."""
+    generated data set the run does not read (data.synthetic.* in a fractal run), the keys its
+    model.arch does not read (model.dcn.* of a plain classifier: their defaults may have changed since)
+    and how it was continued (train.resume) do not count."""
     from omegaconf import OmegaConf
 
-    from fgvc.config import Recipe, flatten, load_recipe
+    from fgvc.config import Recipe, flatten, keys_unread_by, load_recipe
 
     # a key added to the schema after the run was made counts as its default (which keeps old behaviour)
     a = flatten(OmegaConf.to_container(OmegaConf.structured(Recipe), resolve=True))
@@ -86,6 +87,7 @@ def recipe_difference(run_dir: Path, args: list[str]) -> tuple[str, object, obje
     b = flatten(OmegaConf.to_container(load_recipe(args), resolve=True))
     unused = tuple(f"data.{name}." for name in ("synthetic", "fractal") if name != b.get("data.name"))
     unused += ("train.resume",)  # a resumed run ends exactly as an uninterrupted one (tested)
+    unused += tuple(k + "." for k in keys_unread_by(b["model.arch"])) + keys_unread_by(b["model.arch"])
     key = next((k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.startswith(unused)), None)
     return None if key is None else (key, a.get(key), b.get(key))
 
