@@ -420,12 +420,21 @@ def _layers(path: Path, where: str, chain: tuple[str, ...]) -> list[tuple[DictCo
 
 
 def _fill_keys_added_later(layer: DictConfig) -> DictConfig:
-    """A saved run's recipe with the values of KEYS_ADDED_LATER it lacks (other files unchanged)."""
+    """A saved run's recipe with the values of KEYS_ADDED_LATER it lacks, and without the keys its
+    model.arch does not read: recipe.yaml holds every key with its day's default, and a default that
+    changed since (model.dcn.saliency in a plain classifier's run) would read as a key set for the
+    wrong arch. Other files unchanged."""
     if not isinstance(layer, DictConfig) or OmegaConf.select(layer, SAVED_RUN_MARK) is None:
         return layer
     for key, value in KEYS_ADDED_LATER.items():
         if OmegaConf.select(layer, key) is None:
             OmegaConf.update(layer, key, value)
+    arch = OmegaConf.select(layer, "model.arch") or Recipe().model.arch
+    for key in keys_unread_by(arch):
+        section, _, name = key.rpartition(".")
+        parent = OmegaConf.select(layer, section) if section else layer
+        if isinstance(parent, DictConfig) and name in parent:
+            del parent[name]
     return layer
 
 

@@ -211,6 +211,25 @@ def test_recipe_defaults_are_the_design_that_trains_and_old_runs_rebuild_as_trai
     assert build_model(again.model, NUM_CLASSES, IMAGE).head.conv is not None
 
 
+def test_a_classifier_run_saved_under_the_old_dcn_defaults_still_loads(tmp_path):
+    """A plain classifier's recipe.yaml holds the model.dcn section with its day's defaults (saliency
+    entropy, pool max); those keys are not the classifier's, so the changed defaults must not stop
+    `evaluate`, `localize` or `recipe=runs/x/recipe.yaml` from loading it."""
+    from omegaconf import OmegaConf
+
+    from fgvc.config import UserError, load_recipe, to_yaml
+
+    saved = OmegaConf.create(to_yaml(load_recipe(["recipe=synth_baseline"])))
+    saved.model.dcn.saliency, saved.model.dcn.pool = "entropy", "max"  # the defaults before issue 14
+    old = tmp_path / "recipe.yaml"
+    old.write_text(OmegaConf.to_yaml(saved))
+    again = load_recipe(recipe_file=old)
+    assert again.model.arch == "classifier" and again.model.dcn.saliency == "cam"
+    # a recipe the user writes is still checked: the key is set for an arch that ignores it
+    with pytest.raises(UserError, match="model.dcn.saliency"):
+        load_recipe(["recipe=synth_baseline", "model.dcn.saliency=entropy"])
+
+
 def test_whole_image_counterpart_has_the_same_head_shape(x):
     dcn, whole = tiny_dcn(), tiny_dcn(whole_image=True)
     assert whole.coarse is None
