@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from fgvc.analysis import cost
 from fgvc.analysis.cost import count_flops, count_parameters, summarize, time_calls
 from fgvc.engine.metrics import accuracy_metrics
 from fgvc.errors import UserError
@@ -424,15 +423,11 @@ def cost_rows(model: DCN, whole: DCN, image_size: int, ks: list[int], batch: int
         "fine (whole image)": ("fine", -1, whole, count_parameters(whole) / 1e6)}
     for k in ks:
         paths[f"dcn k={k}"] = ("dcn", k, lambda x, k=k: model(x, top_k=k), count_parameters(model) / 1e6)
-    fns = {name: fn for name, (_, _, fn, _) in paths.items()}
-    threads = torch.get_num_threads()
-    b1 = cost.interleaved_latency(fns, big[:1], rounds, min_run_time, threads)
-    bn = cost.interleaved_latency(fns, big, rounds, min_run_time, threads)
+    lat = timings([Timed(fn, big) for _, _, fn, _ in paths.values()], min_run_time, rounds)
     nan = float("nan")
     return [Row(name, kind, k, nan, "", 1.0 if kind != "coarse" else 0.0, nan, nan,
-                count_flops(fn, big[:1]) / 1e9, params, b1[name].median_ms, b1[name].iqr_ms,
-                bn[name].median_ms / batch, bn[name].iqr_ms / batch)
-            for name, (kind, k, fn, params) in paths.items()]
+                count_flops(fn, big[:1]) / 1e9, params, *times)
+            for (name, (kind, k, fn, params)), times in zip(paths.items(), lat)]
 
 
 def cost_line(rows: list[Row]) -> str:

@@ -59,11 +59,6 @@ def summarize(times: list[float]) -> Latency:
     return Latency(statistics.median(times) * 1e3, (q3 - q1) * 1e3)
 
 
-def latency(fn: Callable[[Tensor], object], x: Tensor, min_run_time: float = 1.0, num_threads: int = 1) -> Latency:
-    """Median and interquartile range of one call fn(x), in milliseconds."""
-    return summarize(time_calls(fn, x, min_run_time, num_threads))
-
-
 def interleaved_latency(fns: dict[str, Callable[[Tensor], object]], x: Tensor, rounds: int = 3,
                         min_run_time: float = 1.0, num_threads: int = 1) -> dict[str, Latency]:
     """Latency of several callables on the same input, timed in alternating rounds so that a change

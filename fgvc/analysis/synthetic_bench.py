@@ -87,8 +87,7 @@ def recipe_difference(run_dir: Path, args: list[str]) -> tuple[str, object, obje
     b = flatten(OmegaConf.to_container(load_recipe(args), resolve=True))
     unused = tuple(f"data.{name}." for name in ("synthetic", "fractal") if name != b.get("data.name"))
     unused += ("train.resume",)  # a resumed run ends exactly as an uninterrupted one (tested)
-    unread = keys_unread_by(b["model.arch"])  # sections (model.dcn) and single keys (model.backbone of a dcn)
-    unused += tuple(f"{k}." for k in unread) + unread
+    unused += keys_unread_by(b["model.arch"])  # sections (model.dcn: a prefix of its keys) and single keys
     key = next((k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.startswith(unused)), None)
     return None if key is None else (key, a.get(key), b.get(key))
 
