@@ -72,6 +72,8 @@ class SyntheticConfig:
     seed: int = 0  # the data set's own seed, independent of the training seed
     hue_offset: float = 0.0  # turns every cue colour around the colour wheel (0..1): another set of cue colours
     hidden: float = 0.0  # share of images in which each class part (beak, wing patch) is not visible: a ceiling on top-1
+    # what tells the wing's class: its colour, or a texture of one-pixel features legible only near full resolution
+    wing_cue: str = one_of("colour", ("colour", "texture"))
 
 
 @dataclass

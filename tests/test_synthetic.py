@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 
 from fgvc.data.records import CUB_PARTS, DATASETS
-from fgvc.data.synthetic import SyntheticSpec, class_codes, ensure_synthetic, write_synthetic
+from fgvc.data.synthetic import (WING_TEXTURES, SyntheticSpec, class_codes, ensure_synthetic, wing_texture,
+                                 write_synthetic)
+from fgvc.errors import UserError
 import fgvc.data.cub  # noqa: F401  (registers the reader)
 
 SPEC = SyntheticSpec(num_classes=4, train_per_class=3, test_per_class=2, image_size=48)
@@ -77,3 +80,33 @@ def test_hidden_parts_are_not_drawn_and_are_recorded_invisible(tmp_path):
                                                                              "train_per_class": 20})))
     seen = [s.parts[beak, 2] for s in some.train]
     assert 0.25 < 1 - np.mean(seen) < 0.75  # about half the beaks hidden
+
+
+def test_wing_textures_share_their_mean_colour_and_differ_only_in_one_pixel_detail():
+    """data.synthetic.wing_cue=texture: every texture has the same mean colour (so a picture shrunk
+    until single pixels blur loses the class) and differs from the others pixel by pixel."""
+    light = np.array([0.9, 0.2, 0.4])
+    kinds = [wing_texture(k, light, 8) for k in range(len(WING_TEXTURES))]
+    for t in kinds:
+        np.testing.assert_allclose(t.reshape(-1, 3).mean(0), kinds[0].reshape(-1, 3).mean(0))
+        # the mean of every 2x2 block is the flat colour: two pixels of blur remove the class
+        blocks = t.reshape(4, 2, 4, 2, 3).mean((1, 3))
+        np.testing.assert_allclose(blocks, kinds[0][:4, :4])
+    assert len({t.tobytes() for t in kinds}) == len(WING_TEXTURES)
+    rows = kinds[WING_TEXTURES.index("rows")]
+    assert np.all(rows[0] == rows[0, 0]) and not np.allclose(rows[0], rows[1])  # constant along a row
+
+
+def test_texture_wing_cue_writes_another_set_and_keeps_the_colour_sets(tmp_path):
+    colour = ensure_synthetic(tmp_path, SPEC)
+    texture = ensure_synthetic(tmp_path, SyntheticSpec(**{**SPEC.__dict__, "wing_cue": "texture"}))
+    assert colour != texture and digest(colour) != digest(texture)
+    assert "wing_cue" not in (colour / "fgvc_synthetic.json").read_text()  # sets made before the option keep their manifest
+    assert '"wing_cue": "texture"' in (texture / "fgvc_synthetic.json").read_text()
+    index = DATASETS.get("cub")(texture)
+    assert index.num_classes == 4 and len(index.train) == 12
+
+
+def test_texture_wing_cue_refuses_more_classes_than_textures_can_tell(tmp_path):
+    with pytest.raises(UserError, match="num_classes"):
+        ensure_synthetic(tmp_path, SyntheticSpec(**{**SPEC.__dict__, "num_classes": 25, "wing_cue": "texture"}))

@@ -43,6 +43,29 @@ class SyntheticSpec:
     seed: int = 0
     hue_offset: float = 0.0
     hidden: float = 0.0
+    wing_cue: str = "colour"  # "colour" or "texture" (see WING_TEXTURES)
+
+
+# What tells the wing's class with `wing_cue="texture"`: a pattern of one-pixel features in two tones
+# (a random cue colour and a dark shade of it), drawn at the written resolution. Every pattern has the
+# same mean colour ("flat" is that mean), so when the image is shrunk until single pixels blur the
+# patterns look alike: the class is then legible only at (near) full resolution, as a wing bar or a
+# streaked breast in CUB is legible at 448 px and not at 112. All are unchanged by a horizontal flip.
+WING_TEXTURES = ("flat", "rows", "columns", "checker")
+TEXTURE_DARK = 0.3  # the dark tone, as a share of the light one
+
+
+def wing_texture(kind: int, light: np.ndarray, size: int) -> np.ndarray:
+    """(size, size, 3) float image of texture `kind` (an index into WING_TEXTURES) in tones light and
+    TEXTURE_DARK * light, one-pixel features anchored at the image origin."""
+    y, x = np.mgrid[0:size, 0:size]
+    name = WING_TEXTURES[kind]
+    if name == "flat":
+        weight = np.full((size, size), 0.5)
+    else:
+        weight = {"rows": y % 2, "columns": x % 2, "checker": (x + y) % 2}[name].astype(np.float64)
+    tone = TEXTURE_DARK + (1 - TEXTURE_DARK) * weight  # 1 on light pixels, TEXTURE_DARK on dark ones
+    return tone[:, :, None] * np.asarray(light, np.float64)[None, None, :]
 
 
 def class_parts() -> list[str]:
@@ -68,8 +91,10 @@ def _rgb(c: np.ndarray | tuple) -> tuple[int, int, int]:
     return tuple(int(round(255 * float(np.clip(v, 0, 1)))) for v in c)  # type: ignore[return-value]
 
 
-def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb, cue_colours):
-    """One image (H, W, 3) uint8, its box (x, y, w, h) and 15 CUB parts (x, y, visible)."""
+def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb, cue_colours,
+               wing_kind: int = 0):
+    """One image (H, W, 3) uint8, its box (x, y, w, h) and 15 CUB parts (x, y, visible). With
+    `spec.wing_cue == "texture"` the wing patch is texture `wing_kind` in the colour `wing_rgb`."""
     s = spec.image_size
     # each class part is hidden in a share `hidden` of the images (beak turned away, wing patch
     # folded under), as CUB records parts that cannot be seen: no model can tell its colour there,
@@ -112,7 +137,12 @@ def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb
     draw.ellipse([wx - 0.55 * a, wy - 0.45 * b, wx + 0.55 * a, wy + 0.45 * b],
                  fill=_rgb(np.array(body_rgb) / 255 * 0.7))
     pr = max(1.5, spec.part_scale * s * 0.6)
-    if not hide_wing:
+    if not hide_wing and spec.wing_cue == "texture":
+        mask = Image.new("L", (s, s))
+        ImageDraw.Draw(mask).ellipse([wx - pr, wy - pr, wx + pr, wy + pr], fill=255)
+        pattern = (np.clip(wing_texture(wing_kind, wing_rgb, s), 0, 1) * 255).round().astype(np.uint8)
+        img.paste(Image.fromarray(pattern), mask=mask)  # `draw` keeps drawing on img
+    elif not hide_wing:
         draw.ellipse([wx - pr, wy - pr, wx + pr, wy + pr], fill=_rgb(wing_rgb))
     draw.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=head_rgb)
     ex, ey = hx + face * 0.35 * hr, hy - 0.2 * hr
@@ -159,6 +189,7 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
     """Write the whole set in the CUB layout into `folder` (which must not exist)."""
     rng = np.random.default_rng(spec.seed)
     codes, n_beak, n_wing = class_codes(spec.num_classes)
+    texture = spec.wing_cue == "texture"
     beak_palette = _cue_palette(n_beak, spec.hue_offset)
     wing_palette = _cue_palette(n_wing, spec.hue_offset + 0.5 / max(n_wing, 1))
     cue_colours = beak_palette + wing_palette
@@ -172,8 +203,12 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
         (folder / "images" / cname).mkdir()
         for j in range(spec.train_per_class + spec.test_per_class):
             image_id += 1
-            img, box, parts = _draw_bird(rng, spec, _mix(beak_palette[bi], rng, spec.cue_strength),
-                                         _mix(wing_palette[wi], rng, spec.cue_strength), cue_colours)
+            beak_rgb = _mix(beak_palette[bi], rng, spec.cue_strength)  # first: the draws' order names old sets
+            if texture:  # the wing's colour is any cue colour, its texture tells the class
+                wing_rgb = np.asarray(cue_colours[rng.integers(len(cue_colours))])
+            else:
+                wing_rgb = _mix(wing_palette[wi], rng, spec.cue_strength)
+            img, box, parts = _draw_bird(rng, spec, beak_rgb, wing_rgb, cue_colours, wi)
             rel = f"{cname}/{cname}_{j:04d}.jpg"
             Image.fromarray(img).save(folder / "images" / rel, quality=JPEG_QUALITY)
             images.append(f"{image_id} {rel}")
@@ -193,13 +228,15 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
     write("bounding_boxes.txt", boxes)
     write("parts/parts.txt", [f"{i} {n}" for i, n in enumerate(CUB_PARTS, 1)])
     write("parts/part_locs.txt", locs)
-    write(MANIFEST, [json.dumps(_named_fields(spec, later=("hidden",)), sort_keys=True)])
+    write(MANIFEST, [json.dumps(_named_fields(spec, later=("hidden", "wing_cue")), sort_keys=True)])
 
 
-def _named_fields(spec: SyntheticSpec, later: tuple[str, ...] = ("hue_offset", "hidden")) -> dict:
-    """The settings that name a set: those added `later` count only away from their default 0, so
-    a set made before they existed keeps its folder name (hue_offset, hidden) and manifest (hidden)."""
-    return {k: v for k, v in asdict(spec).items() if not (k in later and v == 0.0)}
+def _named_fields(spec: SyntheticSpec, later: tuple[str, ...] = ("hue_offset", "hidden", "wing_cue")) -> dict:
+    """The settings that name a set: those added `later` count only away from their default, so a
+    set made before they existed keeps its folder name (hue_offset, hidden, wing_cue) and manifest
+    (hidden, wing_cue)."""
+    defaults = asdict(SyntheticSpec())
+    return {k: v for k, v in asdict(spec).items() if not (k in later and v == defaults[k])}
 
 
 def synthetic_folder(root: Path, spec: SyntheticSpec) -> Path:
@@ -214,6 +251,10 @@ def ensure_synthetic(root: Path, spec: SyntheticSpec) -> Path:
     never taken for a whole one). Call it from one process at a time."""
     if spec.num_classes < 2 or spec.train_per_class < 2 or spec.test_per_class < 1:
         raise UserError("data.synthetic needs num_classes >= 2, train_per_class >= 2 and test_per_class >= 1.")
+    if spec.wing_cue == "texture" and class_codes(spec.num_classes)[2] > len(WING_TEXTURES):
+        raise UserError(f"data.synthetic.wing_cue=texture tells at most {len(WING_TEXTURES)} wing classes apart, "
+                        f"which allows up to {len(WING_TEXTURES) ** 2} classes; set data.synthetic.num_classes "
+                        f"to {len(WING_TEXTURES) ** 2} or fewer.")
     folder = synthetic_folder(root, spec)
     if (folder / MANIFEST).is_file():
         return folder
