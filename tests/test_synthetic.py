@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fgvc.data.records import CUB_PARTS, DATASETS
-from fgvc.data.synthetic import (WING_TEXTURES, SyntheticSpec, class_codes, ensure_synthetic, wing_texture,
+from fgvc.data.synthetic import (WING_TEXTURES, SyntheticSpec, class_codes, class_parts, ensure_synthetic, wing_texture,
                                  write_synthetic)
 from fgvc.errors import UserError
 import fgvc.data.cub  # noqa: F401  (registers the reader)
@@ -105,6 +105,9 @@ def test_texture_wing_cue_writes_another_set_and_keeps_the_colour_sets(tmp_path)
     assert '"wing_cue": "texture"' in (texture / "fgvc_synthetic.json").read_text()
     index = DATASETS.get("cub")(texture)
     assert index.num_classes == 4 and len(index.train) == 12
+    # the class is the wing patch's colour and texture; the beak is clutter
+    assert sorted(p.name.split("bird_")[1] for p in (texture / "images").iterdir()) == ["c0_t0", "c0_t1", "c1_t0", "c1_t1"]
+    assert class_parts("texture") == ["left wing", "right wing"] and "beak" in class_parts()
 
 
 def test_texture_wing_cue_refuses_more_classes_than_textures_can_tell(tmp_path):

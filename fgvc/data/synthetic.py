@@ -4,7 +4,9 @@ Every image shows one cartoon bird (body, head, wing, tail, legs, eye, beak) on 
 background. Body and head colours, size, pose, facing and clutter are random and shared by all
 classes; a class is told only by two small parts: the colour of the beak and the colour of a small
 patch on the wing. Clutter blobs reuse the cue colours, so colour anywhere in the picture does not
-give the class away: a model has to look at the beak and the wing. Keypoints of the 15 CUB parts,
+give the class away: a model has to look at the beak and the wing. With `wing_cue="texture"` the
+class is told by the wing patch alone: its colour and its texture of one-pixel features, which only
+(near) full resolution shows (the beak is then clutter, any beak colour). Keypoints of the 15 CUB parts,
 their visibility and the bird's bounding box are written exactly as CUB writes them, so the CUB
 reader, the part-localization scores and every tool run on it unchanged.
 """
@@ -43,11 +45,11 @@ class SyntheticSpec:
     seed: int = 0
     hue_offset: float = 0.0
     hidden: float = 0.0
-    wing_cue: str = "colour"  # "colour" or "texture" (see WING_TEXTURES)
+    wing_cue: str = "colour"  # "colour" (beak colour x wing colour) or "texture" (wing colour x WING_TEXTURES)
 
 
-# What tells the wing's class with `wing_cue="texture"`: a pattern of one-pixel features in two tones
-# (a random cue colour and a dark shade of it), drawn at the written resolution. Every pattern has the
+# With `wing_cue="texture"` the wing patch is a pattern of one-pixel features in two tones (its class
+# colour and a dark shade of it), drawn at the written resolution. Every pattern has the
 # same mean colour ("flat" is that mean), so when the image is shrunk until single pixels blur the
 # patterns look alike: the class is then legible only at (near) full resolution, as a wing bar or a
 # streaked breast in CUB is legible at 448 px and not at 112. All are unchanged by a horizontal flip.
@@ -68,10 +70,10 @@ def wing_texture(kind: int, light: np.ndarray, size: int) -> np.ndarray:
     return tone[:, :, None] * np.asarray(light, np.float64)[None, None, :]
 
 
-def class_parts() -> list[str]:
+def class_parts(wing_cue: str = "colour") -> list[str]:
     """Names of the parts whose appearance carries the class; for a bird facing right the wing
-    seen is the right one, so both wings count."""
-    return list(CLASS_PARTS)
+    seen is the right one, so both wings count. With the texture cue the wing alone carries it."""
+    return [p for p in CLASS_PARTS if wing_cue == "colour" or p != "beak"]
 
 
 def _cue_palette(n: int, offset: float) -> list[tuple[float, float, float]]:
@@ -192,20 +194,23 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
     texture = spec.wing_cue == "texture"
     beak_palette = _cue_palette(n_beak, spec.hue_offset)
     wing_palette = _cue_palette(n_wing, spec.hue_offset + 0.5 / max(n_wing, 1))
-    cue_colours = beak_palette + wing_palette
+    cue_colours = beak_palette + wing_palette  # the clutter's colours
+    if texture:  # the grid's first index is then the wing patch's colour, the second its texture
+        wing_palette = _cue_palette(n_beak, spec.hue_offset + 0.5 / max(n_beak, 1))
     (folder / "images").mkdir(parents=True)
     (folder / "parts").mkdir()
     classes, images, labels, split, boxes, locs = [], [], [], [], [], []
     image_id = 0
     for c, (bi, wi) in enumerate(codes):
-        cname = f"{c + 1:03d}.Synth_bird_b{bi}_w{wi}"
+        cname = f"{c + 1:03d}.Synth_bird_" + (f"c{bi}_t{wi}" if texture else f"b{bi}_w{wi}")
         classes.append(f"{c + 1} {cname}")
         (folder / "images" / cname).mkdir()
         for j in range(spec.train_per_class + spec.test_per_class):
             image_id += 1
-            beak_rgb = _mix(beak_palette[bi], rng, spec.cue_strength)  # first: the draws' order names old sets
-            if texture:  # the wing's colour is any cue colour, its texture tells the class
-                wing_rgb = np.asarray(cue_colours[rng.integers(len(cue_colours))])
+            beak_rgb = _mix(beak_palette[bi], rng, spec.cue_strength)  # drawn first in both modes (draw order)
+            if texture:  # wing colour bi and texture wi at full strength; the beak is clutter: any beak colour
+                beak_rgb = np.asarray(beak_palette[rng.integers(n_beak)])
+                wing_rgb = np.asarray(wing_palette[bi])
             else:
                 wing_rgb = _mix(wing_palette[wi], rng, spec.cue_strength)
             img, box, parts = _draw_bird(rng, spec, beak_rgb, wing_rgb, cue_colours, wi)
