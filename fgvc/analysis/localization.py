@@ -217,7 +217,8 @@ def localize_run(run_dir: str | Path, out_dir: str | Path | None = None, split: 
     if not has_parts:
         say(f"[yellow]data set '{data.index.name}' has no part annotations: box scores only "
             "(energy in box, box IoU); no pointing game or part hit rates.[/yellow]")
-    class_idx = [part_names.index(p) for p in class_parts()] if data.index.name == "synthetic" else None
+    class_parts_ = class_parts(cfg.data.synthetic.wing_cue) if data.index.name == "synthetic" else []
+    class_idx = [part_names.index(p) for p in class_parts_] or None
     chosen = select_images(dataset.samples, num_images, ids)
     loader = make_loader(Subset(dataset, chosen.positions), batch_size, 0, False)
     out = Path(out_dir) if out_dir else Path(run_dir) / "localization"
@@ -265,7 +266,7 @@ def localize_run(run_dir: str | Path, out_dir: str | Path | None = None, split: 
         pngs.append(path.name)
     report = {"run": str(run_dir), "recipe": cfg.recipe, "family": model_family(run.model), "split": split,
               "data": data.index.name, "has_parts": has_parts, "radius_fraction": radius_fraction,
-              "region_threshold": REGION_THRESHOLD, "class_parts": class_parts() if class_idx else [],
+              "region_threshold": REGION_THRESHOLD, "class_parts": class_parts_,
               "images": chosen.image_ids, "sources": summary, "per_image": per_image, "pngs": pngs}
     atomic_write_text(out / "localization.json", json.dumps(report, indent=1))
     atomic_write_text(out / "index.html", render_html(report))

@@ -171,7 +171,7 @@ def zoom_part_coverage(run_dir: Path) -> dict[str, float]:
 
     run = load_run(run_dir)
     data = build_datasets(run.cfg.data, run.cfg.seed, run.mean, run.std)
-    cols = [data.index.part_names.index(p) for p in class_parts()]
+    cols = [data.index.part_names.index(p) for p in class_parts(run.cfg.data.synthetic.wing_cue)]
     inside: dict[str, list[Tensor]] = {}
     centre = delivered_side(run.cfg.data) / 2  # boxes and parts are in the delivered image's pixels
     for batch in make_loader(data.test, run.cfg.train.batch_size, 0, False):
