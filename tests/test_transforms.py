@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fgvc.data.records import CUB_PARTS, flip_pairs_from_names
 from fgvc.data.transforms import PairedTransform
@@ -78,3 +79,30 @@ def test_seeded_pipeline_repeats_and_differs_by_seed():
     t.set_random_seed(6)
     c = t(img, None, None)[0]
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("train,annotations", [(False, True), (True, False)])
+def test_antialias_averages_away_detail_finer_than_the_output_pixels(train, annotations):
+    """data.antialias: a one-pixel checker shrunk 192 -> 128 px blurs to its mean (PIL's widened filter, as
+    the models shrink a full-resolution image); bilinear sampling keeps a strong moire. Both paths:
+    evaluation and training's fast path."""
+    y, x = np.mgrid[0:192, 0:192]
+    checker = np.repeat((((x + y) % 2) * 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    spread = {}
+    for antialias in (False, True):
+        t = PairedTransform(128, train=train, mean=MEAN, std=STD, crop_scale=(1.0, 1.0), hflip=0.0,
+                            eval_resize=1.0, annotations=annotations, antialias=antialias)
+        t.set_random_seed(0)
+        img = t(checker, np.array([0, 0, 191, 191], np.float32), np.zeros((0, 3), np.float32))[0]
+        img = img.float() / 255 if img.dtype == torch.uint8 else img
+        spread[antialias] = float(img.std())
+        assert abs(float(img.mean()) - 0.5) < 0.05  # the mean grey is kept either way
+    assert spread[True] < 0.25 * spread[False]
+
+
+def test_antialias_evaluation_moves_points_as_without_it():
+    parts = np.array([[100.0, 50.0, 1], [10.0, 10.0, 1]], np.float32)
+    outs = [PairedTransform(64, train=False, mean=MEAN, std=STD, eval_resize=1.0, antialias=a)(
+        np.zeros((100, 200, 3), np.uint8), np.array([50, 20, 100, 60], np.float32), parts) for a in (False, True)]
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-3)
+    np.testing.assert_allclose(outs[0][2], outs[1][2], atol=1e-3)

@@ -70,7 +70,7 @@ def build_transform(data: DictConfig, train: bool, mean, std, flip_pairs, annota
     return PairedTransform(delivered_side(data), train, tuple(mean), tuple(std), crop_scale=tuple(data.crop_scale),
                            hflip=data.hflip, color_jitter=data.color_jitter, eval_resize=data.eval_resize,
                            flip_pairs=flip_pairs, annotations=annotations, randaugment=data.randaugment,
-                           random_erasing=data.random_erasing)
+                           random_erasing=data.random_erasing, antialias=data.antialias)
 
 
 def build_datasets(data: DictConfig, seed: int, mean, std, index: DatasetIndex | None = None,

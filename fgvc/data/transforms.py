@@ -58,6 +58,12 @@ def sample_crop(width: int, height: int, scale: tuple[float, float], rng: np.ran
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def shrink_antialiased(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (height, width, 3): PIL's bilinear resize, whose triangle filter widens with
+    the shrink factor (torch's `F.interpolate(mode="bilinear", antialias=True)` uses the same kernel)."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((width, height), Image.BILINEAR))
+
+
 def random_erase(img: np.ndarray, p: float, mean: np.ndarray, std: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random erasing (Zhong et al., AAAI 2020), per-pixel mode: with probability p one rectangle of
     ERASE_AREA of the image is filled with noise that is N(0, 1) after normalisation, i.e.
@@ -94,8 +100,16 @@ class PairedTransform:
                  crop_scale: tuple[float, float] = (0.6, 1.0), hflip: float = 0.5,
                  color_jitter: float = 0.0, eval_resize: float = 1.143,
                  flip_pairs: list[tuple[int, int]] | None = None, annotations: bool = True,
-                 randaugment: str = "", random_erasing: float = 0.0) -> None:
+                 randaugment: str = "", random_erasing: float = 0.0, antialias: bool = False) -> None:
+        """`antialias`: shrink with PIL's bilinear filter widened to the shrink factor (as torchvision's
+        and PIL's resize, and as fgvc's models shrink a full-resolution image: `F.interpolate(...,
+        antialias=True)`, the same kernel) instead of bilinear sampling, which aliases detail finer than
+        the output's pixels into a moire. Training (fast path) and evaluation; not with annotations
+        in training."""
+        if antialias and train and annotations:
+            raise ValueError("antialias is not implemented for training with annotations.")
         self.image_size = image_size
+        self.antialias = antialias
         self.train = train
         self.annotations = annotations
         self.crop_scale = tuple(crop_scale)
@@ -147,6 +161,11 @@ class PairedTransform:
             return self._train_image(source), torch.from_numpy(NO_BOX.copy()), torch.zeros(n_parts, 3)
         # evaluation: decode at a reduced scale as long as the short side stays >= the resize target
         image, scale = source.decode(min(source.size) / self.eval_side if not self.train else 1.0)
+        if self.antialias and min(image.shape[:2]) > self.eval_side:  # shrink here; SmallestMaxSize then keeps it
+            f = self.eval_side / min(image.shape[:2])
+            new_w, new_h = round(image.shape[1] * f), round(image.shape[0] * f)
+            scale *= image.shape[1] / new_w  # boxes and parts below are divided by it (x and y alike, to 1e-2)
+            image = shrink_antialiased(image, new_w, new_h)
         h, w = image.shape[:2]
         boxes, box_ids = [], []
         if box is not None and np.all(np.isfinite(box)):
@@ -190,7 +209,11 @@ class PairedTransform:
         # the crop's edges on the decoded pixel grid: off by at most half a decoded pixel
         x0, y0 = round(x / scale), round(y / scale)
         x1, y1 = max(x0 + 1, round((x + w) / scale)), max(y0 + 1, round((y + h) / scale))
-        img = cv2.resize(image[y0:y1, x0:x1], (s, s), interpolation=cv2.INTER_LINEAR)  # (S, S, 3)
+        crop = image[y0:y1, x0:x1]
+        if self.antialias and min(crop.shape[:2]) > s:
+            img = shrink_antialiased(crop, s, s)  # (S, S, 3)
+        else:
+            img = cv2.resize(crop, (s, s), interpolation=cv2.INTER_LINEAR)  # (S, S, 3)
         if self.hflip and self.rng.random() < self.hflip:
             img = img[:, ::-1]
         if self.randaugment is not None:
