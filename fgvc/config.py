@@ -74,6 +74,7 @@ class SyntheticConfig:
     hidden: float = 0.0  # share of images in which each class part (beak, wing patch) is not visible: a ceiling on top-1
     # what tells the wing's class: its colour, or a texture of one-pixel features legible only near full resolution
     wing_cue: str = one_of("colour", ("colour", "texture"))
+    texture_px: int = 1  # side of the texture's features in written pixels (wing_cue=texture): 1 blurs away sooner
 
 
 @dataclass

@@ -95,6 +95,10 @@ def test_wing_textures_share_their_mean_colour_and_differ_only_in_one_pixel_deta
     assert len({t.tobytes() for t in kinds}) == len(WING_TEXTURES)
     rows = kinds[WING_TEXTURES.index("rows")]
     assert np.all(rows[0] == rows[0, 0]) and not np.allclose(rows[0], rows[1])  # constant along a row
+    coarse = wing_texture(WING_TEXTURES.index("rows"), light, 8, px=2)  # texture_px=2: rows two pixels high
+    np.testing.assert_allclose(coarse[0], coarse[1])
+    np.testing.assert_allclose(coarse[0], rows[0])
+    assert not np.allclose(coarse[1], coarse[2])
 
 
 def test_texture_wing_cue_writes_another_set_and_keeps_the_colour_sets(tmp_path):

@@ -46,6 +46,7 @@ class SyntheticSpec:
     hue_offset: float = 0.0
     hidden: float = 0.0
     wing_cue: str = "colour"  # "colour" (beak colour x wing colour) or "texture" (wing colour x WING_TEXTURES)
+    texture_px: int = 1  # side of the texture's features, written pixels (wing_cue="texture")
 
 
 # With `wing_cue="texture"` the wing patch is a pattern of one-pixel features in two tones (its class
@@ -57,10 +58,10 @@ WING_TEXTURES = ("flat", "rows", "columns", "checker")
 TEXTURE_DARK = 0.3  # the dark tone, as a share of the light one
 
 
-def wing_texture(kind: int, light: np.ndarray, size: int) -> np.ndarray:
+def wing_texture(kind: int, light: np.ndarray, size: int, px: int = 1) -> np.ndarray:
     """(size, size, 3) float image of texture `kind` (an index into WING_TEXTURES) in tones light and
-    TEXTURE_DARK * light, one-pixel features anchored at the image origin."""
-    y, x = np.mgrid[0:size, 0:size]
+    TEXTURE_DARK * light, features of px x px pixels anchored at the image origin."""
+    y, x = np.mgrid[0:size, 0:size] // px
     name = WING_TEXTURES[kind]
     if name == "flat":
         weight = np.full((size, size), 0.5)
@@ -142,7 +143,8 @@ def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb
     if not hide_wing and spec.wing_cue == "texture":
         mask = Image.new("L", (s, s))
         ImageDraw.Draw(mask).ellipse([wx - pr, wy - pr, wx + pr, wy + pr], fill=255)
-        pattern = (np.clip(wing_texture(wing_kind, wing_rgb, s), 0, 1) * 255).round().astype(np.uint8)
+        pattern = wing_texture(wing_kind, wing_rgb, s, spec.texture_px)
+        pattern = (np.clip(pattern, 0, 1) * 255).round().astype(np.uint8)
         img.paste(Image.fromarray(pattern), mask=mask)  # `draw` keeps drawing on img
     elif not hide_wing:
         draw.ellipse([wx - pr, wy - pr, wx + pr, wy + pr], fill=_rgb(wing_rgb))
@@ -233,13 +235,14 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
     write("bounding_boxes.txt", boxes)
     write("parts/parts.txt", [f"{i} {n}" for i, n in enumerate(CUB_PARTS, 1)])
     write("parts/part_locs.txt", locs)
-    write(MANIFEST, [json.dumps(_named_fields(spec, later=("hidden", "wing_cue")), sort_keys=True)])
+    write(MANIFEST, [json.dumps(_named_fields(spec, later=("hidden", "wing_cue", "texture_px")), sort_keys=True)])
 
 
-def _named_fields(spec: SyntheticSpec, later: tuple[str, ...] = ("hue_offset", "hidden", "wing_cue")) -> dict:
+def _named_fields(spec: SyntheticSpec,
+                  later: tuple[str, ...] = ("hue_offset", "hidden", "wing_cue", "texture_px")) -> dict:
     """The settings that name a set: those added `later` count only away from their default, so a
-    set made before they existed keeps its folder name (hue_offset, hidden, wing_cue) and manifest
-    (hidden, wing_cue)."""
+    set made before they existed keeps its folder name (hue_offset, hidden, wing_cue, texture_px) and
+    manifest (hidden, wing_cue, texture_px)."""
     defaults = asdict(SyntheticSpec())
     return {k: v for k, v in asdict(spec).items() if not (k in later and v == defaults[k])}
 
@@ -256,6 +259,8 @@ def ensure_synthetic(root: Path, spec: SyntheticSpec) -> Path:
     never taken for a whole one). Call it from one process at a time."""
     if spec.num_classes < 2 or spec.train_per_class < 2 or spec.test_per_class < 1:
         raise UserError("data.synthetic needs num_classes >= 2, train_per_class >= 2 and test_per_class >= 1.")
+    if spec.texture_px < 1:
+        raise UserError(f"data.synthetic.texture_px is {spec.texture_px} but must be at least 1 (pixels).")
     if spec.wing_cue == "texture" and class_codes(spec.num_classes)[2] > len(WING_TEXTURES):
         raise UserError(f"data.synthetic.wing_cue=texture tells at most {len(WING_TEXTURES)} wing classes apart, "
                         f"which allows up to {len(WING_TEXTURES) ** 2} classes; set data.synthetic.num_classes "
