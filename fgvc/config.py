@@ -75,6 +75,7 @@ class SyntheticConfig:
     # what tells the wing's class: its colour, or a texture of one-pixel features legible only near full resolution
     wing_cue: str = one_of("colour", ("colour", "texture"))
     texture_px: int = 1  # side of the texture's features in written pixels (wing_cue=texture): 1 blurs away sooner
+    texture_fine: float = 0.0  # share of images whose texture has one-pixel features instead of texture_px
 
 
 @dataclass
@@ -255,7 +256,8 @@ RANGES: list[tuple[str, float, float]] = [
     ("train.clip_grad", 0, INF), ("train.label_smoothing", 0, 1), ("train.mixup", 0, INF), ("train.cutmix", 0, INF),
     ("train.ema_decay", 0, 1), ("train.new_lr_mult", 0, INF), ("train.new_block_lr_mult", 0, INF),
     ("train.keep_checkpoints", 1, INF),
-    ("train.log_every", 1, INF), ("data.synthetic.hidden", 0, 1), ("data.synthetic.cue_strength", 0, 1),
+    ("train.log_every", 1, INF), ("data.synthetic.hidden", 0, 1), ("data.synthetic.texture_fine", 0, 1),
+    ("data.synthetic.cue_strength", 0, 1),
     ("data.fractal.class_colours", 0, 1),
 ]
 

@@ -117,3 +117,14 @@ def test_texture_wing_cue_writes_another_set_and_keeps_the_colour_sets(tmp_path)
 def test_texture_wing_cue_refuses_more_classes_than_textures_can_tell(tmp_path):
     with pytest.raises(UserError, match="num_classes"):
         ensure_synthetic(tmp_path, SyntheticSpec(**{**SPEC.__dict__, "num_classes": 25, "wing_cue": "texture"}))
+
+
+def test_texture_fine_draws_a_share_of_wings_at_one_pixel(tmp_path):
+    """data.synthetic.texture_fine: that share of the wings carry one-pixel features, the rest
+    texture_px; a set without it keeps its folder (and images) unchanged."""
+    base = SyntheticSpec(**{**SPEC.__dict__, "wing_cue": "texture", "texture_px": 2})
+    assert ensure_synthetic(tmp_path, base) == ensure_synthetic(tmp_path, SyntheticSpec(**{**base.__dict__,
+                                                                                          "texture_fine": 0.0}))
+    mixed = ensure_synthetic(tmp_path, SyntheticSpec(**{**base.__dict__, "texture_fine": 0.5}))
+    assert mixed != ensure_synthetic(tmp_path, base)
+    assert '"texture_fine": 0.5' in (mixed / "fgvc_synthetic.json").read_text()

@@ -47,6 +47,7 @@ class SyntheticSpec:
     hidden: float = 0.0
     wing_cue: str = "colour"  # "colour" (beak colour x wing colour) or "texture" (wing colour x WING_TEXTURES)
     texture_px: int = 1  # side of the texture's features, written pixels (wing_cue="texture")
+    texture_fine: float = 0.0  # share of images whose texture has one-pixel features instead (detail at many scales)
 
 
 # With `wing_cue="texture"` the wing patch is a pattern of one-pixel features in two tones (its class
@@ -104,6 +105,9 @@ def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb
     # so top-1 has a ceiling below 100%. No draw when 0: sets made before the option are unchanged.
     hide_beak = spec.hidden > 0 and rng.random() < spec.hidden
     hide_wing = spec.hidden > 0 and rng.random() < spec.hidden
+    # some wings carry their texture at one pixel, which a shrunk picture loses: detail at several
+    # scales, as in real photos. No draw when 0: sets made before the option are unchanged.
+    fine = spec.texture_fine > 0 and rng.random() < spec.texture_fine
     # background: a smooth random gradient plus clutter blobs in cue and random colours
     top, bottom = rng.uniform(0.2, 0.9, 3), rng.uniform(0.2, 0.9, 3)
     ramp = np.linspace(0, 1, s)[:, None, None]
@@ -143,7 +147,7 @@ def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb
     if not hide_wing and spec.wing_cue == "texture":
         mask = Image.new("L", (s, s))
         ImageDraw.Draw(mask).ellipse([wx - pr, wy - pr, wx + pr, wy + pr], fill=255)
-        pattern = wing_texture(wing_kind, wing_rgb, s, spec.texture_px)
+        pattern = wing_texture(wing_kind, wing_rgb, s, 1 if fine else spec.texture_px)
         pattern = (np.clip(pattern, 0, 1) * 255).round().astype(np.uint8)
         img.paste(Image.fromarray(pattern), mask=mask)  # `draw` keeps drawing on img
     elif not hide_wing:
@@ -235,14 +239,16 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
     write("bounding_boxes.txt", boxes)
     write("parts/parts.txt", [f"{i} {n}" for i, n in enumerate(CUB_PARTS, 1)])
     write("parts/part_locs.txt", locs)
-    write(MANIFEST, [json.dumps(_named_fields(spec, later=("hidden", "wing_cue", "texture_px")), sort_keys=True)])
+    write(MANIFEST, [json.dumps(_named_fields(spec, later=LATER[1:]), sort_keys=True)])
 
 
-def _named_fields(spec: SyntheticSpec,
-                  later: tuple[str, ...] = ("hue_offset", "hidden", "wing_cue", "texture_px")) -> dict:
+LATER = ("hue_offset", "hidden", "wing_cue", "texture_px", "texture_fine")  # settings added after the first sets
+
+
+def _named_fields(spec: SyntheticSpec, later: tuple[str, ...] = LATER) -> dict:
     """The settings that name a set: those added `later` count only away from their default, so a
-    set made before they existed keeps its folder name (hue_offset, hidden, wing_cue, texture_px) and
-    manifest (hidden, wing_cue, texture_px)."""
+    set made before they existed keeps its folder name (all of LATER) and manifest (all but
+    hue_offset, which the first manifests wrote)."""
     defaults = asdict(SyntheticSpec())
     return {k: v for k, v in asdict(spec).items() if not (k in later and v == defaults[k])}
 
