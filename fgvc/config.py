@@ -108,7 +108,7 @@ class DataConfig:
     hflip: float = 0.5  # probability of a horizontal flip
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
     eval_resize: float = 1.143  # evaluation: short side to image_size * this, then a centre crop; 256/224, ImageNet's
-    antialias: bool = False  # shrink images by area averaging (PIL, torchvision) rather than bilinear sampling
+    antialias: bool = False  # shrink with PIL's widened bilinear filter (PIL, torchvision) rather than bilinear sampling
     # images delivered at this many times image_size (>= 1); RA-CNN's zooms and the spatial transformer
     # cut their regions from those pixels and shrink the whole image to image_size themselves
     full_resolution: float = 1.0

@@ -213,7 +213,8 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
         (folder / "images" / cname).mkdir()
         for j in range(spec.train_per_class + spec.test_per_class):
             image_id += 1
-            beak_rgb = _mix(beak_palette[bi], rng, spec.cue_strength)  # drawn first in both modes (draw order)
+            # drawn in both modes, though the texture mode replaces it: the draws' order fixes every image
+            beak_rgb = _mix(beak_palette[bi], rng, spec.cue_strength)
             if texture:  # wing colour bi and texture wi at full strength; the beak is clutter: any beak colour
                 beak_rgb = np.asarray(beak_palette[rng.integers(n_beak)])
                 wing_rgb = np.asarray(wing_palette[bi])
