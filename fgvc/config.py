@@ -127,6 +127,9 @@ class AttentionConfig:
     reduction: int = 16  # channel bottleneck ratio r (SE, CBAM)
     kernel_size: int = 7  # spatial gate kernel (CBAM)
     stn_count: int = one_of(1, (1, 2, 4))  # parallel spatial transformers, features concatenated (type=stn)
+    # how the transformer samples its window (type=stn): the paper's bilinear grid at the input size, or
+    # every full-resolution pixel of the window, shrunk with antialiasing (fgvc/models/attention/stn.py)
+    stn_sampler: str = one_of("bilinear", ("bilinear", "antialias"))
     mlp_bias: bool = True  # biases in the channel MLP (SE, CBAM; timm's CBAM has none)
     spatial_order: str = one_of("max_mean", ("max_mean", "mean_max"))  # CBAM's pooled maps (authors' / timm's order)
     spatial_norm: bool = True  # batch norm after CBAM's 7x7 conv
@@ -525,6 +528,9 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"model.zoom.min_side is {m.zoom.min_side} but must be in (0, 1]; e.g. 0.67.")
     if m.zoom.mask_steepness <= 0:
         raise UserError(f"model.zoom.mask_steepness is {m.zoom.mask_steepness} but must be positive; e.g. 10.")
+    if m.attention.stn_sampler != "bilinear" and m.attention.type != "stn":
+        raise UserError(f"model.attention.stn_sampler is {m.attention.stn_sampler} but only model.attention.type=stn "
+                        "reads it; drop it or set model.attention.type=stn.")
     if m.attention.stn_count != 1 and m.attention.type != "stn":
         raise UserError(f"model.attention.stn_count is {m.attention.stn_count} but only model.attention.type=stn "
                         "reads it; drop it or set model.attention.type=stn.")

@@ -54,6 +54,47 @@ def test_identity_start_sees_the_whole_image_at_the_input_size():
     assert torch.equal(shrink(x[..., :SIDE, :SIDE], SIDE), x[..., :SIDE, :SIDE])  # already the input size
 
 
+def test_antialiased_sampler_reads_every_pixel_of_the_window_and_starts_as_the_whole_image():
+    """sampler="antialias": at the identity transform the shrunk whole image (the plain network's input)
+    with no gamma blend; a window of at most the input's side in source pixels is read pixel for pixel
+    (as the bilinear sampler); in between, the mix of the two readings; the window's position gets a
+    gradient at the first step, where the identity-started bilinear sampler (gamma = 0) gives it none."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, FULL, FULL)
+    stn = SpatialTransformer(SIDE, identity_init=True, sampler="antialias")
+    assert stn.gamma is None
+    torch.testing.assert_close(stn(x)[:, 0], shrink(x, SIDE), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        stn.localization.fc[-1].bias.copy_(torch.tensor(window_raw(0.5, 0.25, -0.25)))
+        torch.testing.assert_close(stn(x)[:, 0], x[:, :, 8:40, 24:56], atol=1e-4, rtol=0)
+        stn.localization.fc[-1].bias.copy_(torch.tensor(window_raw(0.75, 0.0, 0.0)))  # f = 1.5: w = 1/2
+        sharp = F.grid_sample(x, F.affine_grid(torch.tensor([[[0.75, 0, 0], [0, 0.75, 0.0]]]).expand(2, 2, 3),
+                                               [2, 3, SIDE, SIDE], align_corners=False), align_corners=False)
+        full = F.grid_sample(x, F.affine_grid(torch.tensor([[[0.75, 0, 0], [0, 0.75, 0.0]]]).expand(2, 2, 3),
+                                              [2, 3, FULL, FULL], align_corners=False), align_corners=False)
+        torch.testing.assert_close(stn(x)[:, 0], (sharp + shrink(full, SIDE)) / 2, atol=1e-4, rtol=0)
+    # the whole 48-px image at 32 px (1.5 source pixels per output pixel, the benchmark's 192 to 128):
+    # a one-pixel checkerboard averages out instead of turning into a moire
+    side = SIDE * 3 // 2
+    checker = ((torch.arange(side)[:, None] + torch.arange(side)[None, :]) % 2).float().expand(1, 3, side, side)
+    smooth = SpatialTransformer(SIDE, sampler="antialias")(checker)
+    assert (smooth - 0.5).abs().max() < 0.05
+    assert (SpatialTransformer(SIDE)(checker) - 0.5).abs().max() > 0.1  # the bilinear grid at the input size: a moire
+    grads = {}
+    for sampler in ("bilinear", "antialias"):
+        torch.manual_seed(1)
+        t = SpatialTransformer(SIDE, identity_init=True, sampler=sampler)
+        t(x).square().mean().backward()
+        grads[sampler] = t.localization.fc[-1].weight.grad.abs().sum().item()
+    assert grads["bilinear"] == 0 and grads["antialias"] > 0
+    with pytest.raises(ValueError, match="sampler"):
+        SpatialTransformer(SIDE, sampler="nearest")
+    with pytest.raises(UserError, match="model.attention.stn_sampler"):
+        load_recipe(["recipe=synth_cbam", "model.attention.stn_sampler=antialias"])
+    model = stn_model(1, "model.attention.stn_sampler=antialias")
+    assert model.stn.sampler == "antialias"
+
+
 def stn_model(count: int, *extra: str):
     cfg = load_recipe(["recipe=synth_stn", f"model.attention.stn_count={count}", f"data.image_size={SIDE}",
                        "data.full_resolution=2", *extra])

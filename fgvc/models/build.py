@@ -27,7 +27,8 @@ def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     return Classifier(m.backbone, num_classes, pretrained=m.pretrained, weights=m.weights, drop_rate=m.drop_rate,
                       attention=a.type, attention_stages=list(a.stages), attention_placement=a.placement,
                       attention_init=a.init, attention_reduction=a.reduction, attention_kernel_size=a.kernel_size,
-                      image_size=image_size, stn_count=a.stn_count, attention_options=options,
+                      image_size=image_size, stn_count=a.stn_count, stn_sampler=a.stn_sampler,
+                      attention_options=options,
                       backbone_args={"drop_path_rate": m.drop_path} if m.drop_path else None)
 
 
