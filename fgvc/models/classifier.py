@@ -78,7 +78,8 @@ class Classifier(nn.Module):
                  drop_rate: float = 0.0, attention: str = "none", attention_stages: Sequence[int] = (),
                  attention_placement: str = "stage", attention_init: str = "default", attention_reduction: int = 16,
                  attention_kernel_size: int = 7, image_size: int = 224, stn_count: int = 1,
-                 stn_sampler: str = "bilinear", backbone_args: dict[str, Any] | None = None, attention_options: BlockOptions | None = None) -> None:
+                 stn_sampler: str = "bilinear", backbone_args: dict[str, Any] | None = None,
+                 attention_options: BlockOptions | None = None) -> None:
         super().__init__()
         windows = stn_count if attention == "stn" else 1
         # several windows: the backbone only pools, the classifier over their concatenation is `stn_head`
