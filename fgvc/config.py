@@ -149,6 +149,9 @@ class ZoomConfig:
     fuse: str = one_of("features", ("features", "scores"))
     min_side: float = 2 / 3  # smallest box side, as a fraction of the current scale (reference code: half side >= 1/3)
     mask_steepness: float = 10.0  # k of the boxcar's sigmoids, per pixel of the delivered image
+    # how a zoom wider than the input in source pixels is read: bilinear sampling (skips pixels: a moire
+    # of fine detail the antialiased first scale does not show) or antialias (fgvc/models/resample.py)
+    sampler: str = one_of("bilinear", ("bilinear", "antialias"))
 
 
 @dataclass

@@ -49,6 +49,32 @@ def test_zoom_of_integer_box_equals_hard_crop_and_resize(out_size):
         torch.testing.assert_close(zoomed[i:i + 1], expected, atol=1e-5, rtol=0)
 
 
+def test_antialiased_zoom_reads_narrow_boxes_pixel_for_pixel_and_shrinks_wide_ones_without_a_moire():
+    """model.zoom.sampler=antialias: a box of at most the output's side in source pixels is the
+    bilinear zoom itself; the whole image is its antialiased shrink (the first scale's reading); a
+    box between the two is the mix of both readings (resample.mip_mix); a one-pixel checkerboard
+    read whole at 2/3 of its side averages out where the bilinear zoom shows a moire."""
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 48, 48)
+    narrow = torch.tensor([pixel_box(4, 8, 32, 48), pixel_box(10, 0, 20, 48)])  # 32 and 20 source px
+    torch.testing.assert_close(zoom(images, narrow, 32, STEEP, "antialias"), zoom(images, narrow, 32, STEEP))
+    whole = torch.tensor([pixel_box(0, 0, 48, 48)] * 2)
+    expected = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(zoom(images, whole, 32, STEEP, "antialias"), expected, atol=1e-5, rtol=0)
+    middle = torch.tensor([pixel_box(0, 0, 40, 48)] * 2)  # 40 px: w = (40/32 - 1) / (48/32 - 1) = 1/2
+    crop = images[:, :, :40, :40]
+    sharp = F.interpolate(crop, size=(32, 32), mode="bilinear", align_corners=False)
+    smooth = F.interpolate(F.interpolate(crop, size=(48, 48), mode="bilinear", align_corners=False),
+                           size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(zoom(images, middle, 32, STEEP, "antialias"), (sharp + smooth) / 2, atol=1e-5, rtol=0)
+    checker = ((torch.arange(48)[:, None] + torch.arange(48)[None, :]) % 2).float().expand(1, 3, 48, 48)
+    assert (zoom(checker, whole[:1], 32, STEEP, "antialias") - 0.5).abs().max() < 0.05
+    assert (zoom(checker, whole[:1], 32, STEEP) - 0.5).abs().max() > 0.1
+    model = build_model(load_recipe(["recipe=synth_racnn", "model.zoom.sampler=antialias", f"data.image_size={SIZE}",
+                                     "model.weights="]).model, CLASSES, SIZE)
+    assert model.sampler == "antialias"
+
+
 def test_zoom_of_a_zoom_equals_one_zoom_into_the_composed_box():
     torch.manual_seed(0)
     images = torch.rand(2, 3, 64, 64)

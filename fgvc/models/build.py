@@ -39,7 +39,8 @@ def _racnn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     z = m.zoom
     return RACNN(m.backbone, num_classes, image_size=image_size, scales=z.scales,
                  share_backbone=z.share_backbone, fuse=z.fuse, min_side=z.min_side,
-                 mask_steepness=z.mask_steepness, pretrained=m.pretrained, weights=m.weights)
+                 mask_steepness=z.mask_steepness, pretrained=m.pretrained, weights=m.weights,
+                 sampler=z.sampler)
 
 
 @ARCHS.register("dcn")

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fgvc.models.classifier import class_activation_map, create_backbone
+from fgvc.models.resample import mip_mix, shrink
 
 INIT_HALF_SIDE = 0.25  # initial box: a square of half the image side (paper sec. 3.4), as a half side
 APN_CHANNELS = 64  # 1x1 conv width before the APN's fully connected layers (keeps them small for ResNet-50)
@@ -119,14 +120,18 @@ def attention_mask(boxes: Tensor, height: int, width: int, steepness: float) -> 
     return (my[:, :, None] * mx[:, None, :]).unsqueeze(1)  # (B, 1, H, W)
 
 
-def zoom(images: Tensor, boxes: Tensor, out_size: int, steepness: float) -> Tensor:
+def zoom(images: Tensor, boxes: Tensor, out_size: int, steepness: float, sampler: str = "bilinear") -> Tensor:
     """Mask `images` (B, C, H, W) with the boxcar of `boxes` and enlarge each box to out_size^2
     by bilinear sampling: (B, C, out_size, out_size). Gradients reach the boxes through both the
     mask (the paper's derivation) and the sampling positions.
 
     Sampling positions are kept between the first and last pixel centre inside the box, so that for
     a box on pixel edges and a steep mask this equals `F.interpolate(crop, out_size, mode="bilinear",
-    align_corners=False)` of the hard crop (which repeats the crop's border pixels when enlarging)."""
+    align_corners=False)` of the hard crop (which repeats the crop's border pixels when enlarging).
+
+    `sampler="antialias"`: a box wider than out_size source pixels is not sampled by skipping pixels
+    (a moire of detail finer than the output's pixels, which the antialiased first scale does not
+    show) but mixed with the box read at the image's full side and shrunk (`resample.mip_mix`)."""
     b, c, h, w = images.shape
     masked = images * attention_mask(boxes, h, w, steepness)  # (B, C, H, W)
     cx, cy, half = boxes[:, 0], boxes[:, 1], boxes[:, 2]  # (B,)
@@ -134,12 +139,18 @@ def zoom(images: Tensor, boxes: Tensor, out_size: int, steepness: float) -> Tens
     # affine map from the output grid [-1, 1]^2 to the box, in grid_sample's normalised coordinates
     theta = torch.stack([torch.stack([2 * half, zero, 2 * cx - 1], 1),
                          torch.stack([zero, 2 * half, 2 * cy - 1], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, [b, c, out_size, out_size], align_corners=False)  # (B, S, S, 2)
     # first/last pixel centre inside the box, in normalised coordinates (pixel centre i+0.5 -> 2(i+0.5)/W - 1)
     lo = torch.stack([2 * (cx - half) - 1 + 1 / w, 2 * (cy - half) - 1 + 1 / h], 1)[:, None, None, :]  # (B,1,1,2)
     hi = torch.stack([2 * (cx + half) - 1 - 1 / w, 2 * (cy + half) - 1 - 1 / h], 1)[:, None, None, :]
-    grid = torch.maximum(torch.minimum(grid, hi), lo)
-    return F.grid_sample(masked, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def read(side: int) -> Tensor:  # the box sampled at side x side: (B, C, side, side)
+        grid = F.affine_grid(theta, [b, c, side, side], align_corners=False)  # (B, side, side, 2)
+        grid = torch.maximum(torch.minimum(grid, hi), lo)
+        return F.grid_sample(masked, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    if sampler == "antialias" and w > out_size:
+        return mip_mix(read(out_size), read(w), 2 * half * w)  # box side in source pixels: 2 half W
+    return read(out_size)
 
 
 def compose_boxes(outer: Tensor, inner: Tensor) -> Tensor:
@@ -216,8 +227,10 @@ class RACNN(nn.Module):
 
     def __init__(self, backbone: str, num_classes: int, image_size: int = 448, scales: int = 3,
                  share_backbone: bool = False, fuse: str = "features", min_side: float = 2 / 3,
-                 mask_steepness: float = 10.0, pretrained: bool = False, weights: str = "") -> None:
+                 mask_steepness: float = 10.0, pretrained: bool = False, weights: str = "",
+                 sampler: str = "bilinear") -> None:
         super().__init__()
+        self.sampler = sampler  # how a zoom is read from the image: `zoom`
         self.num_scales, self.image_size, self.fuse = scales, image_size, fuse
         self.share_backbone, self.mask_steepness = share_backbone, mask_steepness
         self.init_half_side = max(INIT_HALF_SIDE, min_side / 2)
@@ -252,10 +265,7 @@ class RACNN(nn.Module):
     def first_scale(self, x: Tensor) -> Tensor:
         """X_1: the whole image at the network input size (shrunk, with antialiasing, when the data
         pipeline delivers it larger): (B, 3, H, W) -> (B, 3, S, S)."""
-        if x.shape[-2:] == (self.image_size, self.image_size):
-            return x
-        return F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                             antialias=True)
+        return shrink(x, self.image_size)
 
     def forward(self, x: Tensor, phase: str = JOINT) -> ZoomOutput:  # (B, 3, H, W), H = W >= S
         """`phase`: the training loop's `ZoomSchedule.phase(update)`; JOINT (the default) everywhere else."""
@@ -280,7 +290,7 @@ class RACNN(nn.Module):
                 box = proposal
             # B_{s+1} = B_s o box: the box in the original's frame; gradients reach every APN before it
             composed.append(box if s == 0 else compose_boxes(composed[-1], box))  # (B, 3)
-            image = zoom(x, composed[-1], self.image_size, self.mask_steepness)  # (B, 3, S, S), cut once from x
+            image = zoom(x, composed[-1], self.image_size, self.mask_steepness, self.sampler)  # (B, 3, S, S), cut once from x
             proposals.append(proposal if phase == PRETRAIN else proposal.detach())
             init_boxes.append(init)
         # the fusion head reads detached features: it never shapes the backbones

@@ -32,16 +32,11 @@ Sampler (`sampler`): "bilinear" is the paper's (eq. 5) at `out_size`: when the w
 than `out_size` source pixels it skips pixels (aliasing: a one-pixel texture becomes a legible
 moire), and the localisation network gets no gradient while gamma is 0, so an identity-started
 transformer that never leaves gamma = 0 stays the plain network (measured: gamma -0.03 and 0.02 at
-the end of two synthetic runs). "antialias" filters like a mipmap: with f = s H / S source pixels
-per output pixel (s the window side, H the image side, S = `out_size`),
-
-    V = (1 - w) * B_S(theta) + w * shrink_S(B_H(theta)),    w = clamp((f - 1) / (H / S - 1), 0, 1)
-
-where B_n samples the window bilinearly at n x n: a window of at most S source pixels (f <= 1) is
-read pixel for pixel as the paper's sampler does, the whole image (f = H / S) is exactly x_S, the
-antialiased shrink the plain network reads, so the transformer starts as the plain network without
-the gamma blend and its window gets gradients from the first step; in between the two readings of
-the same window are mixed.
+the end of two synthetic runs). "antialias" is `fgvc.models.resample.mip_mix`: a window of at most
+`out_size` source pixels is read pixel for pixel, the whole image is exactly x_S (the plain
+network's antialiased input), so the transformer starts as the plain network without the gamma
+blend and its window gets gradients from the first step; in between the two readings of the same
+window are mixed.
 """
 
 from __future__ import annotations
@@ -51,6 +46,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fgvc.models.resample import mip_mix, shrink
 
 LOC_SIDE = 64  # the localisation network sees the image at 64x64: where to look needs no fine detail
 LOC_WIDTHS = (16, 32, 64)  # channels of its three stride-2 convolutions
@@ -97,13 +94,6 @@ def sample_windows(images: Tensor, theta: Tensor, out_size: int) -> Tensor:
     return sampled.view(b, n, *sampled.shape[1:])                  # (B, N, 3, S, S)
 
 
-def shrink(images: Tensor, side: int) -> Tensor:
-    """The whole image at `side` x `side` (antialiased when shrinking); unchanged when it has that size."""
-    if images.shape[-2:] == (side, side):
-        return images
-    return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-
-
 class SpatialTransformer(nn.Module):
     """`count` windows predicted from the image, each sampled from it at `out_size`: (B, N, 3, S, S)."""
 
@@ -120,12 +110,9 @@ class SpatialTransformer(nn.Module):
         theta = self.localization(x)                               # (B, N, 2, 3)
         sampled = sample_windows(x, theta, self.out_size)          # (B, N, 3, S, S)
         if self.sampler == "antialias" and x.shape[-1] > self.out_size:
-            ratio = x.shape[-1] / self.out_size                    # H / S
             full = sample_windows(x, theta, x.shape[-1])           # (B, N, 3, H, H): every source pixel read
-            smooth = shrink(full.flatten(0, 1), self.out_size).view_as(sampled)  # (B, N, 3, S, S)
-            f = theta[:, :, 0, 0] * ratio                          # (B, N) source pixels per output pixel
-            w = ((f - 1) / (ratio - 1)).clamp(0, 1)[..., None, None, None]  # (B, N, 1, 1, 1)
-            return sampled + w * (smooth - sampled)
+            source_px = theta[:, :, 0, 0].flatten() * x.shape[-1]  # (B*N,) window side in source pixels
+            return mip_mix(sampled.flatten(0, 1), full.flatten(0, 1), source_px).view_as(sampled)
         if self.gamma is not None:
             whole = shrink(x, self.out_size)[:, None]              # (B, 1, 3, S, S)
             return whole + self.gamma * (sampled - whole)
