@@ -46,3 +46,24 @@ def test_keys_the_arch_does_not_read_do_not_make_a_run_stale(tmp_path):
         saved.model.dcn.pool = "max"  # the schema's default before issue 14's redesign
         (tmp_path / "recipe.yaml").write_text(OmegaConf.to_yaml(saved))
         assert recipe_difference(tmp_path, args) == (("model.dcn.pool", "max", "avg") if stale else None)
+
+
+def test_each_prediction_of_a_multi_output_run_gets_its_own_table(tmp_path):
+    """RA-CNN's per-scale test accuracies (metrics.json test.top1_scale*) reach the page, seed by seed."""
+    import json
+
+    from fgvc.analysis.synthetic_bench import write_outputs
+
+    racnn = RunRow("synth_racnn")
+    for seed, (fused, s0, s1) in enumerate([(0.86, 0.27, 0.74), (0.87, 0.49, 0.84)]):
+        run = tmp_path / f"r{seed}"
+        run.mkdir()
+        run.joinpath("metrics.json").write_text(json.dumps({"train_time_s": 1.0, "test": {
+            "top1": fused, "mean_class_acc": fused, "top1_scale0": s0, "top1_scale1": s1}}))
+        racnn.add(seed, run)
+    assert racnn.named == {"scale0": [0.27, 0.49], "scale1": [0.74, 0.84]}
+    write_outputs([RunRow("synth_baseline", seeds=[0, 1], top1=[0.8, 0.8], mean_class=[0.8, 0.8], train_time=[1, 1]),
+                   racnn], [], [0, 1], tmp_path, "commit x", {}, "cmd")
+    page = (tmp_path / "README.md").read_text()
+    assert "| seed | final | scale0 | scale1 |" in page and "| 1 | 87.00 | 49.00 | 84.00 |" in page
+    assert "Each prediction of synth_baseline" not in page

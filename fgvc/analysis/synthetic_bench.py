@@ -61,14 +61,19 @@ class RunRow:
     own_map: str = ""
     pointing_own: float = float("nan")
     top_part: str = ""
+    named: dict[str, list[float]] = field(default_factory=dict)  # a multi-output model's other predictions
 
     def add(self, seed: int, run_dir: Path) -> None:
-        """Take one finished run's test accuracy and training time."""
+        """Take one finished run's test accuracy (each named prediction's too: `top1_scale0`, ...) and
+        training time."""
         m = json.loads((run_dir / "metrics.json").read_text())
         self.seeds.append(seed)
         self.top1.append(m["test"]["top1"])
         self.mean_class.append(m["test"]["mean_class_acc"])
         self.train_time.append(m["train_time_s"])
+        for key, value in m["test"].items():
+            if key.startswith("top1_"):
+                self.named.setdefault(key.removeprefix("top1_"), []).append(value)
 
 
 def recipe_difference(run_dir: Path, args: list[str]) -> tuple[str, object, object] | None:
@@ -319,9 +324,17 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
                      f"{r.pointing_cam:.2f} | {r.own_map or '–'} | "
                      f"{'–' if r.pointing_own != r.pointing_own else f'{r.pointing_own:.2f}'} | {r.top_part or '–'} |")
     lines = header + table + paired_table(rows)
+    for r in rows:
+        if r.named:
+            names = list(r.named)
+            lines += ["", f"## Each prediction of {r.method} (test top-1 % per seed)", "",
+                      "| seed | final | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+            lines += [f"| {seed} | {100 * r.top1[i]:.2f} | " + " | ".join(f"{100 * r.named[n][i]:.2f}" for n in names) + " |"
+                      for i, seed in enumerate(r.seeds)]
     for method, cov in coverage.items():
         lines += ["", f"## Where the zooms of {method} go (seed {seeds[0]}, test split)", "",
-                  "Share of the visible class-carrying parts (beak, wings) inside each zoom's box, against a "
+                  "Share of the visible class-carrying parts (`fgvc.data.synthetic.class_parts`: beak and wings, the "
+                  "wings alone with `wing_cue=texture`) inside each zoom's box, against a "
                   "box of the same size centred in the image.", "", "| box | parts inside |", "|---|---:|"]
         lines += [f"| {name} | {100 * v:.1f}% |" for name, v in cov.items()]
     if finetune:
