@@ -128,7 +128,7 @@ class AttentionConfig:
     kernel_size: int = 7  # spatial gate kernel (CBAM)
     stn_count: int = one_of(1, (1, 2, 4))  # parallel spatial transformers, features concatenated (type=stn)
     # how the transformer samples its window (type=stn): the paper's bilinear grid at the input size, or
-    # every full-resolution pixel of the window, shrunk with antialiasing (fgvc/models/attention/stn.py)
+    # antialias (fgvc/models/resample.py: no moire; starts as the plain network without the gamma blend)
     stn_sampler: str = one_of("bilinear", ("bilinear", "antialias"))
     mlp_bias: bool = True  # biases in the channel MLP (SE, CBAM; timm's CBAM has none)
     spatial_order: str = one_of("max_mean", ("max_mean", "mean_max"))  # CBAM's pooled maps (authors' / timm's order)
