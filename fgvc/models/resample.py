@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+SAMPLERS = ("bilinear", "antialias")  # the paper's bilinear grid, or mip_mix below (model.*.sampler keys)
+
 
 def shrink(images: Tensor, side: int) -> Tensor:
     """The whole image at `side` x `side` (antialiased when shrinking); unchanged when it has that size."""

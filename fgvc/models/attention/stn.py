@@ -47,14 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fgvc.models.resample import mip_mix, shrink
+from fgvc.models.resample import SAMPLERS, mip_mix, shrink
 
 LOC_SIDE = 64  # the localisation network sees the image at 64x64: where to look needs no fine detail
 LOC_WIDTHS = (16, 32, 64)  # channels of its three stride-2 convolutions
 LOC_HIDDEN = 64  # width of its fully connected layer
 MIN_SCALE = 0.35  # smallest window side, as a fraction of the image: below it too few pixels are resampled
 LN2 = math.log(2.0)  # softplus(0): makes a = 0 the identity
-SAMPLERS = ("bilinear", "antialias")
 
 
 class Localization(nn.Module):
