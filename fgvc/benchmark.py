@@ -8,9 +8,10 @@
     python fgvc/benchmark.py pretrain [--out weights] [--runs runs/pretrain] [--set key=value ...]
     python fgvc/benchmark.py timm --timm-train PATH/TO/timm/train.py [--rounds 3] [--epochs 3] [--out results/timm_speed.md]
 
-`attention` is measured here, with fgvc/analysis/cost.py's counter and timer; `synthetic` in
-fgvc/analysis/synthetic_bench.py; `train` in fgvc/engine/train_speed.py; `timm` (fgvc's loop against
-timm's train.py) in fgvc/engine/timm_speed.py.
+Each command is measured in its module of fgvc/bench/: `attention` in attention.py (with
+fgvc/analysis/cost.py's counter and timer), `synthetic` in synthetic.py, `train` in train_speed.py,
+`data` in data_speed.py, `recipes` in recipes.py, `pretrain` in pretrain.py, `timm` (fgvc's loop
+against timm's train.py) in timm_speed.py.
 """
 
 from __future__ import annotations
@@ -24,75 +25,6 @@ if __package__ in (None, ""):  # run as a file (python fgvc/benchmark.py): see f
     import _script  # noqa: F401
 
 from fgvc.errors import cli_main
-
-BENCH_BACKBONE = "resnet50"
-BENCH_SIDE = 224
-ALL_STAGES = [1, 2, 3, 4]  # layer1-4 of a ResNet (feature_info entry 0 is the stem)
-GATE_STAGES = [2, 3]  # layer2, layer3 gated by layer4
-NUM_CLASSES = 1000
-# (label, attention type, placement, stages)
-NETWORK_ROWS = [
-    ("plain", "none", "stage", ALL_STAGES),
-    ("se, block (SENet)", "se", "block", ALL_STAGES),
-    ("timm se, block", "timm_se", "block", ALL_STAGES),
-    ("cbam, block (CBAM paper)", "cbam", "block", ALL_STAGES),
-    ("timm cbam, block", "timm_cbam", "block", ALL_STAGES),
-    ("eca, block", "eca", "block", ALL_STAGES),
-    ("se, after stages 1-4", "se", "stage", ALL_STAGES),
-    ("cbam, after stages 1-4", "cbam", "stage", ALL_STAGES),
-    ("residual, after stages 1-4", "residual", "stage", ALL_STAGES),
-    ("gate, stages 2-3 by 4", "gate", "stage", GATE_STAGES),
-    ("stn, before the backbone", "stn", "stage", ALL_STAGES),
-]
-RESNET50_MAPS = [(256, 56), (512, 28), (1024, 14), (2048, 7)]  # (channels, side) of layer1-4 at 224 px
-
-
-def attention_benchmark(batch: int, rounds: int, min_run_time: float) -> str:
-    import timm
-    import torch
-
-    from fgvc.analysis.cost import count_flops, count_parameters, interleaved_latency
-    from fgvc.models.attention import CBAM, SqueezeExcite
-    from fgvc.models.classifier import Classifier
-
-    torch.manual_seed(0)
-    x = torch.randn(batch, 3, BENCH_SIDE, BENCH_SIDE)
-    models = {label: Classifier(BENCH_BACKBONE, NUM_CLASSES, attention=kind, attention_placement=placement,
-                                attention_stages=stages, image_size=BENCH_SIDE).eval()
-              for label, kind, placement, stages in NETWORK_ROWS}
-    latency = interleaved_latency(dict(models), x, rounds, min_run_time)
-    plain = models["plain"]
-    base_params, base_flops = count_parameters(plain), count_flops(plain, x)
-    lines = [f"### {BENCH_BACKBONE} at {BENCH_SIDE} px, batch {batch}, inference, "
-             f"{torch.get_num_threads()} CPU threads",
-             "", "| network | parameters | extra params | GFLOPs | extra FLOPs | latency ms (median ± IQR/2) | overhead |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    base_ms = latency["plain"].median_ms
-    for label, model in models.items():
-        params, flops = count_parameters(model), count_flops(model, x)
-        lat = latency[label]
-        lines.append(f"| {label} | {params / 1e6:.2f} M | {100 * (params - base_params) / base_params:+.2f}% | "
-                     f"{flops / 1e9:.2f} | {100 * (flops - base_flops) / base_flops:+.2f}% | {lat} | "
-                     f"{100 * (lat.median_ms - base_ms) / base_ms:+.1f}% |")
-
-    lines += ["", f"### fgvc blocks against timm's on the same tensors (ResNet-50 layer1-4 maps, batch {batch})",
-              "", "| block | map (C, side) | fgvc ms | timm ms | fgvc / timm | max abs output difference |",
-              "|---|---|---:|---:|---:|---:|"]
-    for channels, side in RESNET50_MAPS:
-        feats = torch.randn(batch, channels, side, side)
-        timm_se = timm.layers.SEModule(channels).eval()
-        fgvc_se = SqueezeExcite(channels, divisor=8).eval()  # timm rounds C/r to a multiple of 8
-        fgvc_se.load_timm(timm_se)
-        timm_cbam = timm.layers.cbam.CbamModule(channels).eval()
-        fgvc_cbam = CBAM(channels, mlp_bias=False, spatial_order="mean_max").eval()  # timm's choices
-        fgvc_cbam.load_timm(timm_cbam)
-        for name, ours, theirs in (("SE", fgvc_se, timm_se), ("CBAM", fgvc_cbam, timm_cbam)):
-            lat = interleaved_latency({"fgvc": ours, "timm": theirs}, feats, rounds, min_run_time / 2)
-            with torch.no_grad():
-                diff = (ours(feats) - theirs(feats)).abs().max().item()
-            lines.append(f"| {name} | ({channels}, {side}) | {lat['fgvc']} | {lat['timm']} | "
-                         f"{lat['fgvc'].median_ms / lat['timm'].median_ms:.2f} | {diff:.1e} |")
-    return "\n".join(lines)
 
 
 def write_table(table: str, title: str, out: str, argv: list[str] | None) -> None:
@@ -123,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--identity", action="store_true",
                      help="also the identity-init experiment (a backbone trained on another synthetic task, then "
                           "CBAM fine-tuned from it with init=default and identity)")
-    syn.add_argument("--no-identity", action="store_true", help=argparse.SUPPRESS)  # the old opt-out; now the default
     syn.add_argument("--jobs", type=int, default=1,
                      help="runs trained side by side, the cores shared between them (1: one run on every core, "
                           "whose numbers equal `fgvc/train.py` run alone)")
@@ -151,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--out", default="results/recipes.md")
     rec.add_argument("--keep", default="results/recipes", help="finished recipes' rows, reused by the next run")
     rec.add_argument("--fresh", action="store_true", help="measure every recipe again (ignore --keep)")
-    dat = sub.add_parser("data", help="images/s of one loading process at 448 px, before and after, and workers per GPU")
+    dat = sub.add_parser("data", help="images/s of one loading process at 448 px, and workers per GPU")
     dat.add_argument("--images", type=int, default=64, help="JPEGs per image size")
-    dat.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
+    dat.add_argument("--rounds", type=int, default=5, help="timing rounds (their median is reported)")
     dat.add_argument("--out", default="results/data_speed.md")
     pre = sub.add_parser("pretrain", help="fractal-pretrain every backbone the synth_ recipes use; write safetensors")
     pre.add_argument("--out", default="weights", help="where the .safetensors, .sha256 and README.md go")
@@ -161,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--backbones", nargs="+", default=None, help="a subset (default: every synth_ backbone)")
     pre.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides (e.g. a tiny budget)")
     args = parser.parse_args(argv)
+    # each command imports its own module here: `--help` and a wrong argument answer before torch loads
+    # (0.1 s, against 7 s to import every benchmark module, measured with `time` on a 2-core machine)
     if args.command == "pretrain":
-        from fgvc.analysis.pretrain import PRETRAIN_RECIPE, pretrain
+        from fgvc.bench.pretrain import PRETRAIN_RECIPE, pretrain
         from fgvc.config import load_recipe
 
         load_recipe([f"recipe={PRETRAIN_RECIPE}", *args.set])  # a bad override stops before any training
@@ -172,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{digest}  {Path(args.out) / f'fractal_{backbone}.safetensors'}")
         return 0
     if args.command == "data":
-        from fgvc.analysis.data_speed import data_speed
+        from fgvc.bench.data_speed import data_speed
 
         write_table(data_speed(args.images, args.rounds), "Data loading speed", args.out, argv)
         return 0
     if args.command == "recipes":
         from fgvc.config import load_recipe
-        from fgvc.engine.recipe_bench import real_recipes, recipes_benchmark
+        from fgvc.bench.recipes import real_recipes, recipes_benchmark
 
         recipes = args.recipes or real_recipes()
         for r in recipes:  # every recipe and override is checked before the long runs start
@@ -187,20 +120,20 @@ def main(argv: list[str] | None = None) -> int:
                     "Every real recipe at its real size", args.out, argv)
         return 0
     if args.command == "timm":
-        from fgvc.engine.timm_speed import timm_speed
+        from fgvc.bench.timm_speed import timm_speed
 
         write_table(timm_speed(args.timm_train, args.rounds, args.epochs, args.threads, Path(args.runs),
                                list(args.set), args.source), "fgvc's training loop against timm's train.py",
                     args.out, argv)
         return 0
     if args.command == "train":
-        from fgvc.engine.train_speed import train_speed
+        from fgvc.bench.train_speed import train_speed
 
         write_table(train_speed(args.recipe, args.epochs, list(args.set), args.device, args.fake_images),
                     "Training speed", args.out, argv)
         return 0
     if args.command == "synthetic":
-        from fgvc.analysis.synthetic_bench import METHODS, run_benchmark
+        from fgvc.bench.synthetic import METHODS, run_benchmark
         from fgvc.config import load_recipe
 
         methods = args.methods or METHODS
@@ -212,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(Path(args.out, "README.md").read_text())
         return 0
     if args.command == "attention":
+        from fgvc.bench.attention import attention_benchmark
+
         write_table(attention_benchmark(args.batch, args.rounds, args.min_run_time), "Attention cost", args.out, argv)
     return 0
 

@@ -21,7 +21,10 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from fgvc.data.fractal import FractalSpec
+from fgvc.data.synthetic import SyntheticSpec
 from fgvc.errors import UserError
+from fgvc.schema import key, one_of, only_for, recipe_section
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "synth_baseline"
@@ -46,143 +49,113 @@ KEYS_ADDED_LATER = {
 SAVED_RUN_MARK = "model.attention.reduction"  # a key every saved run's recipe.yaml has
 
 
-def one_of(default: Any, choices: tuple) -> Any:
-    """A schema field whose value must be one of `choices` (checked by `validate`)."""
-    return field(default=default, metadata={"choices": choices})
-
-
-def only_for(*archs: str, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
-    """A schema field (or section) that only these model.arch values read: setting it for another
-    arch is a mistake `validate` reports."""
-    return field(default=default, default_factory=default_factory, metadata={"archs": archs})
-
-
-@dataclass
-class SyntheticConfig:
-    """The built-in synthetic fine-grained set (see fgvc/data/synthetic.py)."""
-
-    num_classes: int = 12
-    train_per_class: int = 80
-    test_per_class: int = 20
-    image_size: int = 96  # side of the written images, pixels
-    part_scale: float = 0.06  # size of the discriminative parts (beak, wing patch), fraction of the image side
-    distractors: int = 6  # clutter blobs on the background, most in the cue colours
-    noise: float = 0.08  # std of pixel noise (0..1 scale)
-    cue_strength: float = 1.0  # 1 = the class cue is fully visible; lower is harder
-    seed: int = 0  # the data set's own seed, independent of the training seed
-    hue_offset: float = 0.0  # turns every cue colour around the colour wheel (0..1): another set of cue colours
-    hidden: float = 0.0  # share of images in which each class part (beak, wing patch) is not visible: a ceiling on top-1
-    # what tells the wing's class: its colour, or a texture of one-pixel features legible only near full resolution
-    wing_cue: str = one_of("colour", ("colour", "texture"))
-    texture_px: int = 1  # side of the texture's features in written pixels (wing_cue=texture): 1 blurs away sooner
-    texture_fine: float = 0.0  # share of images whose texture has one-pixel features instead of texture_px
-
-
-@dataclass
-class FractalConfig:
-    """The formula-driven pretraining set, rendered when read (see fgvc/data/fractal.py)."""
-
-    num_classes: int = 100
-    train_per_class: int = 60
-    test_per_class: int = 10
-    image_size: int = 96  # side of the rendered images, pixels
-    points: int = 12000  # chaos-game points per image
-    min_maps: int = 2  # affine maps per system, at least
-    max_maps: int = 4
-    min_fill: float = 0.08  # least share of a 64 x 64 grid a class's attractor must cover
-    jitter: float = 0.04  # per-image perturbation of the map parameters (intra-class variation)
-    seed: int = 0
-    class_colours: float = 0.0  # share of images in their class's own map colours (0: random colours, FractalDB)
+# The generated sets' sections are their generators' own specs (defaults and help declared there)
+SyntheticConfig = recipe_section(SyntheticSpec, "SyntheticConfig")
+FractalConfig = recipe_section(FractalSpec, "FractalConfig")
 
 
 @dataclass
 class DataConfig:
-    name: str = one_of("synthetic", ("cub", "cars", "aircraft", "nabirds", "synthetic", "fractal", "folder"))
-    root: str = "data/synthetic"
-    image_size: int = 64  # network input side, pixels
-    val_fraction: float = 0.1  # stratified share of train held out for model selection
-    num_workers: int = 0  # loading processes; 0 = in the training process (the synthetic set, cached whole)
-    cache_mb: int = 256  # decoded images kept in memory per data set and loading process; 0 = off
-    aircraft_level: str = one_of("variant", ("variant", "family", "manufacturer"))
-    crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # RandomResizedCrop area
-    hflip: float = 0.5  # probability of a horizontal flip
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
-    eval_resize: float = 1.143  # evaluation: short side to image_size * this, then a centre crop; 256/224, ImageNet's
-    antialias: bool = False  # shrink with PIL's widened bilinear filter (PIL, torchvision) rather than bilinear sampling
-    # images delivered at this many times image_size (>= 1); RA-CNN's zooms and the spatial transformer
-    # cut their regions from those pixels and shrink the whole image to image_size themselves
-    full_resolution: float = 1.0
-    randaugment: str = ""  # timm RandAugment string, e.g. rand-m9-mstd0.5-inc1; "" = off
-    random_erasing: float = 0.0  # probability of erasing one rectangle of a training image
+    """Which images, and how they reach the network."""
+
+    name: str = one_of("synthetic", ("cub", "cars", "aircraft", "nabirds", "synthetic", "fractal", "folder"),
+                       "the data set's reader; folder: your own ROOT/train/CLASS/*.jpg and ROOT/test/CLASS/*.jpg")
+    root: str = key("data/synthetic", "the data set's folder (synthetic: where it is written)")
+    image_size: int = key(64, "network input side, pixels")
+    val_fraction: float = key(0.1, "stratified share of train held out for model selection")
+    num_workers: int = key(0, "loading processes; 0 = in the training process (the synthetic set, cached whole)")
+    cache_mb: int = key(256, "decoded images kept in memory per data set and loading process; 0 = off")
+    aircraft_level: str = one_of("variant", ("variant", "family", "manufacturer"), "FGVC-Aircraft's label level (100, 70 or 30 "
+                                 "classes)")
+    crop_scale: list[float] = key(default_factory=lambda: [0.6, 1.0], help="RandomResizedCrop area")
+    hflip: float = key(0.5, "probability of a horizontal flip")
+    color_jitter: float = key(0.0, "brightness/contrast/saturation strength; 0 = off")
+    eval_resize: float = key(1.143, "evaluation: short side to image_size * this, then a centre crop; 256/224, ImageNet's")
+    antialias: bool = key(False, "shrink with PIL's widened bilinear filter (PIL, torchvision) rather than bilinear sampling")
+    full_resolution: float = key(1.0, "images delivered at this many times image_size (>= 1); RA-CNN's zooms and the spatial "
+                                 "transformer cut their regions from those pixels and shrink the whole image to image_size "
+                                 "themselves")
+    randaugment: str = key("", "timm RandAugment string, e.g. rand-m9-mstd0.5-inc1; \"\" = off")
+    random_erasing: float = key(0.0, "probability of erasing one rectangle of a training image")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     fractal: FractalConfig = field(default_factory=FractalConfig)
 
 
 @dataclass
 class AttentionConfig:
-    type: str = one_of("none", ATTENTION_TYPES)  # fgvc's blocks, or a timm attention name
-    stages: list[int] = field(default_factory=list)  # backbone stages by index; [] = the method's default stages
-    placement: str = one_of("stage", ("stage", "block"))
-    init: str = one_of("default", ("default", "identity"))
-    reduction: int = 16  # channel bottleneck ratio r (SE, CBAM)
-    kernel_size: int = 7  # spatial gate kernel (CBAM)
-    stn_count: int = one_of(1, (1, 2, 4))  # parallel spatial transformers, features concatenated (type=stn)
-    # how the transformer samples its window (type=stn): the paper's bilinear grid at the input size, or
-    # antialias (fgvc/models/resample.py: no moire; starts as the plain network without the gamma blend)
-    stn_sampler: str = one_of("bilinear", ("bilinear", "antialias"))
-    mlp_bias: bool = True  # biases in the channel MLP (SE, CBAM; timm's CBAM has none)
-    spatial_order: str = one_of("max_mean", ("max_mean", "mean_max"))  # CBAM's pooled maps (authors' / timm's order)
-    spatial_norm: bool = True  # batch norm after CBAM's 7x7 conv
-    spatial_bn_momentum: float = 0.1  # that batch norm's momentum (PyTorch's default; CBAM's authors: 0.01)
-    spatial_bn_zero_init: bool = False  # zero-initialise that batch norm's weight (CBAM's authors' ResNet)
-    residual_form: str = one_of("paper", ("paper", "output_mask"))  # (1 + M(x)) * T(x), or fgvc's earlier block
-    gate_norm: str = one_of("sigmoid", ("sigmoid", "sum_one"))  # gate: sigmoid + mean pool, or AG-Sononet's
-    gate_width: str = one_of("gating", ("gating", "half"))  # gate inner width: C_g (AG-Sononet) or C_l / 2
+    """Attention blocks in a classifier's backbone (fgvc/models/attention/)."""
+
+    type: str = one_of("none", ATTENTION_TYPES, "fgvc's blocks, or a timm attention name")
+    stages: list[int] = key(default_factory=list, help="backbone stages by index; [] = the method's default stages")
+    placement: str = one_of("stage", ("stage", "block"), "after whole backbone stages, or inside every residual block")
+    init: str = one_of("default", ("default", "identity"), "identity: a learned gamma = 0 makes the block start as the identity")
+    reduction: int = key(16, "channel bottleneck ratio r (SE, CBAM)")
+    kernel_size: int = key(7, "spatial gate kernel (CBAM)")
+    stn_count: int = one_of(1, (1, 2, 4), "parallel spatial transformers, features concatenated (type=stn)")
+    stn_sampler: str = one_of("bilinear", ("bilinear", "antialias"), "how the transformer samples its window (type=stn): the "
+                              "paper's bilinear grid at the input size, or antialias (fgvc/models/resample.py: no moire; starts "
+                              "as the plain network without the gamma blend)")
+    mlp_bias: bool = key(True, "biases in the channel MLP (SE, CBAM; timm's CBAM has none)")
+    spatial_order: str = one_of("max_mean", ("max_mean", "mean_max"), "CBAM's pooled maps (authors' / timm's order)")
+    spatial_norm: bool = key(True, "batch norm after CBAM's 7x7 conv")
+    spatial_bn_momentum: float = key(0.1, "that batch norm's momentum (PyTorch's default; CBAM's authors: 0.01)")
+    spatial_bn_zero_init: bool = key(False, "zero-initialise that batch norm's weight (CBAM's authors' ResNet)")
+    residual_form: str = one_of("paper", ("paper", "output_mask"), "paper: (1 + M(x)) * T(x); output_mask: (1 + M(T)) * T, the "
+                                "mask from the trunk's output")
+    gate_norm: str = one_of("sigmoid", ("sigmoid", "sum_one"), "gate: sigmoid + mean pool, or AG-Sononet's")
+    gate_width: str = one_of("gating", ("gating", "half"), "gate inner width: C_g (AG-Sononet) or C_l / 2")
 
 
 @dataclass
 class ZoomConfig:
     """RA-CNN (Fu et al. 2017)."""
 
-    scales: int = one_of(3, (2, 3))  # the paper's settings: one or two zooms
-    share_backbone: bool = False
-    fuse: str = one_of("features", ("features", "scores"))
-    min_side: float = 2 / 3  # smallest box side, as a fraction of the current scale (reference code: half side >= 1/3)
-    mask_steepness: float = 10.0  # k of the boxcar's sigmoids, per pixel of the delivered image
-    # how a zoom wider than the input in source pixels is read: bilinear sampling (skips pixels: a moire
-    # of fine detail the antialiased first scale does not show) or antialias (fgvc/models/resample.py)
-    sampler: str = one_of("bilinear", ("bilinear", "antialias"))
+    scales: int = one_of(3, (2, 3), "the paper's settings: one or two zooms")
+    share_backbone: bool = key(False, "one backbone for every scale instead of one per scale")
+    fuse: str = one_of("features", ("features", "scores"), "the final prediction: a classifier on every scale's features, or "
+                       "the scales' scores summed")
+    min_side: float = key(2 / 3, "smallest box side, as a fraction of the current scale (reference code: half side >= 1/3)")
+    mask_steepness: float = key(10.0, "k of the boxcar's sigmoids, per pixel of the delivered image")
+    sampler: str = one_of("bilinear", ("bilinear", "antialias"), "how a zoom wider than the input in source pixels is read: "
+                          "bilinear sampling (skips pixels: a moire of fine detail the antialiased first scale does not show) "
+                          "or antialias (fgvc/models/resample.py)")
 
 
 @dataclass
 class DcnConfig:
     """Dynamic Capacity Networks (Almahairi et al. 2016)."""
 
-    coarse_backbone: str = "test_resnet"
-    coarse_stages: int = 0  # 0 = the whole coarse backbone, n = its first n stages
-    coarse_image_size: int = 0  # coarse network's input side; 0 = data.image_size // 2
-    fine_backbone: str = "test_resnet"
-    patch_size: int = 32  # fine patch side at full resolution, pixels
-    top_k: int = 4  # patches given to the fine network
-    saliency: str = one_of("cam", ("entropy", "cam", "gate"))  # cam: the coarse net's CAM, no backward; entropy: the paper's
-    exit_threshold: float = 2.0  # coarse confidence to stop early; > 1 means never
-    whole_image: bool = False  # the full-image fine counterpart: fine backbone on the whole image
-    pool: str = one_of("avg", ("avg", "max"))  # top layers' global pool (max: the paper's; see models/dcn.py)
-    top_layers: str = one_of("fuse", ("mix", "fuse"))  # mix (paper): fine replaces coarse cells; fuse: [coarse; attn(patches)]
-    coarse_weights: str = ""  # a local .safetensors / .pth file for the coarse network (dcn does not use model.weights)
-    fine_weights: str = ""  # the same for the fine network
-    detach_fusion: bool = True  # fuse: the fused classifier's loss trains only it; each network learns from its branch's loss
-    top_hidden: bool = False  # true: the paper's 1x1 conv + ReLU before pooling (collapsed, models/dcn.py); false: pool, classify
+    coarse_backbone: str = key("test_resnet", "timm name of the coarse network (sees the whole image at low resolution)")
+    coarse_stages: int = key(0, "0 = the whole coarse backbone, n = its first n stages")
+    coarse_image_size: int = key(0, "coarse network's input side; 0 = data.image_size // 2")
+    fine_backbone: str = key("test_resnet", "timm name of the fine network (sees the top_k patches at full resolution)")
+    patch_size: int = key(32, "fine patch side at full resolution, pixels")
+    top_k: int = key(4, "patches given to the fine network")
+    saliency: str = one_of("cam", ("entropy", "cam"), "cam: the coarse net's CAM, no backward; entropy: the paper's gradient "
+                           "of the prediction's entropy")
+    exit_threshold: float = key(2.0, "coarse confidence to stop early; > 1 means never")
+    whole_image: bool = key(False, "the full-image fine counterpart: fine backbone on the whole image")
+    pool: str = one_of("avg", ("avg", "max"), "top layers' global pool (max: the paper's)")
+    top_layers: str = one_of("fuse", ("mix", "fuse"), "mix (paper): fine replaces coarse cells; fuse: [coarse; attn(patches)]")
+    coarse_weights: str = key("", "a local .safetensors / .pth file for the coarse network (dcn does not use model.weights)")
+    fine_weights: str = key("", "the same for the fine network")
+    detach_fusion: bool = key(True, "fuse: the fused classifier's loss trains only it; each network learns from its branch's "
+                              "loss")
+    top_hidden: bool = key(False, "true: the paper's 1x1 conv + ReLU before pooling (collapsed in training: "
+                           "results/coarse_fine/README.md); false: pool, classify")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = one_of("classifier", ARCHS)
-    backbone: str = only_for("classifier", "racnn", default="test_resnet")  # any timm name (dcn: model.dcn.*)
-    pretrained: bool = False
-    weights: str = ""  # a local .safetensors / .pth file of backbone weights
-    drop_rate: float = only_for("classifier", default=0.0)
-    drop_path: float = only_for("classifier", default=0.0)  # stochastic depth rate of the timm backbone
+    """The network: model.arch and its backbone(s)."""
+
+    arch: str = one_of("classifier", ARCHS, "classifier: a backbone with optional attention; racnn: RA-CNN zooms; dcn: "
+                       "coarse/fine DCN")
+    backbone: str = only_for("classifier", "racnn", default="test_resnet", help="any timm name (dcn: model.dcn.*)")
+    pretrained: bool = key(False, "start from timm's pretrained weights (downloaded from the Hugging Face hub)")
+    weights: str = key("", "a local .safetensors / .pth file of backbone weights")
+    drop_rate: float = only_for("classifier", default=0.0, help="dropout before the classifier")
+    drop_path: float = only_for("classifier", default=0.0, help="stochastic depth rate of the timm backbone")
     attention: AttentionConfig = only_for("classifier", default_factory=AttentionConfig)
     zoom: ZoomConfig = only_for("racnn", default_factory=ZoomConfig)
     dcn: DcnConfig = only_for("dcn", default_factory=DcnConfig)
@@ -190,65 +163,73 @@ class ModelConfig:
 
 @dataclass
 class ZoomTrainConfig:
-    rank_margin: float = 0.05
-    rank_weight: float = 1.0
-    pretrain_epochs: int = 1  # classifiers with fixed boxes before alternation
-    cls_steps: int = 20  # alternation: classification steps (boxes fixed)
-    apn_steps: int = 10  # alternation: proposal steps (ranking loss only)
+    """RA-CNN's alternating training (Fu et al. 2017, section 3.4)."""
+
+    rank_margin: float = key(0.05, "margin of the pairwise ranking loss: a finer scale must beat the coarser by this much")
+    rank_weight: float = key(1.0, "weight of the ranking loss in the proposal steps")
+    pretrain_epochs: int = key(1, "classifiers with fixed boxes before alternation")
+    cls_steps: int = key(20, "alternation: classification steps (boxes fixed)")
+    apn_steps: int = key(10, "alternation: proposal steps (ranking loss only)")
 
 
 @dataclass
 class DcnTrainConfig:
-    hint_weight: float = 0.0  # the paper's hint loss (1.0 in the paper; it held the fused design back: models/dcn.py)
-    coarse_weight: float = 1.0  # cross-entropy on the coarse prediction (for early exit)
-    fine_weight: float = 1.0  # cross-entropy on the patch branch alone (the k refined patches)
-    k_min: int = 1  # k drawn per update from k_min..k_max (when k_max > 0)
-    k_max: int = 0  # 0: always model.dcn.top_k
-    random_share: float = 0.25  # share of the k training patches drawn at random instead of by saliency
-    fine_epochs: int = 0  # stage 1: every training patch random
-    select_epochs: int = 0  # stage 2: fine network frozen; then joint
+    """The DCN's losses and its schedule of patches per update."""
+
+    hint_weight: float = key(0.0, "the paper's hint loss (1.0 in the paper; results/coarse_fine/README.md for why fgvc uses 0)")
+    coarse_weight: float = key(1.0, "cross-entropy on the coarse prediction (for early exit)")
+    fine_weight: float = key(1.0, "cross-entropy on the patch branch alone (the k refined patches)")
+    k_min: int = key(1, "k drawn per update from k_min..k_max (when k_max > 0)")
+    k_max: int = key(0, "0: always model.dcn.top_k")
+    random_share: float = key(0.25, "share of the k training patches drawn at random instead of by saliency")
+    fine_epochs: int = key(0, "stage 1: every training patch random")
+    select_epochs: int = key(0, "stage 2: fine network frozen; then joint")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 32  # per process
-    lr: float = 0.1
-    weight_decay: float = 5.0e-4
-    warmup_epochs: int = 1
-    optimizer: str = "sgd"  # any timm optimizer name
-    momentum: float = 0.9
-    scheduler: str = "cosine"  # any timm scheduler name
-    min_lr: float = 0.0
-    mixed_precision: str = one_of("no", ("no", "fp16", "bf16"))
-    grad_accum_steps: int = 1
-    clip_grad: float = 0.0  # max gradient norm; 0 = off
-    label_smoothing: float = 0.1
-    mixup: float = 0.0  # mixup alpha; 0 = off
-    cutmix: float = 0.0  # cutmix alpha; 0 = off
-    ema: bool = False
-    ema_decay: float = 0.999
-    ema_warmup: bool = False  # EMA decay ramps up from 0 (timm ModelEmaV3 warm-up)
-    layer_decay: float = 0.0  # layer-wise lr decay of the backbone (ViT, Swin, ConvNeXt ...); 0 = off
-    channels_last: bool = False  # model and inputs in channels-last memory format
-    compile: bool = False  # torch.compile the model
-    grad_checkpointing: bool = False  # recompute backbone activations in backward (timm models)
-    new_lr_mult: float = 1.0  # lr multiplier for the new classifier(s) when the backbone is pretrained
-    new_block_lr_mult: float = 1.0  # the same for other parameters that are not pretrained (attention blocks, proposal nets)
-    resume: str = ""  # "" | auto | a checkpoint folder
-    keep_checkpoints: int = 2
-    log_with: str = ""  # "" = none | Accelerate tracker names: tensorboard, wandb, mlflow, ... (comma-separated)
-    log_every: int = 10  # steps between progress-bar loss updates
+    """Optimisation, checkpoints and logging (fgvc/engine/)."""
+
+    epochs: int = key(30, "passes over the training split")
+    batch_size: int = key(32, "per process")
+    lr: float = key(0.1, "peak learning rate (after warm-up)")
+    weight_decay: float = key(5.0e-4, "L2 weight decay of the optimizer")
+    warmup_epochs: int = key(1, "epochs of linear lr warm-up")
+    optimizer: str = key("sgd", "any timm optimizer name")
+    momentum: float = key(0.9, "SGD momentum (optimizers that have one)")
+    scheduler: str = key("cosine", "any timm scheduler name")
+    min_lr: float = key(0.0, "lr at the end of the schedule")
+    mixed_precision: str = one_of("no", ("no", "fp16", "bf16"), "Accelerate's mixed precision (a GPU's)")
+    grad_accum_steps: int = key(1, "batches whose gradients add up before one optimizer step")
+    clip_grad: float = key(0.0, "max gradient norm; 0 = off")
+    label_smoothing: float = key(0.1, "label smoothing of the cross-entropy")
+    mixup: float = key(0.0, "mixup alpha; 0 = off")
+    cutmix: float = key(0.0, "cutmix alpha; 0 = off")
+    ema: bool = key(False, "keep an exponential moving average of the weights and evaluate it")
+    ema_decay: float = key(0.999, "that average's decay per step")
+    ema_warmup: bool = key(False, "EMA decay ramps up from 0 (timm ModelEmaV3 warm-up)")
+    layer_decay: float = key(0.0, "layer-wise lr decay of the backbone (ViT, Swin, ConvNeXt ...); 0 = off")
+    channels_last: bool = key(False, "model and inputs in channels-last memory format")
+    compile: bool = key(False, "torch.compile the model")
+    grad_checkpointing: bool = key(False, "recompute backbone activations in backward (timm models)")
+    new_lr_mult: float = key(1.0, "lr multiplier for the new classifier(s) when the backbone is pretrained")
+    new_block_lr_mult: float = key(1.0, "the same for other parameters that are not pretrained (attention blocks, proposal nets)")
+    resume: str = key("", "\"\" | auto | a checkpoint folder")
+    keep_checkpoints: int = key(2, "checkpoint folders kept in the run folder (the newest)")
+    log_with: str = key("", "\"\" = none | Accelerate tracker names: tensorboard, wandb, mlflow, ... (comma-separated)")
+    log_every: int = key(10, "steps between progress-bar loss updates")
     zoom: ZoomTrainConfig = only_for("racnn", default_factory=ZoomTrainConfig)
     dcn: DcnTrainConfig = only_for("dcn", default_factory=DcnTrainConfig)
 
 
 @dataclass
 class Recipe:
-    recipe: str = DEFAULT_RECIPE
-    seed: int = 0
-    output_dir: str = ""  # "" = runs/<recipe>
-    overwrite: bool = False
+    """A whole recipe: the run's name and folder, then the data, model and train sections."""
+
+    recipe: str = key(DEFAULT_RECIPE, "the recipe's name: recipes/NAME.yaml")
+    seed: int = key(0, "seed of every random choice of the training (data order, augmentation, initialisation)")
+    output_dir: str = key("", "\"\" = runs/<recipe>")
+    overwrite: bool = key(False, "replace a finished run in output_dir (command line only; the old one is set aside)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -438,12 +419,12 @@ def _fill_keys_added_later(layer: DictConfig) -> DictConfig:
     wrong arch. Other files unchanged."""
     if not isinstance(layer, DictConfig) or OmegaConf.select(layer, SAVED_RUN_MARK) is None:
         return layer
-    for key, value in KEYS_ADDED_LATER.items():
-        if OmegaConf.select(layer, key) is None:
-            OmegaConf.update(layer, key, value)
+    for name, value in KEYS_ADDED_LATER.items():
+        if OmegaConf.select(layer, name) is None:
+            OmegaConf.update(layer, name, value)
     arch = OmegaConf.select(layer, "model.arch") or Recipe().model.arch
-    for key in keys_unread_by(arch):
-        section, _, name = key.rpartition(".")
+    for dotted in keys_unread_by(arch):
+        section, _, name = dotted.rpartition(".")
         parent = OmegaConf.select(layer, section) if section else layer
         if isinstance(parent, DictConfig) and name in parent:
             del parent[name]
@@ -491,25 +472,65 @@ def _schema_fields(schema: type, prefix: str = "") -> list[tuple[str, Field]]:
 
 def keys_unread_by(arch: str) -> tuple[str, ...]:
     """The schema keys and sections (dotted names) that model.arch=`arch` does not read (`only_for`)."""
-    return tuple(key for key, f in _schema_fields(Recipe)
+    return tuple(dotted for dotted, f in _schema_fields(Recipe)
                  if f.metadata.get("archs") is not None and arch not in f.metadata["archs"])
+
+
+def _shown(value: Any) -> str:
+    """A default as it is written on the command line."""
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def key_listing() -> str:
+    """Every recipe key, section by section: type, default, choices, the model.arch values that read it,
+    its allowed range and its one line of meaning, all read from the schema (`fgvc-train --keys`)."""
+    defaults = Recipe()
+    ranges = {name: (low, high) for name, low, high in RANGES}
+    archs_of: dict[str, tuple[str, ...]] = {}
+    lines = ["Recipe keys (set them in recipes/NAME.yaml or on the command line as key=value):"]
+    for dotted, f in _schema_fields(Recipe):
+        section = dotted.rpartition(".")[0]
+        archs = f.metadata.get("archs") or archs_of.get(section)
+        if f.default_factory is not MISSING and is_dataclass(f.default_factory):
+            archs_of[dotted] = archs
+            doc = (f.default_factory.__doc__ or "").strip().splitlines()
+            lines += ["", f"{dotted}:" + (f"  {doc[0]}" if doc and not doc[0].startswith(f.default_factory.__name__) else "")]
+            continue
+        value: Any = defaults
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        facts = [kind, f"default {_shown(value)}"]
+        if f.metadata.get("choices"):
+            facts.append("one of " + ", ".join(map(str, f.metadata["choices"])))
+        if dotted in ranges:
+            low, high = ranges[dotted]
+            facts.append(f">= {low:g}" if high == INF else f"{low:g} to {high:g}")
+        if archs:
+            facts.append("model.arch " + " or ".join(archs))
+        lines += [f"  {dotted}  ({'; '.join(facts)})", f"      {f.metadata.get('help', '')}"]
+    return "\n".join(lines)
 
 
 def validate(cfg: DictConfig) -> None:
     """The one check of a resolved recipe: each key's choices, the keys each model.arch reads, ranges."""
     defaults = OmegaConf.structured(Recipe)
-    for key, f in _schema_fields(Recipe):
-        value = OmegaConf.select(cfg, key)
+    for dotted, f in _schema_fields(Recipe):
+        value = OmegaConf.select(cfg, dotted)
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             quote = " (in a YAML file write it in quotes, e.g. 'no')" if value in ("True", "False", True, False) else ""
-            raise UserError(f"recipe key '{key}' is '{value}' but must be one of: {', '.join(map(str, choices))}{quote}.")
+            raise UserError(f"recipe key '{dotted}' is '{value}' but must be one of: {', '.join(map(str, choices))}{quote}.")
         archs = f.metadata.get("archs")
-        default = OmegaConf.select(defaults, key)
+        default = OmegaConf.select(defaults, dotted)
         if archs is not None and cfg.model.arch not in archs and value != default:
-            changed = key
+            changed = dotted
             if isinstance(value, DictConfig):  # name the first key of the section that was set
-                mine, theirs = (flatten(OmegaConf.to_container(c), key + ".") for c in (value, default))
+                mine, theirs = (flatten(OmegaConf.to_container(c), dotted + ".") for c in (value, default))
                 changed = next(k for k in mine if mine[k] != theirs[k])
             raise UserError(f"recipe key '{changed}' is set but model.arch={cfg.model.arch} ignores it; drop it, or "
                             f"use model.arch={' or '.join(archs)}.")
@@ -543,9 +564,6 @@ def validate(cfg: DictConfig) -> None:
     if d.full_resolution != 1 and not (m.arch == "racnn" or m.attention.type == "stn"):
         raise UserError(f"data.full_resolution is {d.full_resolution} but only model.arch=racnn and "
                         "model.attention.type=stn read pixels beyond data.image_size; set data.full_resolution=1.")
-    if m.dcn.saliency == "gate":
-        raise UserError("model.dcn.saliency='gate' needs an attention gate in the coarse network, which "
-                        "dcn does not build; use model.dcn.saliency=entropy.")
     if m.dcn.top_k < 0 or m.dcn.patch_size < 1:
         raise UserError("model.dcn.top_k must be at least 0 and model.dcn.patch_size at least 1.")
     d = t.dcn
@@ -555,16 +573,16 @@ def validate(cfg: DictConfig) -> None:
     if d.k_max < 0 or d.fine_epochs < 0 or d.select_epochs < 0 or not 0 <= d.random_share <= 1:
         raise UserError("train.dcn.k_max, fine_epochs and select_epochs must be 0 or more and "
                         "train.dcn.random_share in [0, 1].")
-    for key, low, high in RANGES:
-        value = OmegaConf.select(cfg, key)
+    for dotted, low, high in RANGES:
+        value = OmegaConf.select(cfg, dotted)
         if not low <= value <= high:
             bound = f"at least {low}" if high == INF else f"between {low} and {high}"
-            raise UserError(f"recipe key '{key}' is {value} but must be {bound}.")
+            raise UserError(f"recipe key '{dotted}' is {value} but must be {bound}.")
     if cfg.train.lr <= 0:
         raise UserError(f"train.lr is {cfg.train.lr} but must be more than 0.")
-    for key in ("data.random_erasing", "model.drop_path", "train.layer_decay"):
-        if not 0 <= OmegaConf.select(cfg, key) <= 1:
-            raise UserError(f"{key} is {OmegaConf.select(cfg, key)} but must be in [0, 1].")
+    for dotted in ("data.random_erasing", "model.drop_path", "train.layer_decay"):
+        if not 0 <= OmegaConf.select(cfg, dotted) <= 1:
+            raise UserError(f"{dotted} is {OmegaConf.select(cfg, dotted)} but must be in [0, 1].")
     if cfg.data.randaugment and not cfg.data.randaugment.startswith("rand"):
         raise UserError(f"data.randaugment is '{cfg.data.randaugment}' but must be a timm RandAugment string "
                         "such as rand-m9-mstd0.5-inc1, or empty.")

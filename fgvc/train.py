@@ -1,7 +1,8 @@
 """Train a recipe: `accelerate launch fgvc/train.py recipe=cub_cbam [key=value ...]`.
 
 Also `python fgvc/train.py ...` (one process). `recipe=runs/NAME/recipe.yaml` repeats a run from
-its saved recipe alone.
+its saved recipe alone. `fgvc-train --keys` lists every recipe key: type, default, choices, the
+model.arch values that read it, and what it does.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 if __package__ in (None, ""):  # run as a file (python fgvc/train.py): see fgvc/_script.py
     import _script  # noqa: F401
 
-from fgvc.config import load_recipe  # noqa: E402
+from fgvc.config import key_listing, load_recipe  # noqa: E402
 from fgvc.errors import cli_main  # noqa: E402
 
 
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
+        return 0
+    if "--keys" in argv:
+        print(key_listing())
         return 0
     cfg = load_recipe(argv)  # every recipe error surfaces here, before any work starts
     from fgvc.engine.guard import replaced_run_kept_until_started

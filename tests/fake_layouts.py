@@ -1,4 +1,4 @@
-"""The fake data-set layouts live in the package (the recipe benchmark writes them at real image
-sizes); tests import them from here as before."""
+"""The fake data-set layouts live in fgvc/bench/fake_layouts.py (the recipe benchmark writes them at
+real image sizes); tests import them from here."""
 
-from fgvc.data.fake_layouts import *  # noqa: F401,F403
+from fgvc.bench.fake_layouts import *  # noqa: F401,F403

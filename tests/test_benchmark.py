@@ -67,7 +67,7 @@ def test_train_speed_table(tmp_path):
 
 
 def test_accuracy_plot_stops_at_100_percent_and_names_methods_in_a_legend(tmp_path):
-    from fgvc.analysis.synthetic_bench import plot_accuracy_vs_flops
+    from fgvc.bench.synthetic import plot_accuracy_vs_flops
 
     points = [("synth_gate", 3.3e7, 94.0, 10.0), ("synth_se", 3.3e7, 87.0, 11.0), ("synth_dcn", 7e7, 39.0, 7.0)]
     fig = plot_accuracy_vs_flops(points, tmp_path / "plot.png")
@@ -85,7 +85,7 @@ def test_runs_side_by_side_share_the_cores_and_every_run_is_tried(tmp_path, monk
     import os
     import subprocess
 
-    from fgvc.analysis import synthetic_bench
+    from fgvc.bench import synthetic as synthetic_bench
 
     seen = []
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from dataclasses import MISSING, is_dataclass
 
 import pytest
 from conftest import run_script
 from omegaconf import OmegaConf
 
-from fgvc.config import available_recipes, load_recipe
+from fgvc.config import Recipe, _schema_fields, available_recipes, flatten, load_recipe
 from fgvc.errors import UserError
 
 REQUIRED = ["data.name", "data.root", "data.image_size", "data.val_fraction", "model.backbone",
@@ -142,3 +143,47 @@ def test_cli_errors_are_one_sentence_and_exit_2(args, needle):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and needle in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _leaf_keys() -> list[str]:
+    return list(flatten(OmegaConf.to_container(OmegaConf.structured(Recipe))))
+
+
+def test_every_recipe_key_has_one_line_of_help():
+    missing = [dotted for dotted, f in _schema_fields(Recipe)
+               if not (f.default_factory is not MISSING and is_dataclass(f.default_factory))
+               and not f.metadata.get("help", "").strip()]
+    assert not missing, (
+        f"recipe keys without help: {', '.join(missing)}. Declare each with its meaning in the schema "
+        "(fgvc/config.py, or the spec its section comes from), e.g. `lr: float = key(0.1, \"peak learning rate\")`, "
+        "`fuse: str = one_of(\"features\", (\"features\", \"scores\"), \"what the scales share\")` or "
+        "`only_for(\"racnn\", default=..., help=\"...\")`; a trailing `# comment` is not read by `fgvc-train --keys`.")
+
+
+def test_key_listing_shows_every_key_with_its_facts(capsys):
+    from fgvc.train import main
+
+    assert main(["--keys"]) == 0
+    listing = capsys.readouterr().out
+    for dotted in _leaf_keys():
+        assert f"  {dotted}  (" in listing, dotted
+    line = next(ln for ln in listing.splitlines() if ln.startswith("  model.dcn.saliency  ("))
+    assert "default cam" in line and "one of entropy, cam" in line and "model.arch dcn" in line
+    line = next(ln for ln in listing.splitlines() if ln.startswith("  train.zoom.cls_steps  ("))
+    assert "int" in line and "default 20" in line and "model.arch racnn" in line  # the section's arch
+    assert "data.synthetic.hidden  (float; default 0.0; 0 to 1)" in listing
+
+
+@pytest.mark.parametrize("spec, section", [("SyntheticSpec", "synthetic"), ("FractalSpec", "fractal")])
+def test_a_generator_section_is_its_spec(spec, section):
+    import dataclasses
+
+    from fgvc.data import fractal, synthetic
+
+    spec_cls = getattr(synthetic if spec == "SyntheticSpec" else fractal, spec)
+    schema = OmegaConf.structured(Recipe).data[section]
+    assert spec_cls(**OmegaConf.to_container(schema)) == spec_cls()  # the same defaults, declared once
+    assert list(schema) == [f.name for f in dataclasses.fields(spec_cls)]
+    cfg = load_recipe([f"data.{section}.seed=7"])
+    built = spec_cls(**OmegaConf.to_container(cfg.data[section]))  # what fgvc/data/build.py does
+    assert built.seed == 7

@@ -18,7 +18,7 @@ from fgvc.analysis.coarse_fine import (COLUMNS, FILES, Row, coarse_fine_rows, co
 from fgvc.analysis.cost import count_flops
 from fgvc.errors import UserError
 from fgvc.engine.losses import DcnLoss
-from fgvc.models.dcn import (ALWAYS_EXIT, DCN, FINE, JOINT, NEVER_EXIT, SELECT, DcnSchedule, DcnStep, cam_saliency,
+from fgvc.models.dcn import (ALWAYS_EXIT, DCN, FINE, JOINT, NEVER_EXIT, PAPER, SELECT, DcnSchedule, DcnStep, cam_saliency,
                              choose_positions, choose_threshold, entropy_saliency, escalate)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,11 +30,14 @@ PATCH = 24  # overlapping patches: each reaches (PATCH - CELL) / 2 pixels into i
 NUM_CLASSES = 5
 
 
+TINY = dict(image_size=IMAGE, coarse_backbone="test_resnet", coarse_stages=3, coarse_image_size=COARSE,
+            fine_backbone="test_efficientnet", patch_size=PATCH, top_k=3, exit_threshold=NEVER_EXIT, whole_image=False,
+            pretrained=False, pool="avg", coarse_weights="", fine_weights="", **PAPER)
+
+
 def tiny_dcn(**kw) -> DCN:
     torch.manual_seed(0)
-    args = dict(image_size=IMAGE, coarse_backbone="test_resnet", coarse_stages=3, coarse_image_size=COARSE,
-                fine_backbone="test_efficientnet", patch_size=PATCH, top_k=3)
-    return DCN(NUM_CLASSES, **(args | kw)).eval()
+    return DCN(NUM_CLASSES, **(TINY | kw)).eval()
 
 
 DESIGNS = {"mix-avg": dict(), "mix-max": dict(pool="max"), "fuse": dict(top_layers="fuse"),
@@ -243,7 +246,7 @@ def test_whole_image_counterpart_has_the_same_head_shape(x):
 def test_user_errors_name_the_key():
     from fgvc.config import load_recipe
 
-    with pytest.raises(UserError, match="model.dcn.saliency='gate'"):
+    with pytest.raises(UserError, match="'model.dcn.saliency' is 'gate' but must be one of: entropy, cam"):
         load_recipe(["recipe=synth_dcn", "model.dcn.saliency=gate"])
     with pytest.raises(UserError, match="model.dcn.coarse_stages"):
         tiny_dcn(coarse_stages=9)
@@ -346,8 +349,7 @@ def test_a_model_trained_with_random_k_predicts_at_every_k():
     its training images well above chance (0.25) whichever k it is asked for. (30 updates on 32
     images: this checks that every k is served, not generalisation.)"""
     torch.manual_seed(0)
-    net = DCN(4, image_size=IMAGE, coarse_backbone="test_resnet", coarse_stages=3, coarse_image_size=COARSE,
-              fine_backbone="test_resnet", patch_size=PATCH, top_k=2, top_layers="fuse").train()
+    net = DCN(4, **(TINY | dict(fine_backbone="test_resnet", top_k=2, top_layers="fuse"))).train()
     images, labels = _quadrant_data(32, 0)
     sched = DcnSchedule(top_k=2, k_min=1, k_max=GRID * GRID, random_share=0.25, fine_updates=5)
     loss_fn = DcnLoss(hint_weight=0.1, coarse_weight=0.5, fine_weight=0.5)

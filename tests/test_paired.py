@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fgvc.analysis.synthetic_bench import RunRow, paired_table
+from fgvc.bench.synthetic import RunRow, paired_table
 
 
 def test_paired_differences_mean_std_and_seeds_won():
@@ -22,7 +22,7 @@ def test_partial_method_is_paired_on_its_finished_seeds_only():
 
 
 def test_a_resumed_run_is_reused_and_another_seed_is_not(tmp_path):
-    from fgvc.analysis.synthetic_bench import recipe_difference
+    from fgvc.bench.synthetic import recipe_difference
     from fgvc.config import load_recipe, to_yaml
 
     args = ["recipe=synth_baseline", "seed=0", f"output_dir={tmp_path}"]
@@ -35,7 +35,7 @@ def test_keys_the_arch_does_not_read_do_not_make_a_run_stale(tmp_path):
     """A plain classifier saved when model.dcn.pool defaulted to max is still the same run; a DCN is not."""
     from omegaconf import OmegaConf
 
-    from fgvc.analysis.synthetic_bench import recipe_difference
+    from fgvc.bench.synthetic import recipe_difference
     from fgvc.config import keys_unread_by, load_recipe, to_yaml
 
     assert set(keys_unread_by("classifier")) >= {"model.dcn", "train.dcn", "model.zoom"}
@@ -52,7 +52,7 @@ def test_each_prediction_of_a_multi_output_run_gets_its_own_table(tmp_path):
     """RA-CNN's per-scale test accuracies (metrics.json test.top1_scale*) reach the page, seed by seed."""
     import json
 
-    from fgvc.analysis.synthetic_bench import write_outputs
+    from fgvc.bench.synthetic import write_outputs
 
     racnn = RunRow("synth_racnn")
     for seed, (fused, s0, s1) in enumerate([(0.86, 0.27, 0.74), (0.87, 0.49, 0.84)]):

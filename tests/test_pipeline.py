@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fgvc.analysis.data_speed import LegacyTransform, photo_like
+from fgvc.bench.data_speed import photo_like
 from fgvc.data.records import ImageFile, load_rgb
 from fgvc.data.transforms import PairedTransform, random_erase, sample_crop
 from fgvc.models.build import model_input
@@ -128,8 +128,3 @@ def test_randaugment_and_erasing_change_images_and_repeat_with_the_seed(keys):
 def test_randaugment_with_annotations_is_refused():
     with pytest.raises(ValueError, match="boxes and parts"):
         PairedTransform(48, True, MEAN, STD, annotations=True, randaugment="rand-m9")
-
-
-def test_the_old_pipeline_reference_still_runs():
-    out = LegacyTransform(32, (0.5, 1.0))(np.asarray(photo_like(64, 48, 0)))
-    assert out.dtype == torch.float32 and out.shape == (3, 32, 32)

@@ -10,7 +10,7 @@ from conftest import run_script
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from fgvc.analysis.pretrain import (
+from fgvc.bench.pretrain import (
     recipe_backbones,
     sha256,
     synth_backbones,

@@ -14,7 +14,7 @@ from test_safety import one_sentence
 
 from fgvc.config import load_recipe
 from fgvc.data.build import read_index
-from fgvc.engine.timm_speed import timm_epochs, write_image_folder
+from fgvc.bench.timm_speed import timm_epochs, write_image_folder
 
 # two lines of timm's train.py (the newest on 2026-11-28), the second the epoch's last update
 TIMM_LINES = """\

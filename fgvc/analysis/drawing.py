@@ -3,7 +3,7 @@
 Row: the image with its visible part keypoints (coloured by part, named in the figure's legend), the
 bounding box, RA-CNN's zoom boxes per scale and the DCN's chosen patches; then one panel per map,
 overlaid on the image at input resolution, its peak marked (the peak the pointing game scores,
-`fgvc.analysis.localization.peaks`). Images are shown with
+`fgvc.analysis.maps.peaks`). Images are shown with
 extent (0, W, H, 0): pixel i covers [i, i + 1), the convention of the boxes and keypoints the data
 pipeline returns, so every point lands exactly where the transforms put it.
 """
@@ -24,7 +24,7 @@ from matplotlib.patches import Circle, Rectangle  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from fgvc.analysis.localization import peaks  # noqa: E402
+from fgvc.analysis.maps import peaks  # noqa: E402
 
 PANEL_INCHES = 2.2  # side of one panel
 MAP_ALPHA = 0.5  # opacity of a map over its image

@@ -27,8 +27,15 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.data import Subset
 
-from fgvc.analysis.maps import pixel_centres
+from fgvc.analysis.drawing import ImageView, draw_grid, save_figure, to_display
+from fgvc.analysis.maps import compute_maps, model_family, peaks, pixel_centres
+from fgvc.data.build import build_datasets, make_loader
+from fgvc.data.synthetic import class_parts
+from fgvc.engine.runs import atomic_write_text, load_run
+from fgvc.errors import UserError
+from fgvc.models.build import model_input
 
 POINT_RADIUS = 0.1  # pointing-game radius as a share of the box diagonal: ~30 px on a 300 px CUB bird
 REGION_THRESHOLD = 0.5  # a map's region is where it reaches half its peak (CAM's 20% is for drawing boxes)
@@ -40,22 +47,6 @@ SCORES = ("pointing", "pointing_class_parts", "energy_in_box", "box_iou")
 
 # ---------------------------------------------------------------------------------------------
 # Geometry and scores (pure functions of tensors)
-
-
-def peaks(maps: Tensor) -> Tensor:
-    """(B, H, W) -> (B, 2) x, y of each map's peak: the centroid of the pixels holding its largest
-    value (pixel centres). A coarse map upsampled bilinearly has a plateau, not a pixel, at its top;
-    taking the first pixel of it would pull every peak to the plateau's top-left corner. A constant
-    map has no peak: nan, which counts as a miss."""
-    b, h, w = maps.shape
-    top = maps.flatten(1).amax(1)[:, None, None]  # (B, 1, 1)
-    at_top = (maps == top).float()  # (B, H, W)
-    ys = torch.arange(h, dtype=maps.dtype, device=maps.device)[:, None] + 0.5
-    xs = torch.arange(w, dtype=maps.dtype, device=maps.device)[None, :] + 0.5
-    n = at_top.sum((1, 2))
-    centre = torch.stack([(at_top * xs).sum((1, 2)) / n, (at_top * ys).sum((1, 2)) / n], 1)  # (B, 2)
-    constant = maps.flatten(1).amin(1) == top.flatten()
-    return torch.where(constant[:, None], torch.full_like(centre, float("nan")), centre)
 
 
 def box_diagonal(boxes: Tensor) -> Tensor:
@@ -168,8 +159,6 @@ class Selection:
 
 def select_images(samples: list, num_images: int | None, ids: list[str] | None) -> Selection:
     """The first `num_images` of the split, or the images whose data-set ids are `ids` (in that order)."""
-    from fgvc.errors import UserError
-
     if ids:
         where = {s.image_id: i for i, s in enumerate(samples)}
         missing = [i for i in ids if i not in where]
@@ -192,17 +181,6 @@ def localize_run(run_dir: str | Path, out_dir: str | Path | None = None, split: 
     """Maps, scores and pictures of a finished run on the chosen images; writes into `out_dir`
     (default RUN_DIR/localization) grid_NNN.png, index.html and localization.json, and returns the
     JSON content. `draw` limits the pictures to the first images (scores use all of them)."""
-    from torch.utils.data import Subset
-
-    from fgvc.analysis.drawing import ImageView, draw_grid, save_figure, to_display
-    from fgvc.analysis.maps import compute_maps, model_family
-    from fgvc.data.build import build_datasets
-    from fgvc.data.synthetic import class_parts
-    from fgvc.engine.runs import atomic_write_text, load_run
-    from fgvc.models.build import model_input
-    from fgvc.data.build import make_loader
-    from fgvc.errors import UserError
-
     say = console.print if console is not None else (lambda *a, **k: None)
     run = load_run(run_dir)
     cfg = run.cfg

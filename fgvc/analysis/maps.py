@@ -98,6 +98,22 @@ def pixel_centres(height: int, width: int, device=None) -> tuple[Tensor, Tensor]
     return xs[None, :].expand(height, width), ys[:, None].expand(height, width)
 
 
+def peaks(maps: Tensor) -> Tensor:
+    """(B, H, W) -> (B, 2) x, y of each map's peak: the centroid of the pixels holding its largest
+    value (pixel centres). A coarse map upsampled bilinearly has a plateau, not a pixel, at its top;
+    taking the first pixel of it would pull every peak to the plateau's top-left corner. A constant
+    map has no peak: nan, which counts as a miss."""
+    b, h, w = maps.shape
+    top = maps.flatten(1).amax(1)[:, None, None]  # (B, 1, 1)
+    at_top = (maps == top).float()  # (B, H, W)
+    ys = torch.arange(h, dtype=maps.dtype, device=maps.device)[:, None] + 0.5
+    xs = torch.arange(w, dtype=maps.dtype, device=maps.device)[None, :] + 0.5
+    n = at_top.sum((1, 2))
+    centre = torch.stack([(at_top * xs).sum((1, 2)) / n, (at_top * ys).sum((1, 2)) / n], 1)  # (B, 2)
+    constant = maps.flatten(1).amin(1) == top.flatten()
+    return torch.where(constant[:, None], torch.full_like(centre, float("nan")), centre)
+
+
 def box_window(boxes: Tensor, height: int, width: int) -> Tensor:
     """(B, 3) squares (centre x, centre y, half side) in input pixels -> (B, H, W) window maps."""
     x, y = pixel_centres(height, width, boxes.device)

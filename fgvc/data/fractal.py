@@ -35,6 +35,7 @@ import numpy as np
 
 from fgvc.data.records import DatasetIndex, Sample
 from fgvc.errors import UserError
+from fgvc.schema import key
 
 SIGMA_MIN, SIGMA_MAX = 0.25, 0.9  # singular values of each map: contractive, neither a dot nor a blur
 MAX_DRAWS = 500  # systems tried per class before giving up (a few suffice; the limit is a safeguard)
@@ -46,17 +47,19 @@ BURN_IN = 12  # steps after which a chain is on the attractor to within 0.9^12 o
 
 @dataclass(frozen=True)
 class FractalSpec:
-    num_classes: int = 100
-    train_per_class: int = 60
-    test_per_class: int = 10
-    image_size: int = 96  # side of the rendered images, pixels
-    points: int = 12000  # chaos-game points per image
-    min_maps: int = 2
-    max_maps: int = 4
-    min_fill: float = 0.08  # least share of a 64 x 64 grid the attractor must cover
-    jitter: float = 0.04  # std of the per-image perturbation of every map parameter
-    seed: int = 0
-    class_colours: float = 0.0  # share of images drawn in their class's own map colours (0: random colours only)
+    """The formula-driven pretraining set, rendered when read (recipe section data.fractal)."""
+
+    num_classes: int = key(100, "classes: one random iterated function system each")
+    train_per_class: int = key(60, "training images per class")
+    test_per_class: int = key(10, "test images per class")
+    image_size: int = key(96, "side of the rendered images, pixels")
+    points: int = key(12000, "chaos-game points per image")
+    min_maps: int = key(2, "affine maps per system, at least")
+    max_maps: int = key(4, "affine maps per system, at most")
+    min_fill: float = key(0.08, "least share of a 64 x 64 grid a class's attractor must cover")
+    jitter: float = key(0.04, "std of the per-image perturbation of every map parameter (intra-class variation)")
+    seed: int = key(0, "the data set's own seed: which systems the classes get")
+    class_colours: float = key(0.0, "share of images in their class's own map colours (0: random colours, FractalDB)")
 
 
 def _rotation(angle: float) -> np.ndarray:

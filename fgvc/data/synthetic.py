@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from fgvc.data.records import CUB_PARTS
 from fgvc.errors import UserError
+from fgvc.schema import key, one_of
 
 CLASS_PARTS = ("beak", "left wing", "right wing")  # the parts that carry the class (see class_parts())
 JPEG_QUALITY = 92
@@ -34,20 +35,23 @@ MANIFEST = "fgvc_synthetic.json"
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    num_classes: int = 12
-    train_per_class: int = 80  # as the recipe default (fgvc.config.SyntheticConfig)
-    test_per_class: int = 20
-    image_size: int = 96
-    part_scale: float = 0.06
-    distractors: int = 6
-    noise: float = 0.08
-    cue_strength: float = 1.0
-    seed: int = 0
-    hue_offset: float = 0.0
-    hidden: float = 0.0
-    wing_cue: str = "colour"  # "colour" (beak colour x wing colour) or "texture" (wing colour x WING_TEXTURES)
-    texture_px: int = 1  # side of the texture's features, written pixels (wing_cue="texture")
-    texture_fine: float = 0.0  # share of images whose texture has one-pixel features instead (detail at many scales)
+    """The built-in synthetic fine-grained set (recipe section data.synthetic)."""
+
+    num_classes: int = key(12, "classes: every pair of a beak colour and a wing cue")
+    train_per_class: int = key(80, "training images per class")
+    test_per_class: int = key(20, "test images per class")
+    image_size: int = key(96, "side of the written images, pixels")
+    part_scale: float = key(0.06, "size of the discriminative parts (beak, wing patch), fraction of the image side")
+    distractors: int = key(6, "clutter blobs on the background, most in the cue colours")
+    noise: float = key(0.08, "std of pixel noise (0..1 scale)")
+    cue_strength: float = key(1.0, "1 = the class cue is fully visible; lower is harder")
+    seed: int = key(0, "the data set's own seed, independent of the training seed")
+    hue_offset: float = key(0.0, "turns every cue colour around the colour wheel (0..1): another set of cue colours")
+    hidden: float = key(0.0, "share of images in which each class part (beak, wing patch) is not visible: a ceiling on top-1")
+    wing_cue: str = one_of("colour", ("colour", "texture"), "what tells the wing's class: its colour, or a texture "
+                           "(WING_TEXTURES) of one-pixel features legible only near full resolution")
+    texture_px: int = key(1, "side of the texture's features in written pixels (wing_cue=texture): 1 blurs away sooner")
+    texture_fine: float = key(0.0, "share of images whose texture has one-pixel features instead of texture_px")
 
 
 # With `wing_cue="texture"` the wing patch is a pattern of one-pixel features in two tones (its class

@@ -204,6 +204,9 @@ def cam_saliency(head: TopLayers, coarse_feats: Tensor) -> Tensor:
 
 
 SALIENCY = {"entropy": entropy_saliency, "cam": cam_saliency}
+# the paper's design (Almahairi et al. 2016, section 2): entropy-gradient saliency, the mixed grid
+# through a 1x1 conv + ReLU, one loss on the mixed prediction
+PAPER = dict(saliency="entropy", top_layers="mix", top_hidden=True, detach_fusion=False)
 
 
 def choose_positions(saliency: Tensor, k: int, n_random: int = 0) -> Tensor:
@@ -305,16 +308,14 @@ class DCN(nn.Module):
     `forward(x, top_k=None, phase=None)` refines the recipe's k positions (or `top_k`; in training,
     the schedule's `DcnStep`); k = 0 is the coarse path. With `whole_image=True` the module is the
     fair full-image counterpart: the fine network on the whole image, then the same projection, top
-    layers and classifier shape.
+    layers and classifier shape. Every design argument is named: their defaults are the recipe's
+    (fgvc.config.DcnConfig, which fgvc/models/build.py passes on), and `PAPER` holds the paper's.
     """
 
-    def __init__(self, num_classes: int, image_size: int, coarse_backbone: str = "test_resnet",
-                 coarse_stages: int = 0, coarse_image_size: int = 0, fine_backbone: str = "test_resnet",
-                 patch_size: int = 32, top_k: int = 4, saliency: str = "entropy",
-                 exit_threshold: float = NEVER_EXIT, whole_image: bool = False,
-                 pretrained: bool = False, pool: str = "avg", top_layers: str = "mix",
-                 coarse_weights: str = "", fine_weights: str = "", top_hidden: bool = True,
-                 detach_fusion: bool = False) -> None:
+    def __init__(self, num_classes: int, image_size: int, *, coarse_backbone: str, coarse_stages: int,
+                 coarse_image_size: int, fine_backbone: str, patch_size: int, top_k: int, saliency: str,
+                 exit_threshold: float, whole_image: bool, pretrained: bool, pool: str, top_layers: str,
+                 coarse_weights: str, fine_weights: str, top_hidden: bool, detach_fusion: bool) -> None:
         super().__init__()
         if saliency not in SALIENCY:
             raise UserError(f"model.dcn.saliency is '{saliency}'; use one of {', '.join(SALIENCY)}.")

@@ -5,7 +5,7 @@
 Each `cub_`, `cars_`, `aircraft_` and `nabirds_` recipe runs through the real `train()` (data
 loading, augmentation, mixed precision, checkpoint, final evaluation) with its own resolution,
 backbone(s) and batch size, random weights (`model.pretrained=false`), on a fake copy of its data
-set's on-disk layout (fgvc/data/fake_layouts.py) whose images have the real set's typical size:
+set's on-disk layout (fgvc/bench/fake_layouts.py) whose images have the real set's typical size:
 2 x batch training images (two optimizer steps), one batch of test images (one evaluation batch),
 no validation split. Each recipe runs in its own process, so its peak memory is its own: the
 process's peak resident set (`getrusage(RUSAGE_SELF).ru_maxrss`, what the kernel counts, torch's
@@ -29,7 +29,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from fgvc.bench.source import ROOT, code_version
+
 REAL_PREFIXES = ("cub_", "cars_", "aircraft_", "nabirds_")
 STEPS = 2  # optimizer steps per recipe
 # data.name -> (fake layout writer, image (width, height), classes of the real set). Sizes: CUB's
@@ -57,7 +58,7 @@ def split_counts(total: int, parts: int = 3) -> list[int]:
 
 def write_fake_set(name: str, base: Path, train_images: int, test_images: int) -> Path:
     """The data set's fake layout (real image size) with these numbers of images; its data.root."""
-    from fgvc.data import fake_layouts
+    from fgvc.bench import fake_layouts
 
     writer, size, _ = REAL_SETS[name]
     per_class = list(zip(split_counts(train_images), split_counts(test_images)))
@@ -101,7 +102,7 @@ def run_isolated(recipe: str, overrides: list[str], timeout: float) -> tuple[dic
         out = Path(tmp) / "result.json"
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         try:
-            proc = subprocess.run([sys.executable, "-m", "fgvc.engine.recipe_bench", recipe, "--work", tmp,
+            proc = subprocess.run([sys.executable, "-m", "fgvc.bench.recipes", recipe, "--work", tmp,
                                    "--json", str(out), "--set", *overrides], capture_output=True, text=True, env=env,
                                   cwd=ROOT, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -121,7 +122,6 @@ def recipes_benchmark(recipes: list[str], overrides: list[str], timeout: float, 
     A recipe's finished row is written to `keep/<recipe>.json` with the overrides it ran with and
     reused from there by the next call with the same overrides (a benchmark that outlives a session).
     """
-    from fgvc.analysis.synthetic_bench import code_version
     from fgvc.config import load_recipe
 
     lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {code_version()}, on the CPU "

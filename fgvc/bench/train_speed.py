@@ -116,7 +116,7 @@ def train_speed(recipe: str, epochs: int, overrides: list[str], device: str = "c
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if fake_images:
-                from fgvc.engine.recipe_bench import write_fake_set
+                from fgvc.bench.recipes import write_fake_set
 
                 name = load_recipe([f"recipe={recipe}", *overrides]).data.name
                 root = write_fake_set(name, Path(tmp) / "data", fake_images, 8)

@@ -40,9 +40,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fgvc.bench.source import ROOT, code_version
 from fgvc.errors import RunError, UserError
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 RECIPE = "synth_baseline"
 # timm's train.py starts from random weights and has no lr multiplier for new layers: fgvc does the same
 FROM_SCRATCH = ["model.weights=", "train.new_lr_mult=1.0"]
@@ -193,7 +193,6 @@ def timm_origin(train_py: Path) -> str:
 def timm_speed(timm_train: str, rounds: int, epochs: int, threads: int, runs: Path, overrides: list[str],
                source: str = "") -> str:
     """Run both tools `rounds` times, alternating; the page's body (settings, table, median ratio)."""
-    from fgvc.analysis.synthetic_bench import code_version
     from fgvc.config import load_recipe
     from fgvc.data.build import read_index
 

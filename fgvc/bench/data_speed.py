@@ -3,30 +3,29 @@
     python fgvc/benchmark.py data [--images 64] [--rounds 5] [--out results/data_speed.md]
 
 The real training pipeline (fgvc/data: `FGVCDataset` + `PairedTransform`, through a DataLoader
-with its collation, `data.cache_mb=0` as in the real recipes) against the pipeline it replaced
-(decode the whole JPEG, albumentations' random resized crop, flip, float normalisation in the
-loading process), timed side by side in alternating rounds on the same files, in ONE process with
-one torch and one OpenCV thread (what a DataLoader worker has). The files are photo-like JPEGs
-(smooth colour fields with grain, quality 90) of CUB's common size (500x375) and of a Cars-sized
-1024x768 photo. From the rate, the number of loading processes a GPU needs follows from its
-training throughput (PUBLISHED below).
+with its collation, `data.cache_mb=0` as in the real recipes), timed in several rounds on the same
+files, in ONE process with one torch and one OpenCV thread (what a DataLoader worker has). The files
+are photo-like JPEGs (smooth colour fields with grain, quality 90) of CUB's common size (500x375) and
+of a Cars-sized 1024x768 photo. From the rate, the number of loading processes a GPU needs follows
+from its training throughput (PUBLISHED below).
 """
-
 from __future__ import annotations
 
 import math
 import statistics
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from fgvc.bench.source import code_version
 from fgvc.data.dataset import FGVCDataset
-from fgvc.data.records import Sample, load_rgb
+from fgvc.data.records import Sample
 from fgvc.data.transforms import PairedTransform
 
 SIZES = {"CUB (500x375)": (500, 375), "Cars-sized (1024x768)": (1024, 768)}
@@ -52,37 +51,6 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(field + rng.normal(0, GRAIN, field.shape), 0, 255).astype(np.uint8))
 
 
-class LegacyTransform:
-    """The training pipeline before this change (kept here as the reference): whole-image decode,
-    albumentations RandomResizedCrop, flip, Normalize to float in the loading process."""
-
-    def __init__(self, image_size: int, crop_scale: tuple[float, float]) -> None:
-        import albumentations as A
-
-        self.geometry = A.Compose([A.RandomResizedCrop(size=(image_size, image_size), scale=crop_scale)])
-        self.normalize = A.Normalize(mean=MEAN, std=STD, max_pixel_value=255.0)
-        self.rng = np.random.default_rng(0)
-
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        img = self.geometry(image=image)["image"]
-        if self.rng.random() < 0.5:
-            img = img[:, ::-1]
-        img = self.normalize(image=np.ascontiguousarray(img))["image"]
-        return torch.from_numpy(img.transpose(2, 0, 1).copy())
-
-
-class LegacyDataset(Dataset):
-    def __init__(self, paths: list[Path]) -> None:
-        self.paths = paths
-        self.transform = LegacyTransform(IMAGE_SIZE, CROP_SCALE)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"image": self.transform(load_rgb(self.paths[index])), "label": 0}
-
-
 def rate(loader: DataLoader) -> tuple[float, float]:
     """Images per second of one pass over the loader: per second of this process's CPU time (what
     one loading process on a core of its own delivers) and per second of wall time (which, on a
@@ -98,20 +66,14 @@ def data_speed(num_images: int, rounds: int) -> str:
 
     torch.set_num_threads(1)  # what a DataLoader worker process has
     cv2.setNumThreads(1)
-    from datetime import datetime, timezone
-
-    from fgvc.analysis.synthetic_bench import code_version
-
     lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {code_version()}, on this project's "
-             "2-core CPU machine (shared with other work: rates vary with its load; the ratio is measured side "
-             "by side).", "",
+             "2-core CPU machine (shared with other work: rates vary with its load).", "",
              f"One loading process (1 torch thread, 1 OpenCV thread), training pipeline at {IMAGE_SIZE} px, "
              f"crop scale {list(CROP_SCALE)}, flip, batch {BATCH}; {num_images} photo-like JPEGs (quality "
-             f"{JPEG_QUALITY}) per size, {rounds} alternating rounds, median images/s per second of the process's CPU "
+             f"{JPEG_QUALITY}) per size, {rounds} rounds, median images/s per second of the process's CPU "
              "time (in brackets: per second of wall time).", "",
-             "| images | before: whole decode, albumentations crop, float normalise (img/s) | "
-             "fgvc now: crop first, reduced decode, one resize, uint8 (img/s) | now / before | bytes per image |",
-             "|---|---:|---:|---:|---|"]
+             "| images | fgvc: crop first, reduced decode, one resize, uint8 (img/s) | bytes per image |",
+             "|---|---:|---|"]
     cub_rate = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for label, (w, h) in SIZES.items():
@@ -124,17 +86,11 @@ def data_speed(num_images: int, rounds: int) -> str:
             new = FGVCDataset([Sample(p, 0, str(i)) for i, p in enumerate(paths)],
                               PairedTransform(IMAGE_SIZE, True, MEAN, STD, crop_scale=CROP_SCALE, annotations=False),
                               seed=0, cache_mb=0)
-            loaders = {"before": DataLoader(LegacyDataset(paths), batch_size=BATCH),
-                       "now": DataLoader(new, batch_size=BATCH)}
-            rates: dict[str, list[tuple[float, float]]] = {k: [] for k in loaders}
-            for _ in range(rounds):
-                for k, loader in loaders.items():
-                    rates[k].append(rate(loader))
-            (before, before_wall), (now, now_wall) = (
-                tuple(statistics.median(r[i] for r in rates[k]) for i in (0, 1)) for k in ("before", "now"))
+            loader = DataLoader(new, batch_size=BATCH)
+            rates = [rate(loader) for _ in range(rounds)]
+            now, now_wall = (statistics.median(r[i] for r in rates) for i in (0, 1))
             cub_rate = cub_rate or now
-            lines.append(f"| {label}, {kb:.0f} KB | {before:.0f} ({before_wall:.0f}) | {now:.0f} ({now_wall:.0f}) | "
-                         f"{now / before:.2f}x | "
+            lines.append(f"| {label}, {kb:.0f} KB | {now:.0f} ({now_wall:.0f}) | "
                          f"float32 {3 * IMAGE_SIZE**2 * 4 / 2**20:.1f} MiB -> uint8 {3 * IMAGE_SIZE**2 / 2**20:.1f} MiB |")
     gpu_rate = PUBLISHED["images_per_s_224"] * (224 / IMAGE_SIZE) ** 2  # compute grows with the pixels
     workers = math.ceil(gpu_rate / cub_rate)

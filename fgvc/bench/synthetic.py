@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from fgvc.bench.source import ROOT, code_version
 from fgvc.errors import RunError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ROOT = Path(__file__).resolve().parents[2]
 BASELINE = "synth_baseline"
 METHODS = ["synth_baseline", "synth_se", "synth_cbam", "synth_residual", "synth_gate", "synth_stn",
            "synth_racnn", "synth_dcn", "synth_dcn_fine"]
@@ -270,15 +270,6 @@ def backbone_weights(run_dir: Path) -> Path:
         state = load_file(str(run_dir / "model.safetensors"))
         save_file({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}, str(path))
     return path
-
-
-def code_version() -> str:
-    """The git commit of the code, marked when the work tree differs from it."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()  # results/ is what this writes
-    return f"commit {commit or 'unknown'}" + (" (with local changes)" if dirty else "")
-
 
 
 def paired_table(rows: list[RunRow]) -> list[str]:

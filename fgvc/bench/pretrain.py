@@ -17,7 +17,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from fgvc.analysis.synthetic_bench import ROOT, code_version, train_run
+from fgvc.bench.source import ROOT, code_version
+from fgvc.bench.synthetic import train_run
 
 PRETRAIN_RECIPE = "fractal_pretrain"
 WEIGHTS_DIR = "weights"
