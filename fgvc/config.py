@@ -41,9 +41,9 @@ ATTENTION_TYPES = ("none", "se", "cbam", "residual", "gate", "stn",
 # recipe.yaml holds every key of its day, so one that lacks a key predates it and gets this value:
 # old runs still load and repeat exactly.
 KEYS_ADDED_LATER = {
-    "model.attention.residual_form": "output_mask",  # issue 16: the paper's form became the default
-    "model.attention.gate_width": "half",  # issue 16: the authors' width (the gating stage's) became the default
-    "model.dcn.top_hidden": True,  # issue 14: top layers that train became the default
+    "model.attention.residual_form": "output_mask",
+    "model.attention.gate_width": "half",
+    "model.dcn.top_hidden": True,
     "model.dcn.detach_fusion": False,
 }
 SAVED_RUN_MARK = "model.attention.reduction"  # a key every saved run's recipe.yaml has

@@ -1,6 +1,4 @@
-"""fgvc's training loop against timm's train.py, side by side on the same data, model and settings
-(issue 17, item 4: "fgvc's training loop already runs 1.13x faster per image than timm's train.py;
-keep that lead"). It lives beside the trainer because it runs the loop.
+"""fgvc's training loop against timm's train.py, side by side on the same data, model and settings.
 
     python fgvc/benchmark.py timm --timm-train PATH/TO/timm/train.py [--rounds 3] [--epochs 3] [--out results/timm_speed.md]
 

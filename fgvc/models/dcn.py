@@ -25,38 +25,7 @@ model serves every k), how many of them to draw at random instead of by saliency
 FINE (every patch random, GFNet's first stage), SELECT (fine network frozen), JOINT. At inference,
 images whose coarse prediction is confident enough stop early (threshold chosen on validation).
 
-Why these choices (issue 14). The first design averaged the mixed grid (two refined cells of sixteen
-weigh an eighth), trained the fine network only on the k = 2 patches an untrained coarse network found
-salient, and fell from 46.7% at k = 1 to 29.6% at k = 16 (12-class set from scratch). Then: k drawn
-at random per update, a quarter of the training patches random, a loss per branch. On the benchmark
-regime (fractal-pretrained networks, 16 classes, seed 0) every model with the paper's top layers
-(1x1 conv + ReLU before the pool) collapsed to one class (train CE stuck at ln 16): mix and fuse, max
-and average pool, lr 0.1 to 0.03, heads at 1x or 10x, no hint loss, gradient clipping, LayerNorm before
-the conv, a residual conv; measured step by step, the hidden ReLU units go dead one by one while the
-loss is still at chance (a dead unit never returns), and the pretrained networks' last ReLUs follow
-when the fused loss spikes. What trains (seed 0, 12 epochs, val / test top-1 %; the
-commands are in README.md, "Coarse/fine dynamic capacity"):
-
-| design on the benchmark regime (seed 0) | val | test | patch-branch train CE |
-|---|---|---|---|
-| paper's top layers (mix or fuse; any of the variants above) | 6.25 | 6.25 | ln 16 |
-| fuse without hidden layers, coarse = the baseline's test_resnet at 128 px, hint 1.0 | 18 (epoch 6) | | |
-| the same, hint 0 | 83.2 | 81.75 | 2.77 (chance: the fine network died) |
-| the same, fused loss detached from both networks, branch losses weight 1, heads 10x | 41 (epoch 4) | | 2.76 (chance) |
-| the same, heads at the backbones' lr (`synth_dcn` today with a test_resnet fine network) | 83.3 | 81.69 | 1.62 |
-
-So: `top_hidden=false` (pool and classify, as the plain classifier does), `top_layers=fuse` with
-`detach_fusion` (each network learns from its own branch's loss, the fused classifier on their
-vectors), `saliency=cam` (with a linear head and an average pool the entropy gradient is the same at
-every position), no hint loss, heads at 1x. That model serves every k: 81.63 (k = 0), 81.63, 81.69,
-81.56, 81.56, 81.50, 81.44% (k = 1, 2, 3, 4, 8, 16) against 81.12% for test_resnet on the whole 192 px
-image (`python fgvc/report.py coarse-fine RUN --fine-run FINE_RUN --k 0,1,2,3,4,8,16`). On this
-regime the coarse network alone is already at the hidden parts' ceiling (colour cues survive 128 px), so
-refining adds nothing; and with the coarse network at 128 px the coarse path alone costs 44% of the
-whole-image FLOPs. A resnet10t fine network made the DCN cheap against its own whole-image pass, but
-that reference (from the weak resnet10t fractal file) reached only 43.56%. `synth_dcn` therefore
-reads the coarse image at 96 px (a 3x3 grid, 25% of the whole-image FLOPs) and 48 px patches (6%
-each) with two test_resnets; README, "Coarse/fine dynamic capacity", has its 3-seed figures.
+Why the defaults differ from the paper, with the runs that decided it: results/coarse_fine/design.md.
 """
 
 from __future__ import annotations

@@ -14,6 +14,6 @@ class BlockOptions:
     spatial_norm: bool = True  # CBAM: batch norm after the 7x7 convolution
     spatial_bn_momentum: float = 0.1  # CBAM: that batch norm's momentum (PyTorch's; the authors' code 0.01)
     spatial_bn_zero_init: bool = False  # CBAM: zero-initialise that batch norm's weight (the authors' ResNet)
-    residual_form: str = "paper"  # residual attention: (1 + M(x)) * T(x); "output_mask": fgvc's earlier block
+    residual_form: str = "paper"  # residual attention: (1 + M(x)) * T(x); "output_mask": (1 + M(T)) * T
     gate_norm: str = "sigmoid"  # attention gates: sigmoid, mean-pooled; "sum_one": AG-Sononet's, summed
     gate_width: str = "gating"  # attention gates' inner width: the gating stage's (reference) or "half" C_l / 2

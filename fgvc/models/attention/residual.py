@@ -13,9 +13,9 @@ In the paper T keeps x's shape. A timm stage or residual branch may change it (a
 more channels), so here M reads x (B, C_in, H_in, W_in), its last interpolation goes to T's grid and
 its first 1x1 convolution maps C_in to T's C channels: with equal shapes this is exactly the paper's M.
 
-`form="output_mask"` is fgvc's block before issue 16, kept as a named option so that runs trained
-with it still load and the difference can be measured: (1 + M(T)) * T, the mask computed from the
-trunk's output, one residual unit at the lowest resolution, upsampling with align_corners=False.
+`form="output_mask"` is a variant: (1 + M(T)) * T, the mask computed from the trunk's output, one
+residual unit at the lowest resolution, upsampling with align_corners=False (results/README.md
+compares the two).
 
 Mask depth from the feature size: the paper pools 56x56 maps three times, 28x28 twice and 14x14
 once, i.e. down to about 7x7; `mask_depth(side)` reproduces that rule for any input. Maps smaller
@@ -34,7 +34,7 @@ MIN_MASK_SIDE = 7  # the paper's mask branches stop pooling at 7x7 (56 -> 7, 28 
 MAX_MASK_DEPTH = 3  # the paper's deepest mask branch (attention module 1) pools three times
 UNIT_BOTTLENECK = 4  # residual units are pre-activation bottlenecks with C/4 inner channels (He et al. 2016)
 LOWEST_UNITS = 2  # residual units at the lowest resolution (the paper's 2r with r = 1; Caffe Attention-56/92)
-FORMS = ("paper", "output_mask")  # paper: (1 + M(x)) * T(x); output_mask: fgvc's earlier (1 + M(T)) * T
+FORMS = ("paper", "output_mask")  # paper: (1 + M(x)) * T(x); output_mask: (1 + M(T)) * T
 
 
 def mask_depth(side: int) -> int:
@@ -64,7 +64,7 @@ class SoftMask(nn.Module):
     """The soft mask branch M: (B, C_in, H_in, W_in) -> (B, C, H, W) in (0, 1), (H, W) = `size` (default x's).
 
     `lowest_units`, `align_corners`: the paper's 2 and the reference's corner-to-corner upsampling
-    (True, Caffe's Interp layer); fgvc's earlier form had 1 and False."""
+    (True, Caffe's Interp layer); the output_mask variant uses 1 and False."""
 
     def __init__(self, channels: int, depth: int, in_channels: int | None = None, lowest_units: int = LOWEST_UNITS,
                  align_corners: bool = True) -> None:
