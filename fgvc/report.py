@@ -29,6 +29,7 @@ def number_list(kind: type):
     return parse
 
 
+# Each subcommand imports fgvc.analysis.coarse_fine when it is chosen: `--help` answers before torch loads.
 def _coarse_fine_args(p: argparse.ArgumentParser) -> None:
     from fgvc.analysis.coarse_fine import DEFAULT_COSTS, DEFAULT_DROPS, DEFAULT_SHARES
 

@@ -29,9 +29,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from fgvc.analysis.cost import count_flops, count_parameters, summarize, time_calls
+from fgvc.config import load_recipe
+from fgvc.data.build import build_datasets
 from fgvc.engine.metrics import accuracy_metrics
+from fgvc.engine.runs import load_run
 from fgvc.errors import UserError
-from fgvc.models.build import model_input
+from fgvc.models.build import build_model, model_input
 from fgvc.models.dcn import DCN, choose_threshold, escalate, threshold_for_accuracy, threshold_for_cost
 
 DEFAULT_SHARES = (0.1, 0.25, 0.5)  # escalated shares of the validation split to pick thresholds for
@@ -445,9 +448,6 @@ def report_cost(overrides: list[str], out_dir: str | Path, ks: list[int] | None 
                 console=None) -> list[Row]:
     """The cost report of a dcn recipe (`recipe=cub_dcn ...`) against the same recipe with
     model.dcn.whole_image=true, at the recipe's image size; written to out_dir and printed."""
-    from fgvc.config import load_recipe
-    from fgvc.models.build import build_model
-
     out_dir = Path(out_dir)
     paths = [out_dir / name for name in COST_FILES]
     if not overwrite and any(p.exists() for p in paths):
@@ -481,8 +481,6 @@ def design_table(run_dirs: list[str | Path], ks: list[int], batch: int = 64) -> 
     """A markdown table: for each run folder (dcn runs; a whole-image run gives one number), top-1 on
     the validation and test splits at each k (k = 0: the coarse path) and its GFLOPs per image at
     each k. Accuracy only, no latency: to choose a design, not to report the goal."""
-    from fgvc.engine.runs import load_run
-
     head = ["run", *(f"k={k} val/test" for k in ks), *(f"GFLOPs k={k}" for k in ks)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run_dir in run_dirs:
@@ -513,8 +511,6 @@ def design_table(run_dirs: list[str | Path], ks: list[int], batch: int = 64) -> 
 # --- wiring a run folder -------------------------------------------------------------------------
 
 def _eval_loaders(run, batch: int) -> tuple[DataLoader, DataLoader | None]:
-    from fgvc.data.build import build_datasets
-
     data = build_datasets(run.cfg.data, run.cfg.seed, run.mean, run.std)
     loader = lambda ds: DataLoader(ds, batch_size=batch, shuffle=False, num_workers=0)  # noqa: E731
     return loader(data.test), (loader(data.val) if data.val is not None else None)
@@ -525,8 +521,6 @@ def report_run(run_dir: str | Path, fine_run: str | Path | None = None, ks: list
                thresholds: tuple[float, ...] = (), batch: int = 32, min_run_time: float = 0.5,
                rounds: int = 3, drops: tuple[float, ...] = DEFAULT_DROPS, console=None) -> list[Row]:
     """The report of a finished dcn run folder, written into it and printed."""
-    from fgvc.engine.runs import load_run
-
     run = load_run(run_dir)
     test_loader, val_loader = _eval_loaders(run, batch)
     if val_loader is None and (shares or costs or drops):

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from fgvc.analysis.cost import count_flops, count_parameters
 from fgvc.config import flatten, load_recipe, to_yaml
 from fgvc.engine.model_folder import CONFIG_FILE, FGVC_KEY, TIMM_PREFIX, exported_state, timm_loadable
 from fgvc.engine.runs import RunInfo, load_run
@@ -113,8 +114,6 @@ def wilson(p: float, n: int, z: float = INTERVAL_Z) -> tuple[float, float]:
 
 def cost_per_image(run: RunInfo) -> tuple[int, int]:
     """(parameters, FLOPs of one image at the input size) with fgvc/analysis/cost.py's counter."""
-    from fgvc.analysis.cost import count_flops, count_parameters  # torch.utils.benchmark: slow to import
-
     x = torch.zeros(1, 3, run.image_size, run.image_size)
     return count_parameters(run.model), count_flops(run.model, x)
 

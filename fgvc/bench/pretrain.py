@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fgvc.bench.source import ROOT, code_version
 from fgvc.bench.synthetic import train_run
+from fgvc.config import load_recipe
 
 PRETRAIN_RECIPE = "fractal_pretrain"
 WEIGHTS_DIR = "weights"
@@ -43,8 +44,6 @@ def recipe_backbones(cfg) -> dict[str, str]:
 
 def synth_backbones() -> list[str]:
     """Every timm backbone the synth_ recipes use, each once."""
-    from fgvc.config import load_recipe
-
     names: set[str] = set()
     for recipe in synth_recipes():
         cfg = load_recipe([f"recipe={recipe}"])

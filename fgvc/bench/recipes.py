@@ -29,7 +29,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fgvc.analysis.cost import count_flops, count_parameters
+from fgvc.bench import fake_layouts
 from fgvc.bench.source import ROOT, code_version
+from fgvc.config import available_recipes, load_recipe
+from fgvc.engine.trainer import train
+from fgvc.models.build import build_model
 
 REAL_PREFIXES = ("cub_", "cars_", "aircraft_", "nabirds_")
 STEPS = 2  # optimizer steps per recipe
@@ -46,8 +51,6 @@ OUT_OF_MEMORY = (-signal.SIGKILL, 137)  # the kernel's OOM killer; a MemoryError
 
 
 def real_recipes() -> list[str]:
-    from fgvc.config import available_recipes
-
     return [r for r in available_recipes() if r.startswith(REAL_PREFIXES)]
 
 
@@ -58,8 +61,6 @@ def split_counts(total: int, parts: int = 3) -> list[int]:
 
 def write_fake_set(name: str, base: Path, train_images: int, test_images: int) -> Path:
     """The data set's fake layout (real image size) with these numbers of images; its data.root."""
-    from fgvc.bench import fake_layouts
-
     writer, size, _ = REAL_SETS[name]
     per_class = list(zip(split_counts(train_images), split_counts(test_images)))
     return getattr(fake_layouts, writer)(base, per_class=per_class, size=size).root
@@ -68,11 +69,6 @@ def write_fake_set(name: str, base: Path, train_images: int, test_images: int) -
 def run_one(recipe: str, overrides: list[str], work: Path) -> dict:
     """Run the recipe for two steps and one evaluation batch in this process; what it cost."""
     import torch
-
-    from fgvc.analysis.cost import count_flops, count_parameters
-    from fgvc.config import load_recipe
-    from fgvc.engine.trainer import train
-    from fgvc.models.build import build_model
 
     cfg = load_recipe([f"recipe={recipe}", *overrides])
     batch = cfg.train.batch_size
@@ -122,8 +118,6 @@ def recipes_benchmark(recipes: list[str], overrides: list[str], timeout: float, 
     A recipe's finished row is written to `keep/<recipe>.json` with the overrides it ran with and
     reused from there by the next call with the same overrides (a benchmark that outlives a session).
     """
-    from fgvc.config import load_recipe
-
     lines = [f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {code_version()}, on the CPU "
              f"({os.cpu_count()} cores, shared), random weights, fake data sets of the real layouts and image sizes "
              f"({', '.join(f'{k} {w}x{h}' for k, (_, (w, h), _) in REAL_SETS.items())}).", "",

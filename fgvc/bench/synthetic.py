@@ -29,8 +29,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from fgvc.analysis.cost import count_flops, count_parameters, summarize, time_calls
+from fgvc.analysis.localization import compare_table, localize_run
 from fgvc.bench.source import ROOT, code_version
+from fgvc.config import Recipe, flatten, keys_unread_by, load_recipe
+from fgvc.data.build import build_datasets, delivered_side, make_loader
+from fgvc.data.synthetic import class_parts
+from fgvc.engine.runs import load_run
+from fgvc.engine.threads import available_cores
 from fgvc.errors import RunError
+from fgvc.models.build import model_input
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -84,8 +92,6 @@ def recipe_difference(run_dir: Path, args: list[str]) -> tuple[str, object, obje
     and how it was continued (train.resume) do not count."""
     from omegaconf import OmegaConf
 
-    from fgvc.config import Recipe, flatten, keys_unread_by, load_recipe
-
     # a key added to the schema after the run was made counts as its default (which keeps old behaviour)
     a = flatten(OmegaConf.to_container(OmegaConf.structured(Recipe), resolve=True))
     a |= flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "recipe.yaml"), resolve=True))
@@ -132,8 +138,6 @@ def train_all(plan: list[tuple[str, int, Path, list[str]]], jobs: int, log) -> N
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from fgvc.engine.threads import available_cores
-
     threads = max(1, available_cores() // jobs)
     lock = threading.Lock()
 
@@ -150,11 +154,6 @@ def train_all(plan: list[tuple[str, int, Path, list[str]]], jobs: int, log) -> N
 
 def measure(run_dir: Path) -> tuple[int, int, float]:
     """Parameters, FLOPs per image (2 per multiply-add) and median CPU latency per image (batch 1)."""
-    from fgvc.analysis.cost import count_flops, count_parameters, summarize, time_calls
-    from fgvc.engine.runs import load_run
-
-    from fgvc.data.build import delivered_side
-
     run = load_run(run_dir)
     side = delivered_side(run.cfg.data)  # the image the model receives (data.full_resolution)
     x = torch.randn(1, 3, side, side)
@@ -168,12 +167,6 @@ def zoom_part_coverage(run_dir: Path) -> dict[str, float]:
     """RA-CNN: the share of visible class-carrying parts (beak, wings) that lie inside each zoom's
     box, over the test split; next to a centred box of the same size per image (the baseline a
     zoom must beat to have found something)."""
-    from fgvc.data.build import build_datasets, delivered_side
-    from fgvc.data.synthetic import class_parts
-    from fgvc.engine.runs import load_run
-    from fgvc.data.build import make_loader
-    from fgvc.models.build import model_input
-
     run = load_run(run_dir)
     data = build_datasets(run.cfg.data, run.cfg.seed, run.mean, run.std)
     cols = [data.index.part_names.index(p) for p in class_parts(run.cfg.data.synthetic.wing_cue)]
@@ -220,7 +213,6 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
     the baseline's seeds, then the methods seed by seed (so an interrupted benchmark has whole pairs);
     then every finished run is measured."""
     out.mkdir(parents=True, exist_ok=True)
-    from fgvc.analysis.localization import compare_table, localize_run
 
     source = code_version()  # what trained the runs: taken before hours of work, not after
     order = [(m, s) for s in seeds for m in methods if m == BASELINE] + [(m, s) for s in seeds for m in methods if m != BASELINE]

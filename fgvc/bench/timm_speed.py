@@ -39,6 +39,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fgvc.bench.source import ROOT, code_version
+from fgvc.config import load_recipe
+from fgvc.data.build import read_index
 from fgvc.errors import RunError, UserError
 
 RECIPE = "synth_baseline"
@@ -191,9 +193,6 @@ def timm_origin(train_py: Path) -> str:
 def timm_speed(timm_train: str, rounds: int, epochs: int, threads: int, runs: Path, overrides: list[str],
                source: str = "") -> str:
     """Run both tools `rounds` times, alternating; the page's body (settings, table, median ratio)."""
-    from fgvc.config import load_recipe
-    from fgvc.data.build import read_index
-
     train_py = check_timm_train(timm_train)
     if epochs <= WARMUP_EPOCHS or rounds < 1:
         raise UserError(f"--epochs must be more than the {WARMUP_EPOCHS} warm-up epoch(s) and --rounds at "

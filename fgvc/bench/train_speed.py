@@ -28,16 +28,21 @@ from pathlib import Path
 
 import torch
 
+from fgvc.bench.recipes import write_fake_set
 from fgvc.config import load_recipe
+from fgvc.data.build import build_datasets, delivered_side, make_loader, read_index
+from fgvc.engine.losses import build_criterion, build_schedule
+from fgvc.engine.optim import build_optimizer
+from fgvc.engine.speed import apply_speed_switches
+from fgvc.engine.trainer import train
 from fgvc.errors import UserError
+from fgvc.models.build import build_model, data_backbone, mean_std
 
 WARMUP_EPOCHS = 1  # epochs not timed: first-call costs (allocator, worker start, JIT-like caches)
 
 
 def real_path(cfg) -> float:
     """Images per second of the trainer's training epochs (train time only, after warm-up), median."""
-    from fgvc.engine.trainer import train
-
     train(cfg)
     rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     timed = rows[WARMUP_EPOCHS:] or rows
@@ -47,12 +52,6 @@ def real_path(cfg) -> float:
 def bare_loop(cfg, num_images: int, epochs: int, device: str = "cpu") -> list[float]:
     """Images per second of each epoch (after warm-up) of forward + backward + step on in-memory
     tensors, same model, switches, precision and optimizer, on `device`."""
-    from fgvc.data.build import delivered_side, read_index
-    from fgvc.engine.losses import build_criterion, build_schedule
-    from fgvc.engine.optim import build_optimizer
-    from fgvc.engine.speed import apply_speed_switches
-    from fgvc.models.build import build_model
-
     t = cfg.train
     torch.manual_seed(cfg.seed)
     index = read_index(cfg.data)
@@ -85,9 +84,6 @@ def bare_loop(cfg, num_images: int, epochs: int, device: str = "cpu") -> list[fl
 
 def data_pipeline(cfg) -> tuple[float, int]:
     """Images per second of the training DataLoader alone, and the number of training images."""
-    from fgvc.data.build import build_datasets, make_loader
-    from fgvc.models.build import data_backbone, mean_std
-
     mean, std = mean_std(data_backbone(cfg.model))
     data = build_datasets(cfg.data, cfg.seed, mean, std)
     loader = make_loader(data.train, cfg.train.batch_size, cfg.data.num_workers, True)
@@ -116,7 +112,6 @@ def train_speed(recipe: str, epochs: int, overrides: list[str], device: str = "c
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if fake_images:
-                from fgvc.bench.recipes import write_fake_set
 
                 name = load_recipe([f"recipe={recipe}", *overrides]).data.name
                 root = write_fake_set(name, Path(tmp) / "data", fake_images, 8)

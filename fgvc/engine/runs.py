@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fgvc.config import load_recipe, to_yaml
+from fgvc.engine.guard import SET_ASIDE, check_replaceable, set_aside_old_run
 from fgvc.engine.model_folder import CONFIG_FILE, is_model_folder, read_model_folder
 from fgvc.errors import DataError, RunError, UserError
 from fgvc.models.build import build_model
@@ -75,8 +76,6 @@ def check_run_dir(cfg: DictConfig) -> str:
     """What to do with output_dir: 'new', 'resume' or 'overwrite'. Read-only, so every process can
     call it before any of them writes; raises UserError where the user must decide. The main
     process asks again once it holds the folder's lock (fgvc/engine/guard.py)."""
-    from fgvc.engine.guard import SET_ASIDE, check_replaceable
-
     out = Path(cfg.output_dir)
     finished = (out / "metrics.json").is_file()
     started = ((out / "metrics.jsonl").is_file() or bool(checkpoints(out)) or (out / SET_ASIDE).is_dir()
@@ -118,8 +117,6 @@ def _inside(path: Path, folder: Path) -> bool:
 def prepare_run_dir(cfg: DictConfig, action: str) -> Path:
     """Create the folder and save the resolved recipe (main process only, holding the folder's lock).
     `overwrite=true` is never saved: a repeated recipe must not delete anything."""
-    from fgvc.engine.guard import set_aside_old_run
-
     out = Path(cfg.output_dir)
     if action == "overwrite" and out.is_dir():
         set_aside_old_run(out)

@@ -9,6 +9,10 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from fgvc.errors import UserError
+from fgvc.models.attention.options import BlockOptions
+from fgvc.models.classifier import Classifier
+from fgvc.models.dcn import DCN
+from fgvc.models.zoom import RACNN
 from fgvc.registry import Registry
 
 # arch name -> builder(model_cfg, num_classes, image_size) -> nn.Module
@@ -17,9 +21,6 @@ ARCHS: Registry = Registry("model.arch")
 
 @ARCHS.register("classifier")
 def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
-    from fgvc.models.attention.options import BlockOptions
-    from fgvc.models.classifier import Classifier
-
     a = m.attention
     options = BlockOptions(mlp_bias=a.mlp_bias, spatial_order=a.spatial_order, spatial_norm=a.spatial_norm,
                            spatial_bn_momentum=a.spatial_bn_momentum, spatial_bn_zero_init=a.spatial_bn_zero_init,
@@ -34,8 +35,6 @@ def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
 
 @ARCHS.register("racnn")
 def _racnn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
-    from fgvc.models.zoom import RACNN
-
     z = m.zoom
     return RACNN(m.backbone, num_classes, image_size=image_size, scales=z.scales,
                  share_backbone=z.share_backbone, fuse=z.fuse, min_side=z.min_side,
@@ -45,8 +44,6 @@ def _racnn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
 
 @ARCHS.register("dcn")
 def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
-    from fgvc.models.dcn import DCN
-
     d = m.dcn
     if m.weights:  # one file cannot hold two networks; never ignore it silently
         raise UserError("model.weights is not used by model.arch=dcn; give model.dcn.coarse_weights and/or "
