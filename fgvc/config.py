@@ -142,7 +142,7 @@ class DcnConfig:
     detach_fusion: bool = key(True, "fuse: the fused classifier's loss trains only it; each network learns from its branch's "
                               "loss")
     top_hidden: bool = key(False, "true: the paper's 1x1 conv + ReLU before pooling (collapsed in training: "
-                           "results/coarse_fine/README.md); false: pool, classify")
+                           "results/coarse_fine/design.md); false: pool, classify")
 
 
 @dataclass
@@ -176,7 +176,7 @@ class ZoomTrainConfig:
 class DcnTrainConfig:
     """The DCN's losses and its schedule of patches per update."""
 
-    hint_weight: float = key(0.0, "the paper's hint loss (1.0 in the paper; results/coarse_fine/README.md for why fgvc uses 0)")
+    hint_weight: float = key(0.0, "the paper's hint loss (1.0 in the paper; results/coarse_fine/design.md for why fgvc uses 0)")
     coarse_weight: float = key(1.0, "cross-entropy on the coarse prediction (for early exit)")
     fine_weight: float = key(1.0, "cross-entropy on the patch branch alone (the k refined patches)")
     k_min: int = key(1, "k drawn per update from k_min..k_max (when k_max > 0)")

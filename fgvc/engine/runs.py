@@ -8,6 +8,12 @@
     output_dir/checkpoints/       Accelerate states, epoch_NNNN, the last `train.keep_checkpoints`
     output_dir/.lock              held by the run's main process (fgvc/engine/guard.py)
     output_dir/.replaced_run/     overwrite=true: the old run, until the new one's first checkpoint
+
+Its lifecycle in a training run, in order: `check_run_dir` (every process: new, resume or
+overwrite, before anything is built), `claim_run_dir` (main process: lock, decide again under the
+lock, set an old run aside, write recipe.yaml), the first checkpoint drops a set-aside run
+(fgvc/engine/checkpoint.py) and a run that fails before it puts the old run back
+(`guard.replaced_run_kept_until_started`, around `train` in fgvc/train.py).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fgvc.config import load_recipe, to_yaml
-from fgvc.engine.guard import SET_ASIDE, check_replaceable, set_aside_old_run
+from fgvc.engine.guard import SET_ASIDE, check_replaceable, lock_run_dir, set_aside_old_run
 from fgvc.engine.model_folder import CONFIG_FILE, is_model_folder, read_model_folder
 from fgvc.errors import DataError, RunError, UserError
 from fgvc.models.build import build_model
@@ -114,10 +120,14 @@ def _inside(path: Path, folder: Path) -> bool:
     return path.resolve().parent == folder.resolve()
 
 
-def prepare_run_dir(cfg: DictConfig, action: str) -> Path:
-    """Create the folder and save the resolved recipe (main process only, holding the folder's lock).
-    `overwrite=true` is never saved: a repeated recipe must not delete anything."""
+def claim_run_dir(cfg: DictConfig, action: str) -> Path:
+    """Main process only: hold the folder's lock until the process ends, decide again under it
+    (another run may have written the folder since `check_run_dir`), set an old run aside
+    (overwrite=true), create the folder and save the resolved recipe. `overwrite=true` is never
+    saved: a repeated recipe must not delete anything."""
     out = Path(cfg.output_dir)
+    lock_run_dir(out)
+    check_run_dir(cfg)
     if action == "overwrite" and out.is_dir():
         set_aside_old_run(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)

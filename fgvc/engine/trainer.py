@@ -29,13 +29,12 @@ from torch.utils.data import DataLoader
 
 from fgvc.data.build import DataSplits, build_datasets, make_loader, read_index
 from fgvc.engine.checkpoint import TrainState, load_checkpoint, load_extras, save_checkpoint, truncate_log
-from fgvc.engine.guard import (SCHEDULE_KEYS, SET_ASIDE, check_precision, check_resume, check_weights_finite,
-                              lock_run_dir)
+from fgvc.engine.guard import SCHEDULE_KEYS, SET_ASIDE, check_precision, check_resume, check_weights_finite
 from fgvc.engine.losses import build_criterion, build_schedule
 from fgvc.engine.metrics import predict, split_metrics
 from fgvc.engine.optim import build_lr_scheduler, build_optimizer
 from fgvc.engine.speed import apply_speed_switches
-from fgvc.engine.runs import (atomic_write_text, check_run_dir, model_meta, prepare_run_dir, resolve_resume,
+from fgvc.engine.runs import (atomic_write_text, check_run_dir, claim_run_dir, model_meta, resolve_resume,
                               save_weights)
 from fgvc.engine.trackers import PROJECT_NAME, tracker_config, tracker_names
 from fgvc.errors import RunError
@@ -80,7 +79,7 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 
 def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Run:
     """Data, model, loss, optimizer and schedule, all built and checked before the run folder is
-    touched; then, holding the folder's lock, the folder (fgvc/engine/guard.py); the checkpoint to
+    touched; then, holding the folder's lock, the folder (fgvc/engine/runs.py); the checkpoint to
     continue, if any."""
     check_precision(cfg, accelerator.device)
     action = check_run_dir(cfg)  # every process decides the same, before any writes
@@ -106,11 +105,9 @@ def start_run(cfg: DictConfig, accelerator: Accelerator, console: Console) -> Ru
     schedule = build_schedule(cfg, updates_per_epoch)  # RA-CNN's phases; None for other archs
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        lock_run_dir(out)
-        check_run_dir(cfg)  # again, under the lock: another run may have written the folder meanwhile
+        claim_run_dir(cfg, action)
         if action == "overwrite":
             console.print(f"the old run in {out} waits in {out / SET_ASIDE} until this run's first checkpoint")
-        prepare_run_dir(cfg, action)
         atomic_write_text(out / "model.json", json.dumps(
             model_meta(cfg, index.class_names, index.part_names, mean, std), indent=1))
     accelerator.wait_for_everyone()

@@ -14,8 +14,8 @@ more channels), so here M reads x (B, C_in, H_in, W_in), its last interpolation 
 its first 1x1 convolution maps C_in to T's C channels: with equal shapes this is exactly the paper's M.
 
 `form="output_mask"` is a variant: (1 + M(T)) * T, the mask computed from the trunk's output, one
-residual unit at the lowest resolution, upsampling with align_corners=False (results/README.md
-compares the two).
+residual unit at the lowest resolution, upsampling with align_corners=False (results/attention.md
+lists every such choice beside the paper's).
 
 Mask depth from the feature size: the paper pools 56x56 maps three times, 28x28 twice and 14x14
 once, i.e. down to about 7x7; `mask_depth(side)` reproduces that rule for any input. Maps smaller
