@@ -4,10 +4,12 @@
     cfg = load_recipe(["recipe=cub_cbam", "train.lr=0.01"])
 
 Order of precedence: schema defaults < the recipe's base (`base: cub_baseline`, itself possibly based
-on another) < recipes/NAME.yaml < command-line overrides. A key's allowed values (`one_of`) and the
-model.arch it applies to (`only_for`) sit beside it in the schema; `validate` is the one check of the
-resolved recipe. Every user mistake (unknown recipe, unknown key, wrong type, bad choice, a key the
-model.arch ignores, a value out of range) raises `UserError` with one sentence.
+on another) < recipes/NAME.yaml < command-line overrides. Every key is declared once, with its
+default and one line of meaning (`key`, fgvc/schema.py), its allowed values (`one_of`) and the
+model.arch it applies to (`only_for`); `key_listing` prints them (`fgvc-train --keys`) and
+`validate` is the one check of the resolved recipe. Every user mistake (unknown recipe, unknown key,
+wrong type, bad choice, a key the model.arch ignores, a value out of range) raises `UserError` with
+one sentence.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ KEYS_ADDED_LATER = {
 SAVED_RUN_MARK = "model.attention.reduction"  # a key every saved run's recipe.yaml has
 
 
-# The generated sets' sections are their generators' own specs (defaults and help declared there)
+# A recipe key is declared as `name: type = key(default, "one line of meaning")` (or `one_of(default,
+# choices, "meaning")`, `only_for(*archs, default=..., help="meaning")`): `fgvc-train --keys` prints
+# that line and tests/test_config.py fails for a key without one; a trailing `# comment` is not read.
+# The generated sets' sections are their generators' own specs (defaults and help declared there).
 SyntheticConfig = recipe_section(SyntheticSpec, "SyntheticConfig")
 FractalConfig = recipe_section(FractalSpec, "FractalConfig")
 
@@ -290,7 +295,7 @@ def _unknown_key(key: str, where: str) -> UserError:
     if key in RENAMED_KEYS:
         return UserError(f"recipe key '{key}' was replaced ({where}); write {RENAMED_KEYS[key]} instead.")
     close = closest_key(key, _all_keys(OmegaConf.structured(Recipe)))
-    hint = f"did you mean '{close}'?" if close else "see fgvc/config.py for every key."
+    hint = f"did you mean '{close}'?" if close else "`fgvc-train --keys` lists every key."
     return UserError(f"recipe key '{key}' does not exist ({where}); {hint}")
 
 
