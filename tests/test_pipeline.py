@@ -128,3 +128,12 @@ def test_randaugment_and_erasing_change_images_and_repeat_with_the_seed(keys):
 def test_randaugment_with_annotations_is_refused():
     with pytest.raises(ValueError, match="boxes and parts"):
         PairedTransform(48, True, MEAN, STD, annotations=True, randaugment="rand-m9")
+
+
+def test_the_data_benchmark_times_the_training_pipeline():
+    from fgvc.bench.data_speed import data_speed
+
+    page = data_speed(num_images=2, rounds=1)
+    rows = [line for line in page.splitlines() if line.startswith("| CUB") or line.startswith("| Cars")]
+    assert len(rows) == 2 and all(float(r.split("|")[2].split()[0]) > 0 for r in rows)  # images/s measured
+    assert "loading processes" in page
