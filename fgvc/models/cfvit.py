@@ -178,11 +178,11 @@ class CFViT(nn.Module):
     def __init__(self, backbone: str, num_classes: int, image_size: int, coarse_grid: int = 0, share: float = 0.5,
                  rank_layers: list[int] | tuple[int, ...] = (), rank_decay: float = 0.99, reuse: bool = True,
                  exit_threshold: float = NEVER_EXIT, pretrained: bool = False, weights: str = "",
-                 drop_rate: float = 0.0, drop_path: float = 0.0) -> None:
+                 drop_rate: float = 0.0, drop_path: float = 0.0, backbone_args: dict | None = None) -> None:
         super().__init__()
         try:
             net, names = create_backbone(backbone, num_classes, pretrained, weights, img_size=image_size,
-                                         drop_rate=drop_rate, drop_path_rate=drop_path)
+                                         drop_rate=drop_rate, drop_path_rate=drop_path, **(backbone_args or {}))
         except TypeError:  # a CNN does not take img_size
             raise UserError(f"model.backbone '{backbone}' is not a vision transformer; model.arch=cfvit needs a "
                             "timm ViT, DeiT or EVA such as deit_small_patch16_224 or test_vit.") from None
