@@ -590,13 +590,38 @@ def cost_rows(model: DCN, whole: DCN, image_size: int, ks: list[int], batch: int
 
 
 def cost_line(rows: list[Row]) -> str:
-    """Each dcn row's FLOPs share and speed-ups against the whole-image fine network (goal: <= 35%, >= 2x)."""
+    """Each dcn (or cf-vit) row's FLOPs share and speed-ups against the whole-image fine network
+    (the DCN's goal: <= 35%, >= 2x; CF-ViT's: <= 65%, >= 1.3x at the large batch)."""
     fine = next(r for r in rows if r.kind == "fine")
+    cfvit = any(r.kind == "cfvit" for r in rows)
     parts = [f"{r.label}: {100 * r.gflops / fine.gflops:.0f}% of the whole-image FLOPs, "
              f"{fine.lat_b1_ms / r.lat_b1_ms:.2f}x its speed at batch 1 and {fine.lat_batch_ms / r.lat_batch_ms:.2f}x "
-             f"at the large batch" for r in rows if r.kind == "dcn"]
-    return (f"Against {fine.label} (goal: <= {100 * GOAL_FLOPS_SHARE:.0f}% of its FLOPs, >= {GOAL_SPEEDUP:g}x "
+             f"at the large batch" for r in rows if r.kind in (("coarse", "cfvit") if cfvit else ("dcn",))]
+    share, speed = (CFVIT_GOAL_FLOPS_SHARE, CFVIT_GOAL_SPEEDUP) if cfvit else (GOAL_FLOPS_SHARE, GOAL_SPEEDUP)
+    return (f"Against {fine.label} (goal: <= {100 * share:.0f}% of its FLOPs, >= {speed:g}x "
             f"faster): " + "; ".join(parts) + ".")
+
+
+def cfvit_cost_rows(model: CFViT, image_size: int, ks: list[int], batch: int = 32, rounds: int = 3,
+                    min_run_time: float = 0.5) -> list[Row]:
+    """FLOPs, parameters and CPU latency per image (batch 1 and `batch`) of a CF-ViT's coarse pass,
+    its fine pass with every token re-split, and the fine pass re-splitting k tokens, for each k."""
+    model.eval()
+    big = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))  # (N, 3, H, W)
+    n = model.num_coarse
+    reuse = " + coarse pass (reuse)" if model.reuse is not None else ""
+    paths: dict[str, tuple[str, int, Callable[[Tensor], object], float]] = {
+        "coarse pass": ("coarse", 0, lambda x: model(x, tokens=0).logits, count_parameters(model.net) / 1e6),
+        f"fine: every token re-split (k={n}){reuse}": ("fine", n, model.whole_image, count_parameters(model) / 1e6)}
+    for k in ks:
+        if k < n:
+            paths[f"cf-vit k={k}/{n}"] = ("cfvit", k, lambda x, k=k: model(x, tokens=k).fine_logits,
+                                          count_parameters(model) / 1e6)
+    lat = timings([Timed(fn, big) for _, _, fn, _ in paths.values()], min_run_time, rounds)
+    nan = float("nan")
+    return [Row(name, kind, k, nan, "", 1.0 if kind != "coarse" else 0.0, nan, nan,
+                transformer_flops(fn, big[:1], model) / 1e9, params, *times)
+            for (name, (kind, k, fn, params)), times in zip(paths.items(), lat)]
 
 
 def report_cost(overrides: list[str], out_dir: str | Path, ks: list[int] | None = None, num_classes: int = 200,
@@ -612,16 +637,20 @@ def report_cost(overrides: list[str], out_dir: str | Path, ks: list[int] | None 
     if not overwrite and any(p.exists() for p in paths):
         raise UserError(f"'{out_dir}' already holds a coarse-fine cost report; pass --overwrite or another --out.")
     cfg = load_recipe(overrides)
-    if cfg.model.arch != "dcn" or cfg.model.dcn.whole_image:
+    if cfg.model.arch not in ("dcn", "cfvit") or cfg.model.dcn.whole_image:
         raise UserError("the coarse-fine cost report needs a dcn recipe with model.dcn.whole_image=false, "
-                        "e.g. recipe=cub_dcn.")
+                        "e.g. recipe=cub_dcn, or a cfvit recipe such as recipe=cub_cfvit.")
     cfg.model.pretrained, cfg.model.weights = False, ""  # random weights cost the same; nothing is fetched
     size = cfg.data.image_size
     model = build_model(cfg.model, num_classes, size)
-    cfg.model.dcn.whole_image = True
-    whole = build_model(cfg.model, num_classes, size)
-    rows = cost_rows(model, whole, size, sorted(set(ks or [model.top_k]) - {0}), batch, rounds, min_run_time)
-    header = f"cost of `{' '.join(overrides)}` against model.dcn.whole_image=true at {size} px"
+    if cfg.model.arch == "cfvit":
+        rows = cfvit_cost_rows(model, size, sorted(set(ks or cfvit_ks(model)) - {0}), batch, rounds, min_run_time)
+        header = f"cost of `{' '.join(overrides)}` against its fine pass with every token re-split at {size} px"
+    else:
+        cfg.model.dcn.whole_image = True
+        whole = build_model(cfg.model, num_classes, size)
+        rows = cost_rows(model, whole, size, sorted(set(ks or [model.top_k]) - {0}), batch, rounds, min_run_time)
+        header = f"cost of `{' '.join(overrides)}` against model.dcn.whole_image=true at {size} px"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths[0].write_text(markdown(rows, header, batch, summary=cost_line(rows), note=COST_NOTE))
     write_csv(rows, paths[1])
