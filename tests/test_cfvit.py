@@ -170,6 +170,17 @@ def test_a_training_step_on_a_tiny_vit():
     assert not torch.equal(before, model.reuse[1].fc2.weight)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x, y = images(), torch.tensor([0, 3])
+    grads = []
+    for on in (False, True):
+        model = tiny().train()
+        model.net.set_grad_checkpointing(on)
+        CfvitLoss()(model(x), y)["loss"].backward()
+        grads.append(model.net.blocks[0].mlp.fc1.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def test_recipes_validate_and_mistakes_are_one_sentence():
     for name in ("synth_cfvit", "cub_cfvit"):
         cfg = load_recipe([f"recipe={name}"])

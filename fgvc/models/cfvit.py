@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from fgvc.errors import UserError
 from fgvc.models.classifier import create_backbone
@@ -269,10 +270,14 @@ class CFViT(nn.Module):
         hooks = [a.attn_drop.register_forward_hook(
             lambda m, inputs, out: rows.append(class_attention(inputs[0].detach(), self.num_prefix_tokens)))
             for a in attns]
+        checkpointed = getattr(net, "grad_checkpointing", False) and torch.is_grad_enabled()
         try:
             with explicit_attention(attns):
-                for blk in net.blocks:
-                    x = blk(x)
+                for i, blk in enumerate(net.blocks):
+                    if checkpointed and i not in record:  # train.grad_checkpointing; the ranking blocks are kept
+                        x = checkpoint(blk, x, use_reentrant=False)
+                    else:
+                        x = blk(x)
         finally:
             for h in hooks:
                 h.remove()
