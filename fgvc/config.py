@@ -570,6 +570,9 @@ def validate(cfg: DictConfig) -> None:
     if d.full_resolution != 1 and not (m.arch == "racnn" or m.attention.type == "stn"):
         raise UserError(f"data.full_resolution is {d.full_resolution} but only model.arch=racnn and "
                         "model.attention.type=stn read pixels beyond data.image_size; set data.full_resolution=1.")
+    if m.cfvit.share <= 0:
+        raise UserError(f"model.cfvit.share is {m.cfvit.share} but must be above 0 (the fine pass re-splits at least "
+                        "one token); the paper's is 0.5.")
     if m.cfvit.rank_decay >= 1:
         raise UserError(f"model.cfvit.rank_decay is {m.cfvit.rank_decay} but must be below 1 (at 1 the average never "
                         "moves from 0); the paper's is 0.99.")

@@ -49,7 +49,7 @@ def test_every_token_without_reuse_is_the_plain_vit(kind):
         plain = model.net(x)  # (B, K): the timm network alone
         out = model(x)
         assert torch.equal(out.fine_logits, plain)
-        assert torch.equal(model.whole_image(x), plain)
+        assert torch.equal(model.forward_every_token(x), plain)
     assert out.chosen.tolist() == [[0, 1, 2, 3]] * 2
 
 
@@ -188,6 +188,8 @@ def test_recipes_validate_and_mistakes_are_one_sentence():
     assert load_recipe(["recipe=cub_cfvit"]).data.image_size == 224
     with pytest.raises(UserError, match="model.arch=classifier ignores it"):
         load_recipe(["model.cfvit.share=0.25"])
+    with pytest.raises(UserError, match="model.cfvit.share is 0.0"):
+        load_recipe(["recipe=synth_cfvit", "model.cfvit.share=0"])
     with pytest.raises(UserError, match="rank_decay"):
         load_recipe(["recipe=synth_cfvit", "model.cfvit.rank_decay=1.0"])
     with pytest.raises(UserError, match="data.image_size=32"):

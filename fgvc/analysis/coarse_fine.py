@@ -360,11 +360,11 @@ def cfvit_rows(model: CFViT, test_loader: DataLoader, num_classes: int, val_load
     rows.append(Row("coarse pass", "coarse", 0, nan, "", 0.0, *acc(coarse_logits), coarse_flops / 1e9,
                     count_parameters(model.net) / 1e6, *untimed))
     paths.append(Timed(coarse_fn, big))
-    reference_flops = transformer_flops(model.whole_image, one, model)
+    reference_flops = transformer_flops(model.forward_every_token, one, model)
     label = f"fine: every token re-split (k={n})"
     rows.append(Row(label + (" + coarse pass (reuse)" if model.reuse is not None else ""), "fine", n, nan, "", 1.0,
                     *acc(by_k[n]), reference_flops / 1e9, params, *untimed))
-    paths.append(Timed(model.whole_image, big))
+    paths.append(Timed(model.forward_every_token, big))
     if fine_model is not None:
         fine_model.eval()
         fine_fn = _logits_fn(fine_model)
@@ -612,7 +612,7 @@ def cfvit_cost_rows(model: CFViT, image_size: int, ks: list[int], batch: int = 3
     reuse = " + coarse pass (reuse)" if model.reuse is not None else ""
     paths: dict[str, tuple[str, int, Callable[[Tensor], object], float]] = {
         "coarse pass": ("coarse", 0, lambda x: model(x, tokens=0).logits, count_parameters(model.net) / 1e6),
-        f"fine: every token re-split (k={n}){reuse}": ("fine", n, model.whole_image, count_parameters(model) / 1e6)}
+        f"fine: every token re-split (k={n}){reuse}": ("fine", n, model.forward_every_token, count_parameters(model) / 1e6)}
     for k in ks:
         if k < n:
             paths[f"cf-vit k={k}/{n}"] = ("cfvit", k, lambda x, k=k: model(x, tokens=k).fine_logits,
@@ -679,6 +679,9 @@ def design_table(run_dirs: list[str | Path], ks: list[int], batch: int = 64) -> 
         n = len(run.class_names)
         one = images(test_loader, 1)
         model = run.model
+        if isinstance(model, CFViT):
+            raise UserError(f"'{run_dir}' is a cfvit run; coarse-fine-design compares dcn runs: use "
+                            f"`python fgvc/report.py coarse-fine {run_dir}` for it.")
         if model.whole_image:
             accs = []
             for loader in (val_loader, test_loader):

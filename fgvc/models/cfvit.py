@@ -321,7 +321,7 @@ class CFViT(nn.Module):
     def needs_coarse(self, k: int) -> bool:
         return k < self.num_coarse or self.reuse is not None
 
-    def whole_image(self, x: Tensor) -> Tensor:
+    def forward_every_token(self, x: Tensor) -> Tensor:
         """The reference path: every token re-split (the coarse pass runs only if reuse needs it)."""
         coarse = self.coarse_pass(x) if self.needs_coarse(self.num_coarse) else None
         return self.fine_pass(x, coarse, self.num_coarse)[0]
