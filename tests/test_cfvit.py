@@ -34,16 +34,23 @@ def images(n: int = 2, seed: int = 1) -> torch.Tensor:
 # a tiny ViT with two register tokens after the class token, pooled by averaging the patch tokens,
 # with and without position embeddings for the prefix tokens
 TINY_VIT = dict(depth=4, embed_dim=32, num_heads=2, reg_tokens=2, global_pool="avg")
-BACKBONES = {"test_vit": {}, "registers": TINY_VIT, "registers-no-embed-class": TINY_VIT | dict(no_embed_class=True)}
+TINY = dict(depth=4, embed_dim=32, num_heads=2)
+BACKBONES = {  # name: (timm model, tiny kwargs, prefix tokens)
+    "test_vit": ("test_vit", {}, 1),
+    "registers": ("vit_tiny_patch16_224", TINY_VIT, 3),
+    "registers-no-embed-class": ("vit_tiny_patch16_224", TINY_VIT | dict(no_embed_class=True), 3),
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", TINY, 2),
+    "eva-01": ("eva_giant_patch14_224", TINY | dict(patch_size=16, mlp_ratio=2), 1),
+}
 
 
 @pytest.mark.parametrize("kind", list(BACKBONES))
 def test_every_token_without_reuse_is_the_plain_vit(kind):
     """Tolerance: none. The fine pass runs timm's own modules in timm's order on the full image's
     tokens in raster order, so the logits are bitwise equal (torch.equal)."""
-    backbone = "test_vit" if kind == "test_vit" else "vit_tiny_patch16_224"
-    model = tiny(backbone=backbone, share=1.0, reuse=False, backbone_args=BACKBONES[kind])
-    assert model.num_prefix_tokens == (1 if kind == "test_vit" else 3)
+    backbone, kwargs, prefix = BACKBONES[kind]
+    model = tiny(backbone=backbone, share=1.0, reuse=False, backbone_args=kwargs)
+    assert model.num_prefix_tokens == prefix
     x = images()
     with torch.no_grad():
         plain = model.net(x)  # (B, K): the timm network alone

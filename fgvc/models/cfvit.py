@@ -240,10 +240,11 @@ class CFViT(nn.Module):
         return 0 if getattr(self.net, "no_embed_class", False) else self.num_prefix_tokens
 
     def prefix_tokens(self, batch: int) -> Tensor:
-        """(B, P, C) class and register tokens, with their position embedding if the network has one."""
+        """(B, P, C) class, distillation (DeiT) and register tokens in timm's order, with their position
+        embedding if the network has one."""
         net = self.net
-        prefix = torch.cat([t.expand(batch, -1, -1) for t in (net.cls_token, getattr(net, "reg_token", None))
-                            if t is not None], 1)  # (B, P, C)
+        extra = (getattr(net, "dist_token", None), getattr(net, "reg_token", None))
+        prefix = torch.cat([t.expand(batch, -1, -1) for t in (net.cls_token, *extra) if t is not None], 1)  # (B, P, C)
         n = self._prefix_pos()
         return prefix + net.pos_embed[:, :n] if n else prefix
 
@@ -263,8 +264,8 @@ class CFViT(nn.Module):
         (B, P + N, C) after the last norm, and the class attention (B, N) of each block in `record`."""
         net = self.net
         x = net.pos_drop(torch.cat([prefix, patches], 1))  # (B, P + N, C)
-        x = getattr(net, "patch_drop", nn.Identity())(x)
-        x = getattr(net, "norm_pre", nn.Identity())(x)
+        for step in (getattr(net, "patch_drop", None), getattr(net, "norm_pre", None)):  # EVA may have neither
+            x = x if step is None else step(x)
         rows: list[Tensor] = []
         attns = [net.blocks[i].attn for i in record]
         hooks = [a.attn_drop.register_forward_hook(
