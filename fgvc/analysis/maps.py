@@ -275,12 +275,12 @@ def cfvit_tokens(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str,
     with torch.no_grad():
         out = model(images)
     size = tuple(images.shape[-2:])
-    maps = {"cfvit_class_attention": normalise(to_input(out.class_attention, size))}
+    maps = {}
     if out.chosen is not None:
         b, h, w = out.class_attention.shape
         cells = torch.zeros(b, h * w, device=images.device).scatter_(1, out.chosen, 1.0)  # (B, h*w)
         maps["cfvit_tokens"] = F.interpolate(cells.view(b, 1, h, w), size=size, mode="nearest")[:, 0]  # (B, H, W)
-    return maps
+    return maps | {"cfvit_class_attention": normalise(to_input(out.class_attention, size))}  # last: it has a peak
 
 
 # ---------------------------------------------------------------------------------------------
