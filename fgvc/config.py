@@ -31,7 +31,7 @@ from fgvc.schema import key, one_of, only_for, recipe_section
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "synth_baseline"
 BASE_KEY = "base"  # a recipe file's `base: NAME` names the recipe it states differences from
-ARCHS = ("classifier", "racnn", "dcn")
+ARCHS = ("classifier", "racnn", "dcn", "cfvit")
 # timm.layers.get_attn's same-shape modules; `timm_NAME` forces timm's block where fgvc has its own
 TIMM_ATTENTION = ("se", "ese", "eca", "ecam", "ceca", "ge", "gc", "gca", "cbam", "lcbam", "coord", "scoord",
                   "ela", "strip", "sk", "splat", "nl", "bat")
@@ -151,19 +151,32 @@ class DcnConfig:
 
 
 @dataclass
+class CfvitConfig:
+    """CF-ViT (Chen et al., AAAI 2023): coarse-to-fine tokens inside one vision transformer (models/cfvit.py)."""
+
+    coarse_grid: int = key(0, "coarse token grid side, half the fine one; 0 = data.image_size / patch / 2 (paper: 7 at 224 px)")
+    share: float = key(0.5, "share of the coarse tokens re-split into 2x2 full-resolution tokens at inference (paper: 0.5)")
+    rank_layers: list[int] = key(default_factory=list, help="blocks whose class attention ranks tokens; [] = 4th to last (paper)")
+    rank_decay: float = key(0.99, "EMA of the class attention over those blocks, g = d * g + (1 - d) * a_l (paper: 0.99)")
+    reuse: bool = key(True, "feature reuse: MLP(LN(coarse final tokens)) added to the fine patch embeddings (paper: on)")
+    exit_threshold: float = key(2.0, "coarse confidence to stop after the coarse pass; > 1 = never (authors' headline: 1, never)")
+
+
+@dataclass
 class ModelConfig:
     """The network: model.arch and its backbone(s)."""
 
     arch: str = one_of("classifier", ARCHS, "classifier: a backbone with optional attention; racnn: RA-CNN zooms; dcn: "
-                       "coarse/fine DCN")
-    backbone: str = only_for("classifier", "racnn", default="test_resnet", help="any timm name (dcn: model.dcn.*)")
+                       "coarse/fine DCN; cfvit: CF-ViT's coarse-to-fine tokens in one transformer")
+    backbone: str = only_for("classifier", "racnn", "cfvit", default="test_resnet", help="any timm name (dcn: model.dcn.*)")
     pretrained: bool = key(False, "start from timm's pretrained weights (downloaded from the Hugging Face hub)")
     weights: str = key("", "a local .safetensors / .pth file of backbone weights")
-    drop_rate: float = only_for("classifier", default=0.0, help="dropout before the classifier")
-    drop_path: float = only_for("classifier", default=0.0, help="stochastic depth rate of the timm backbone")
+    drop_rate: float = only_for("classifier", "cfvit", default=0.0, help="dropout before the classifier")
+    drop_path: float = only_for("classifier", "cfvit", default=0.0, help="stochastic depth rate of the timm backbone")
     attention: AttentionConfig = only_for("classifier", default_factory=AttentionConfig)
     zoom: ZoomConfig = only_for("racnn", default_factory=ZoomConfig)
     dcn: DcnConfig = only_for("dcn", default_factory=DcnConfig)
+    cfvit: CfvitConfig = only_for("cfvit", default_factory=CfvitConfig)
 
 
 @dataclass
@@ -189,6 +202,17 @@ class DcnTrainConfig:
     random_share: float = key(0.25, "share of the k training patches drawn at random instead of by saliency")
     fine_epochs: int = key(0, "stage 1: every training patch random")
     select_epochs: int = key(0, "stage 2: fine network frozen; then joint")
+
+
+@dataclass
+class CfvitTrainConfig:
+    """CF-ViT's losses and stages, as in the authors' code (deit/engine_deit.py, main_deit.py)."""
+
+    fine_weight: float = key(1.0, "cross-entropy on the fine pass (authors: 1)")
+    coarse_weight: float = key(0.0, "cross-entropy on the coarse pass (authors: 0, it learns by distillation only)")
+    distill_weight: float = key(1.0, "KL(softmax(stop-gradient fine logits) || softmax(coarse logits)), batch mean (authors: 1)")
+    select_from: float = key(0.67, "share of the epochs re-splitting every token; then only model.cfvit.share "
+                             "(authors: 200 of 300)")
 
 
 @dataclass
@@ -225,6 +249,7 @@ class TrainConfig:
     log_every: int = key(10, "steps between progress-bar loss updates")
     zoom: ZoomTrainConfig = only_for("racnn", default_factory=ZoomTrainConfig)
     dcn: DcnTrainConfig = only_for("dcn", default_factory=DcnTrainConfig)
+    cfvit: CfvitTrainConfig = only_for("cfvit", default_factory=CfvitTrainConfig)
 
 
 @dataclass
@@ -248,6 +273,9 @@ RANGES: list[tuple[str, float, float]] = [
     ("train.clip_grad", 0, INF), ("train.label_smoothing", 0, 1), ("train.mixup", 0, INF), ("train.cutmix", 0, INF),
     ("train.ema_decay", 0, 1), ("train.new_lr_mult", 0, INF), ("train.new_block_lr_mult", 0, INF),
     ("train.keep_checkpoints", 1, INF),
+    ("model.cfvit.coarse_grid", 0, INF), ("model.cfvit.share", 0, 1), ("model.cfvit.rank_decay", 0, 1),
+    ("train.cfvit.fine_weight", 0, INF), ("train.cfvit.coarse_weight", 0, INF), ("train.cfvit.distill_weight", 0, INF),
+    ("train.cfvit.select_from", 0, 1),
     ("train.log_every", 1, INF), ("data.synthetic.hidden", 0, 1), ("data.synthetic.texture_fine", 0, 1),
     ("data.synthetic.cue_strength", 0, 1),
     ("data.fractal.class_colours", 0, 1),
@@ -569,6 +597,12 @@ def validate(cfg: DictConfig) -> None:
     if d.full_resolution != 1 and not (m.arch == "racnn" or m.attention.type == "stn"):
         raise UserError(f"data.full_resolution is {d.full_resolution} but only model.arch=racnn and "
                         "model.attention.type=stn read pixels beyond data.image_size; set data.full_resolution=1.")
+    if m.cfvit.share <= 0:
+        raise UserError(f"model.cfvit.share is {m.cfvit.share} but must be above 0 (the fine pass re-splits at least "
+                        "one token); the paper's is 0.5.")
+    if m.cfvit.rank_decay >= 1:
+        raise UserError(f"model.cfvit.rank_decay is {m.cfvit.rank_decay} but must be below 1 (at 1 the average never "
+                        "moves from 0); the paper's is 0.99.")
     if m.dcn.top_k < 0 or m.dcn.patch_size < 1:
         raise UserError("model.dcn.top_k must be at least 0 and model.dcn.patch_size at least 1.")
     d = t.dcn

@@ -1,8 +1,11 @@
 """Reports on finished runs: `python fgvc/report.py NAME RUN_DIR [options]`.
 
     coarse-fine   cost/accuracy of a dcn run: coarse, full-image fine, dcn per k, early exit per
-                  threshold (thresholds chosen on validation) -> coarse_fine.{md,csv,png} in RUN_DIR
-    coarse-fine-cost  cost only (random weights) of a dcn recipe against its whole-image counterpart:
+                  threshold (thresholds chosen on validation) -> coarse_fine.{md,csv,png} in RUN_DIR;
+                  of a cfvit run: coarse pass, each share of re-split tokens, early exit, against its
+                  own fine pass with every token re-split
+    coarse-fine-cost  cost only (random weights) of a dcn recipe against its whole-image counterpart
+                  (a cfvit recipe: against its fine pass with every token re-split):
                   `coarse-fine-cost recipe=cub_dcn --out DIR` -> coarse_fine_cost.{md,csv} in DIR
     coarse-fine-design  top-1 (val / test) and GFLOPs per k of several runs, one markdown table on stdout
 
@@ -33,7 +36,7 @@ def number_list(kind: type):
 def _coarse_fine_args(p: argparse.ArgumentParser) -> None:
     from fgvc.analysis.coarse_fine import DEFAULT_COSTS, DEFAULT_DROPS, DEFAULT_SHARES
 
-    p.add_argument("run_dir", help="a finished model.arch=dcn run folder")
+    p.add_argument("run_dir", help="a finished model.arch=dcn or cfvit run folder")
     p.add_argument("--fine-run", help="a full-image run of the same recipe family (e.g. synth_dcn_fine) "
                    "to compare with; default: this model's fine network on the whole image, untrained for it")
     p.add_argument("--k", type=number_list(int), default=None, help="k grid, e.g. 1,2,4,8 (default: powers "
@@ -62,7 +65,8 @@ def _coarse_fine(args: argparse.Namespace) -> None:
 def _coarse_fine_cost_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="+", help="the dcn recipe and key=value overrides, e.g. recipe=cub_dcn")
     p.add_argument("--out", required=True, help="folder for coarse_fine_cost.{md,csv}")
-    p.add_argument("--k", type=number_list(int), default=None, help="k values to cost (default: the recipe's k)")
+    p.add_argument("--k", type=number_list(int), default=None, help="k values to cost (default: the recipe's k; "
+                   "cfvit: tokens re-split, one, each eighth of the coarse grid and the recipe's)")
     p.add_argument("--num-classes", type=int, default=200, help="classifier width (CUB: 200; negligible cost)")
     p.add_argument("--batch", type=int, default=32, help="the large batch for latency")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")

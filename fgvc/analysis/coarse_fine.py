@@ -1,4 +1,6 @@
-"""The coarse-vs-fine cost/accuracy report of a Dynamic Capacity Network (Almahairi et al. 2016).
+"""The coarse-vs-fine cost/accuracy report of a Dynamic Capacity Network (Almahairi et al. 2016)
+and of CF-ViT (Chen et al. 2023, `cfvit_rows`: the coarse pass, each share of re-split tokens, early
+exit, against the model's own fine pass with every token re-split).
 
 For a trained DCN on the test split: top-1 and mean per-class accuracy, FLOPs per image (torch's
 FlopCounterMode: 2 FLOPs per multiply-add, so FLOPs, not MACs), parameters and measured CPU latency
@@ -35,6 +37,7 @@ from fgvc.engine.metrics import accuracy_metrics
 from fgvc.engine.runs import load_run
 from fgvc.errors import UserError
 from fgvc.models.build import build_model, model_input
+from fgvc.models.cfvit import CFViT, explicit_attention
 from fgvc.models.dcn import DCN, choose_threshold, escalate, threshold_for_accuracy, threshold_for_cost
 
 DEFAULT_SHARES = (0.1, 0.25, 0.5)  # escalated shares of the validation split to pick thresholds for
@@ -170,6 +173,10 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
     threshold (chosen on `val_loader` for each share of escalated images, each target cost and each
     top-1 drop allowed against refining every image).
     Latencies: every path timed in `rounds` alternating rounds (`timings`)."""
+    if isinstance(model, CFViT):
+        return cfvit_rows(model, test_loader, num_classes, val_loader, ks=ks, shares=shares, costs=costs,
+                          thresholds=thresholds, drops=drops, fine_model=fine_model, fine_test_loader=fine_test_loader,
+                          fine_label=fine_label, batch=batch, min_run_time=min_run_time, rounds=rounds)
     if not isinstance(model, DCN) or model.whole_image:
         raise UserError("the coarse-fine report needs a dcn model with a coarse network (model.arch=dcn, "
                         "model.dcn.whole_image=false); give the run folder of such a run.")
@@ -283,6 +290,158 @@ def goal_line(rows: list[Row]) -> str:
             f"large-batch speed (goal >= {GOAL_SPEEDUP:g}x each).")
 
 
+# --- CF-ViT (Chen et al. 2023; fgvc/models/cfvit.py) ------------------------------------------------
+
+CFVIT_GOAL_GAP = 0.5  # points of top-1 an accuracy-chosen setting may lose against the fine pass with every token
+CFVIT_GOAL_FLOPS_SHARE = 0.65  # ... at most this share of its FLOPs
+CFVIT_GOAL_OVER_COARSE = 3.0  # ... at least this many points above the coarse pass alone
+CFVIT_GOAL_SPEEDUP = 1.3  # ... and at least this much faster at the large batch
+CFVIT_SHARES = tuple(i / 8 for i in range(1, 8))  # shares of the coarse tokens re-split, besides one and all
+
+
+def cfvit_ks(model: CFViT) -> list[int]:
+    """Tokens re-split in the report: one, each eighth of the coarse grid, the recipe's share, all."""
+    n = model.num_coarse
+    return sorted({1, n, model.top_k} | {max(1, math.ceil(s * n)) for s in CFVIT_SHARES})
+
+
+@torch.no_grad()
+def cfvit_logits(model: CFViT, loader: DataLoader, ks: list[int]) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+    """One pass: labels (N,), coarse logits (N, K) and the fine pass's logits for each k (tokens re-split)."""
+    labels, coarse, per_k = [], [], {k: [] for k in ks}
+    for batch in loader:
+        x = model_input(model, batch["image"])
+        c = model.coarse_pass(x)
+        labels.append(torch.as_tensor(batch["label"]))
+        coarse.append(c.logits)
+        for k in ks:
+            per_k[k].append(c.logits if k == 0 else model.fine_pass(x, c, k)[0])
+    return torch.cat(labels), torch.cat(coarse), {k: torch.cat(v) for k, v in per_k.items()}
+
+
+def transformer_flops(fn: Callable[[Tensor], object], x: Tensor, *modules: nn.Module) -> int:
+    """count_flops with the attention of `modules` computed explicitly: torch's counter sees nothing
+    of the fused kernel on the CPU."""
+    with explicit_attention(m for module in modules for m in module.modules()):
+        return count_flops(fn, x)
+
+
+def cfvit_rows(model: CFViT, test_loader: DataLoader, num_classes: int, val_loader: DataLoader | None = None,
+               ks: list[int] | None = None, shares: tuple[float, ...] = DEFAULT_SHARES,
+               costs: tuple[float, ...] = (), thresholds: tuple[float, ...] = (),
+               drops: tuple[float, ...] = DEFAULT_DROPS, fine_model: nn.Module | None = None,
+               fine_test_loader: DataLoader | None = None, fine_label: str = "", batch: int = 32,
+               min_run_time: float = 0.5, rounds: int = 3) -> list[Row]:
+    """Every row of a CF-ViT's report: the coarse pass alone; the reference, this model's fine pass
+    with every token re-split (its coarse pass included when feature reuse needs it); a full-image
+    run (`fine_model`), if given; the fine pass re-splitting k tokens for each k; early exit at the
+    recipe's k for each threshold chosen on `val_loader` (shares of escalated images, top-1 drops
+    against re-splitting k for every image, target shares of the reference's FLOPs, the goal's
+    CFVIT_GOAL_FLOPS_SHARE among them). Latencies as `coarse_fine_rows`'."""
+    model.eval()
+    n = model.num_coarse
+    big = images(test_loader, batch, model)  # (N, 3, H, W)
+    one = big[:1]
+    ks = sorted(set(ks if ks is not None else cfvit_ks(model)) - {0, n})
+    k_exit = model.top_k or n
+    labels, coarse_logits, by_k = cfvit_logits(model, test_loader, sorted(set(ks) | {k_exit, n}))
+
+    def acc(logits: Tensor, y: Tensor = labels) -> tuple[float, float]:
+        m = accuracy_metrics(logits, y, num_classes)
+        return 100 * m["top1"], 100 * m["mean_class_acc"]
+
+    nan = float("nan")
+    untimed = (nan, nan, nan, nan)
+    params = count_parameters(model) / 1e6
+    rows: list[Row] = []
+    paths: list[Timed] = []  # rows[i] is timed by paths[i]
+
+    def coarse_fn(x: Tensor) -> Tensor:
+        return model(x, tokens=0).logits
+
+    coarse_flops = transformer_flops(coarse_fn, one, model)
+    rows.append(Row("coarse pass", "coarse", 0, nan, "", 0.0, *acc(coarse_logits), coarse_flops / 1e9,
+                    count_parameters(model.net) / 1e6, *untimed))
+    paths.append(Timed(coarse_fn, big))
+    reference_flops = transformer_flops(model.forward_every_token, one, model)
+    label = f"fine: every token re-split (k={n})"
+    rows.append(Row(label + (" + coarse pass (reuse)" if model.reuse is not None else ""), "fine", n, nan, "", 1.0,
+                    *acc(by_k[n]), reference_flops / 1e9, params, *untimed))
+    paths.append(Timed(model.forward_every_token, big))
+    if fine_model is not None:
+        fine_model.eval()
+        fine_fn = _logits_fn(fine_model)
+        y, lg = plain_logits(fine_fn, fine_test_loader or test_loader, fine_model)
+        fine_big = images(fine_test_loader, batch, fine_model) if fine_test_loader is not None else big
+        rows.append(Row(fine_label or "fine (whole image, another run)", "fine", -1, nan, "", 1.0, *acc(lg, y),
+                        transformer_flops(fine_fn, fine_big[:1], fine_model) / 1e9,
+                        count_parameters(fine_model) / 1e6, *untimed))
+        paths.append(Timed(fine_fn, fine_big))
+
+    k_flops: dict[int, float] = {}
+    for k in sorted(set(ks) | {k_exit}):
+        k_flops[k] = transformer_flops(lambda x, k=k: model(x, tokens=k).fine_logits, one, model)
+        if k not in ks:
+            continue
+        rows.append(Row(f"cf-vit k={k}/{n}", "cfvit", k, nan, "", 1.0, *acc(by_k[k]), k_flops[k] / 1e9, params,
+                        *untimed))
+        paths.append(Timed(lambda x, k=k: model(x, tokens=k).fine_logits, big))
+
+    chosen: list[tuple[float, str]] = [(float(t), "given") for t in thresholds]
+    costs = tuple(sorted(set(costs) | {CFVIT_GOAL_FLOPS_SHARE}))
+    if val_loader is not None:
+        val_labels, val_coarse, val_fine = cfvit_logits(model, val_loader, [k_exit])
+        chosen += [(choose_threshold(val_coarse, s), f"val: {100 * s:g}% escalated") for s in shares]
+        chosen += [(threshold_for_accuracy(val_coarse, val_fine[k_exit], val_labels, d),
+                    f"val: within {d:g} points of k={k_exit}") for d in drops]
+        chosen += [(threshold_for_cost(val_coarse, c * reference_flops, coarse_flops, k_flops[k_exit]),
+                    f"val: {100 * c:g}% of the reference's FLOPs") for c in costs]
+    for t, how in chosen:
+        up = escalate(coarse_logits, t)  # (N,)
+        logits = torch.where(up[:, None], by_k[k_exit], coarse_logits)
+        share = up.float().mean().item()
+        flops = coarse_flops + share * (k_flops[k_exit] - coarse_flops)
+        rows.append(Row(f"exit t={t:.3g} k={k_exit}", "exit", k_exit, t, how, share, *acc(logits), flops / 1e9,
+                        params, *untimed))
+        paths.append(Timed(lambda x, t=t: model.early_exit(x, t, k_exit), big, per_image=big[:LATENCY_IMAGES]))
+
+    for row, (b1, b1_iqr, bn, bn_iqr) in zip(rows, timings(paths, min_run_time, rounds)):
+        row.lat_b1_ms, row.lat_b1_iqr_ms, row.lat_batch_ms, row.lat_batch_iqr_ms = b1, b1_iqr, bn, bn_iqr
+    for row, on_f, on_l in zip(rows, pareto([(r.gflops, r.top1) for r in rows]),
+                               pareto([(r.lat_b1_ms, r.top1) for r in rows])):
+        row.pareto_flops, row.pareto_latency = on_f, on_l
+    return rows
+
+
+def cfvit_goal_line(rows: list[Row]) -> str:
+    """CF-ViT's goal: a setting (k tokens re-split or an early exit) within CFVIT_GOAL_GAP points of
+    the model's own fine pass with every token re-split, at most CFVIT_GOAL_FLOPS_SHARE of its FLOPs,
+    CFVIT_GOAL_OVER_COARSE points above the coarse pass alone and CFVIT_GOAL_SPEEDUP x faster at the
+    large batch. Names the cheapest setting that reaches all of it, or the cheapest within the gap."""
+    fine = next(r for r in rows if r.kind == "fine")
+    coarse = next(r for r in rows if r.kind == "coarse")
+    settings = [r for r in rows if r.kind in ("cfvit", "exit")]
+    close = [r for r in settings if r.top1 >= fine.top1 - CFVIT_GOAL_GAP]
+    if not close:
+        best = max(settings, key=lambda r: r.top1, default=None)
+        gap = f"; the most accurate, {best.label}, is {fine.top1 - best.top1:.2f} points below" if best else ""
+        return (f"Goal not reached: no setting is within {CFVIT_GOAL_GAP} points of {fine.label} "
+                f"({fine.top1:.2f}% top-1){gap}.")
+
+    def meets(r: Row) -> bool:
+        return (r.gflops / fine.gflops <= CFVIT_GOAL_FLOPS_SHARE and r.top1 >= coarse.top1 + CFVIT_GOAL_OVER_COARSE
+                and fine.lat_batch_ms / r.lat_batch_ms >= CFVIT_GOAL_SPEEDUP)
+
+    reaching = [r for r in close if meets(r)]
+    best = min(reaching or close, key=lambda r: r.gflops)
+    which = "the cheapest setting that reaches it" if reaching else f"the cheapest setting within {CFVIT_GOAL_GAP} points"
+    return (f"Goal {'reached' if reaching else 'not reached'}: {which}, against {fine.label} ({fine.top1:.2f}% "
+            f"top-1), is {best.label} ({best.top1:.2f}%), at {100 * best.gflops / fine.gflops:.0f}% of its FLOPs "
+            f"(goal <= {100 * CFVIT_GOAL_FLOPS_SHARE:.0f}%), {best.top1 - coarse.top1:+.2f} points over the coarse "
+            f"pass (goal >= +{CFVIT_GOAL_OVER_COARSE:g}) and {fine.lat_batch_ms / best.lat_batch_ms:.2f}x its "
+            f"large-batch speed (goal >= {CFVIT_GOAL_SPEEDUP:g}x).")
+
+
 # --- writing -------------------------------------------------------------------------------------
 
 MD_FORMATS = {"k": "{:d}", "threshold": "{:.4g}", "escalated": "{:.3f}", "top1": "{:.2f}",
@@ -346,7 +505,7 @@ def plot(rows: list[Row], path: Path, title: str) -> dict:
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
-    markers = {"coarse": "s", "fine": "*", "fine-untrained": "X", "dcn": "o", "exit": "^"}
+    markers = {"coarse": "s", "fine": "*", "fine-untrained": "X", "dcn": "o", "cfvit": "o", "exit": "^"}
     points = {"labels": [r.label for r in rows], "top1": [r.top1 for r in rows],
               "gflops": [r.gflops for r in rows], "lat_b1_ms": [r.lat_b1_ms for r in rows]}
     fig = Figure(figsize=(12, 5))
@@ -396,10 +555,10 @@ def rich_table(rows: list[Row], title: str):
     return table
 
 
-def write_report(rows: list[Row], out_dir: Path, header: str, batch: int) -> list[Path]:
+def write_report(rows: list[Row], out_dir: Path, header: str, batch: int, summary: str | None = None) -> list[Path]:
     out_dir = Path(out_dir)
     paths = [out_dir / name for name in FILES]
-    paths[0].write_text(markdown(rows, header, batch))
+    paths[0].write_text(markdown(rows, header, batch, summary))
     write_csv(rows, paths[1])
     plot(rows, paths[2], header)
     return paths
@@ -434,13 +593,38 @@ def cost_rows(model: DCN, whole: DCN, image_size: int, ks: list[int], batch: int
 
 
 def cost_line(rows: list[Row]) -> str:
-    """Each dcn row's FLOPs share and speed-ups against the whole-image fine network (goal: <= 35%, >= 2x)."""
+    """Each dcn (or cf-vit) row's FLOPs share and speed-ups against the whole-image fine network
+    (the DCN's goal: <= 35%, >= 2x; CF-ViT's: <= 65%, >= 1.3x at the large batch)."""
     fine = next(r for r in rows if r.kind == "fine")
+    cfvit = any(r.kind == "cfvit" for r in rows)
     parts = [f"{r.label}: {100 * r.gflops / fine.gflops:.0f}% of the whole-image FLOPs, "
              f"{fine.lat_b1_ms / r.lat_b1_ms:.2f}x its speed at batch 1 and {fine.lat_batch_ms / r.lat_batch_ms:.2f}x "
-             f"at the large batch" for r in rows if r.kind == "dcn"]
-    return (f"Against {fine.label} (goal: <= {100 * GOAL_FLOPS_SHARE:.0f}% of its FLOPs, >= {GOAL_SPEEDUP:g}x "
+             f"at the large batch" for r in rows if r.kind in (("coarse", "cfvit") if cfvit else ("dcn",))]
+    share, speed = (CFVIT_GOAL_FLOPS_SHARE, CFVIT_GOAL_SPEEDUP) if cfvit else (GOAL_FLOPS_SHARE, GOAL_SPEEDUP)
+    return (f"Against {fine.label} (goal: <= {100 * share:.0f}% of its FLOPs, >= {speed:g}x "
             f"faster): " + "; ".join(parts) + ".")
+
+
+def cfvit_cost_rows(model: CFViT, image_size: int, ks: list[int], batch: int = 32, rounds: int = 3,
+                    min_run_time: float = 0.5) -> list[Row]:
+    """FLOPs, parameters and CPU latency per image (batch 1 and `batch`) of a CF-ViT's coarse pass,
+    its fine pass with every token re-split, and the fine pass re-splitting k tokens, for each k."""
+    model.eval()
+    big = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))  # (N, 3, H, W)
+    n = model.num_coarse
+    reuse = " + coarse pass (reuse)" if model.reuse is not None else ""
+    paths: dict[str, tuple[str, int, Callable[[Tensor], object], float]] = {
+        "coarse pass": ("coarse", 0, lambda x: model(x, tokens=0).logits, count_parameters(model.net) / 1e6),
+        f"fine: every token re-split (k={n}){reuse}": ("fine", n, model.forward_every_token, count_parameters(model) / 1e6)}
+    for k in ks:
+        if k < n:
+            paths[f"cf-vit k={k}/{n}"] = ("cfvit", k, lambda x, k=k: model(x, tokens=k).fine_logits,
+                                          count_parameters(model) / 1e6)
+    lat = timings([Timed(fn, big) for _, _, fn, _ in paths.values()], min_run_time, rounds)
+    nan = float("nan")
+    return [Row(name, kind, k, nan, "", 1.0 if kind != "coarse" else 0.0, nan, nan,
+                transformer_flops(fn, big[:1], model) / 1e9, params, *times)
+            for (name, (kind, k, fn, params)), times in zip(paths.items(), lat)]
 
 
 def report_cost(overrides: list[str], out_dir: str | Path, ks: list[int] | None = None, num_classes: int = 200,
@@ -453,16 +637,20 @@ def report_cost(overrides: list[str], out_dir: str | Path, ks: list[int] | None 
     if not overwrite and any(p.exists() for p in paths):
         raise UserError(f"'{out_dir}' already holds a coarse-fine cost report; pass --overwrite or another --out.")
     cfg = load_recipe(overrides)
-    if cfg.model.arch != "dcn" or cfg.model.dcn.whole_image:
+    if cfg.model.arch not in ("dcn", "cfvit") or cfg.model.dcn.whole_image:
         raise UserError("the coarse-fine cost report needs a dcn recipe with model.dcn.whole_image=false, "
-                        "e.g. recipe=cub_dcn.")
+                        "e.g. recipe=cub_dcn, or a cfvit recipe such as recipe=cub_cfvit.")
     cfg.model.pretrained, cfg.model.weights = False, ""  # random weights cost the same; nothing is fetched
     size = cfg.data.image_size
     model = build_model(cfg.model, num_classes, size)
-    cfg.model.dcn.whole_image = True
-    whole = build_model(cfg.model, num_classes, size)
-    rows = cost_rows(model, whole, size, sorted(set(ks or [model.top_k]) - {0}), batch, rounds, min_run_time)
-    header = f"cost of `{' '.join(overrides)}` against model.dcn.whole_image=true at {size} px"
+    if cfg.model.arch == "cfvit":
+        rows = cfvit_cost_rows(model, size, sorted(set(ks or cfvit_ks(model)) - {0}), batch, rounds, min_run_time)
+        header = f"cost of `{' '.join(overrides)}` against its fine pass with every token re-split at {size} px"
+    else:
+        cfg.model.dcn.whole_image = True
+        whole = build_model(cfg.model, num_classes, size)
+        rows = cost_rows(model, whole, size, sorted(set(ks or [model.top_k]) - {0}), batch, rounds, min_run_time)
+        header = f"cost of `{' '.join(overrides)}` against model.dcn.whole_image=true at {size} px"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths[0].write_text(markdown(rows, header, batch, summary=cost_line(rows), note=COST_NOTE))
     write_csv(rows, paths[1])
@@ -489,6 +677,9 @@ def design_table(run_dirs: list[str | Path], ks: list[int], batch: int = 64) -> 
         n = len(run.class_names)
         one = images(test_loader, 1)
         model = run.model
+        if isinstance(model, CFViT):
+            raise UserError(f"'{run_dir}' is a cfvit run; coarse-fine-design compares dcn runs: use "
+                            f"`python fgvc/report.py coarse-fine {run_dir}` for it.")
         if model.whole_image:
             accs = []
             for loader in (val_loader, test_loader):
@@ -536,15 +727,20 @@ def report_run(run_dir: str | Path, fine_run: str | Path | None = None, ks: list
                             costs=costs, thresholds=thresholds, drops=drops, fine_model=fine_model,
                             fine_test_loader=fine_loader, fine_label=fine_label, batch=batch,
                             min_run_time=min_run_time, rounds=rounds)
-    compared = (f"compared with the full-image run '{fine_run}'" if fine_run is not None else
-                "compared with this model's fine network on the whole image (not trained for it; "
-                "give --fine-run for a fair comparison)")
+    if isinstance(run.model, CFViT):
+        compared = "compared with its own fine pass with every token re-split" + (
+            f" and the full-image run '{fine_run}'" if fine_run is not None else "")
+    else:
+        compared = (f"compared with the full-image run '{fine_run}'" if fine_run is not None else
+                    "compared with this model's fine network on the whole image (not trained for it; "
+                    "give --fine-run for a fair comparison)")
     header = f"run '{run_dir}', {compared}"
-    paths = write_report(rows, Path(run_dir), header, batch)
+    summary = cfvit_goal_line(rows) if isinstance(run.model, CFViT) else goal_line(rows)
+    paths = write_report(rows, Path(run_dir), header, batch, summary)
     from rich.console import Console
 
     console = console or Console()
     console.print(rich_table(rows, f"coarse vs fine: {Path(run_dir).name}"))
-    console.print(goal_line(rows))
+    console.print(summary)
     console.print(f"{compared}; written: {', '.join(str(p) for p in paths)}")
     return rows

@@ -12,6 +12,8 @@ at row r, column c sits at (c + 0.5, r + 0.5) in the input pixels boxes and keyp
                    spatial transformer's sampled region as `stn_region`
     zoom           RA-CNN's box per zoom as a window over the input: `zoom1`, `zoom2`
     saliency       the DCN's entropy saliency on the coarse grid: `dcn_saliency`
+    tokens         CF-ViT's re-split coarse tokens as a map over the input, `cfvit_tokens`, and the
+                   class attention that ranked them, `cfvit_class_attention`
 
 `FAMILY_SOURCES` says which sources each model family has; `compute_maps` runs them.
 """
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from fgvc.errors import UserError
 from fgvc.models.attention.recorder import AttentionRecorder
+from fgvc.models.cfvit import CFViT
 from fgvc.models.classifier import Classifier
 from fgvc.models.dcn import DCN
 from fgvc.models.outputs import final_logits
@@ -41,11 +44,14 @@ FAMILY_SOURCES: dict[str, tuple[str, ...]] = {
     "classifier": ("cam", "gradcam", "attention"),
     "racnn": ("cam", "gradcam", "zoom"),
     "dcn": ("cam", "gradcam", "saliency"),
+    "cfvit": ("tokens",),
 }
 
 
 def model_family(model: nn.Module) -> str:
-    """'classifier', 'racnn' or 'dcn': the key into FAMILY_SOURCES."""
+    """'classifier', 'racnn', 'dcn' or 'cfvit': the key into FAMILY_SOURCES."""
+    if isinstance(model, CFViT):
+        return "cfvit"
     if isinstance(model, RACNN):
         return "racnn"
     if isinstance(model, DCN):
@@ -275,6 +281,22 @@ def dcn_saliency(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str,
     if out.saliency is None:
         return {}
     return {"dcn_saliency": normalise(to_input(out.saliency, tuple(images.shape[-2:])))}
+
+
+@SOURCES.register("tokens")
+def cfvit_tokens(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
+    """CF-ViT (Chen et al. 2023): `cfvit_tokens` is 1 on the input pixels of the coarse tokens the
+    fine pass re-split into full-resolution tokens and 0 elsewhere; `cfvit_class_attention` the EMA
+    class attention that ranked them. Both come from the coarse grid, which covers the whole input."""
+    with torch.no_grad():
+        out = model(images)
+    size = tuple(images.shape[-2:])
+    maps = {}
+    if out.chosen is not None:
+        b, h, w = out.class_attention.shape
+        cells = torch.zeros(b, h * w, device=images.device).scatter_(1, out.chosen, 1.0)  # (B, h*w)
+        maps["cfvit_tokens"] = F.interpolate(cells.view(b, 1, h, w), size=size, mode="nearest")[:, 0]  # (B, H, W)
+    return maps | {"cfvit_class_attention": normalise(to_input(out.class_attention, size))}  # last: it has a peak
 
 
 # ---------------------------------------------------------------------------------------------

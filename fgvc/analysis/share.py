@@ -136,7 +136,9 @@ def model_card(run: RunInfo, config: dict, run_dir: Path) -> str:
                                                     f" with `{m.attention.type}` attention ({m.attention.placement})"),
             "racnn": f"RA-CNN, {m.zoom.scales} scales of timm `{m.backbone}`",
             "dcn": f"DCN: coarse `{m.dcn.coarse_backbone}`, fine `{m.dcn.fine_backbone}` on {m.dcn.top_k} "
-                   "patches"}[m.arch]
+                   "patches",
+            "cfvit": f"CF-ViT: timm `{m.backbone}` run coarse to fine, {m.cfvit.share:g} of the coarse tokens "
+                     "re-split"}[m.arch]
     K = len(run.class_names)
     lines = ["---", f"library_name: {'timm' if loadable else 'fgvc'}", "pipeline_tag: image-classification",
              "tags: [image-classification, fine-grained, fgvc]", "---", "",

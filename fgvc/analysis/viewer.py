@@ -91,10 +91,13 @@ def _png(fig) -> bytes:
 
 PHOTO_CAPTIONS = {"classifier": "the photo as the network sees it (resized, centre-cropped)",
                   "racnn": "the photo as the network sees it, with RA-CNN's zoom boxes (zoom 1 orange, zoom 2 red)",
-                  "dcn": "the photo as the network sees it, with the DCN's fine patches (dashed cyan)"}
+                  "dcn": "the photo as the network sees it, with the DCN's fine patches (dashed cyan)",
+                  "cfvit": "the photo as the network sees it (full resolution: the fine pass's input)"}
 CAPTIONS = {"cam": "class activation map of the top class", "gradcam": "Grad-CAM of the top class",
             "dcn_saliency": "DCN saliency (dashed cyan: the fine patches)",
-            "stn_region": "spatial transformer's region"}
+            "stn_region": "spatial transformer's region",
+            "cfvit_tokens": "CF-ViT: coarse tokens re-split at full resolution",
+            "cfvit_class_attention": "CF-ViT: class attention that ranked the coarse tokens"}
 
 
 def caption(name: str, family: str) -> str:

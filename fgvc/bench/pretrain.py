@@ -17,6 +17,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from fgvc.bench.source import ROOT, code_version
 from fgvc.bench.synthetic import train_run
 from fgvc.config import load_recipe
@@ -32,18 +34,20 @@ def synth_recipes() -> list[str]:
 
 
 def recipe_backbones(cfg) -> dict[str, str]:
-    """{role: timm name} of every backbone a recipe builds; role is the recipe key that loads it."""
+    """{role: timm name} of every backbone a recipe loads weights for; role is the recipe key that
+    loads it (a backbone trained from scratch, its key empty, such as synth_cfvit's, is left out)."""
     m = cfg.model
     if m.arch == "dcn":
         roles = {"model.dcn.fine_weights": m.dcn.fine_backbone}
         if not m.dcn.whole_image:
             roles["model.dcn.coarse_weights"] = m.dcn.coarse_backbone
-        return roles
-    return {"model.weights": m.backbone}
+    else:
+        roles = {"model.weights": m.backbone}
+    return {role: backbone for role, backbone in roles.items() if OmegaConf.select(cfg, role)}
 
 
 def synth_backbones() -> list[str]:
-    """Every timm backbone the synth_ recipes use, each once."""
+    """Every timm backbone the synth_ recipes start from fractal weights, each once."""
     names: set[str] = set()
     for recipe in synth_recipes():
         cfg = load_recipe([f"recipe={recipe}"])

@@ -52,7 +52,7 @@ FINETUNE = [("plain from pretrained", "synth_baseline", []),
             ("cbam init=identity from pretrained", "synth_cbam", ["model.attention.init=identity"])]
 LATENCY_SECONDS = 0.5  # per model, batch 1, after training (blocked_autorange's minimum run time)
 LOCALIZE_IMAGES = 48  # test images scored per run (seed 0 only)
-OWN_MAP_PREFIX = ("se_", "cbam_", "residual_", "gate_", "stn_", "zoom", "dcn_")
+OWN_MAP_PREFIX = ("se_", "cbam_", "residual_", "gate_", "stn_", "zoom", "dcn_", "cfvit_")
 
 
 @dataclass

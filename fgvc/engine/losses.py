@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from fgvc.models.cfvit import CfvitOutput, CfvitSchedule
 from fgvc.models.dcn import DcnOutput, DcnSchedule
 from fgvc.models.outputs import final_logits
 from fgvc.models.zoom import APN, CLS, PRETRAIN, ZoomOutput, ZoomSchedule
@@ -121,6 +122,34 @@ class DcnLoss(nn.Module):
         return {"loss": loss, "ce": ce, "hint": hint, "coarse_ce": coarse_ce, "fine_ce": fine_ce}
 
 
+# --- CF-ViT (Chen et al. 2023; fgvc/models/cfvit.py) ----------------------------------------------
+
+
+def distillation(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(softmax(sg(teacher)) || softmax(student)), batch mean: the coarse pass learns the fine
+    pass's prediction, which it does not train (the authors' `KLDivLoss(reduction='batchmean')`)."""
+    return F.kl_div(F.log_softmax(student_logits.float(), -1), F.softmax(teacher_logits.detach().float(), -1),
+                    reduction="batchmean")
+
+
+class CfvitLoss(nn.Module):
+    """fine_weight * CE(y_fine) + coarse_weight * CE(y_coarse) + distill_weight * KL(sg(y_fine) || y_coarse).
+    The authors' code: weights 1, 0, 1 (the coarse pass is supervised only through the fine one)."""
+
+    def __init__(self, fine_weight: float = 1.0, coarse_weight: float = 0.0, distill_weight: float = 1.0,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.fine_weight, self.coarse_weight, self.distill_weight = fine_weight, coarse_weight, distill_weight
+        self.label_smoothing = label_smoothing
+
+    def forward(self, output: CfvitOutput, target: Tensor) -> dict[str, Tensor]:
+        fine_ce = classification_loss(output.fine_logits, target, self.label_smoothing)
+        coarse_ce = classification_loss(output.coarse_logits, target, self.label_smoothing)
+        distill = distillation(output.coarse_logits, output.fine_logits)
+        loss = self.fine_weight * fine_ce + self.coarse_weight * coarse_ce + self.distill_weight * distill
+        return {"loss": loss, "fine_ce": fine_ce.detach(), "coarse_ce": coarse_ce.detach(), "distill": distill.detach()}
+
+
 # --- from the recipe ---------------------------------------------------------------------------
 
 
@@ -130,16 +159,22 @@ def build_criterion(cfg: DictConfig) -> nn.Module:
     smoothing = 0.0 if (t.mixup or t.cutmix) else t.label_smoothing
     if cfg.model.arch == "racnn":
         return ZoomLoss(rank_margin=t.zoom.rank_margin, rank_weight=t.zoom.rank_weight, label_smoothing=smoothing)
+    if cfg.model.arch == "cfvit":
+        c = t.cfvit
+        return CfvitLoss(fine_weight=c.fine_weight, coarse_weight=c.coarse_weight, distill_weight=c.distill_weight,
+                         label_smoothing=smoothing)
     if cfg.model.arch == "dcn":
         return DcnLoss(hint_weight=t.dcn.hint_weight, coarse_weight=t.dcn.coarse_weight, label_smoothing=smoothing,
                        fine_weight=t.dcn.fine_weight)
     return ClassificationLoss(smoothing)
 
 
-def build_schedule(cfg: DictConfig, updates_per_epoch: int) -> ZoomSchedule | DcnSchedule | None:
-    """RA-CNN's alternation of phases (paper sec. 3.4) or the DCN's stages and k per update, counted
-    in optimizer updates; None for the other archs. The training loop is its one owner: it asks
-    `phase(update)` before each forward."""
+def build_schedule(cfg: DictConfig, updates_per_epoch: int) -> ZoomSchedule | DcnSchedule | CfvitSchedule | None:
+    """RA-CNN's alternation of phases (paper sec. 3.4), the DCN's stages and k per update, or CF-ViT's
+    two stages, counted in optimizer updates; None for the other archs. The training loop is its one
+    owner: it asks `phase(update)` before each forward."""
+    if cfg.model.arch == "cfvit":
+        return CfvitSchedule(select_updates=round(cfg.train.cfvit.select_from * cfg.train.epochs) * updates_per_epoch)
     if cfg.model.arch == "dcn":
         d = cfg.train.dcn
         if cfg.model.dcn.whole_image:

@@ -39,6 +39,7 @@ from fgvc.engine.runs import (atomic_write_text, check_run_dir, claim_run_dir, m
 from fgvc.engine.trackers import PROJECT_NAME, tracker_config, tracker_names
 from fgvc.errors import RunError
 from fgvc.models.build import build_model, data_backbone, mean_std, model_input
+from fgvc.models.cfvit import CfvitSchedule
 from fgvc.models.dcn import DcnSchedule
 from fgvc.models.zoom import ZoomSchedule
 
@@ -58,7 +59,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     criterion: torch.nn.Module
-    schedule: ZoomSchedule | DcnSchedule | None  # RA-CNN's phases or the DCN's steps; asked before each forward
+    schedule: ZoomSchedule | DcnSchedule | CfvitSchedule | None  # the arch's phases or steps; asked before each forward
     ema: ModelEmaV3 | None
     mixup: Mixup | None
     train_loader: DataLoader

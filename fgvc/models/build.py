@@ -57,6 +57,17 @@ def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                detach_fusion=d.detach_fusion)
 
 
+@ARCHS.register("cfvit")
+def _cfvit(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
+    from fgvc.models.cfvit import CFViT
+
+    c = m.cfvit
+    return CFViT(m.backbone, num_classes, image_size, coarse_grid=c.coarse_grid, share=c.share,
+                 rank_layers=list(c.rank_layers), rank_decay=c.rank_decay, reuse=c.reuse,
+                 exit_threshold=c.exit_threshold, pretrained=m.pretrained, weights=m.weights,
+                 drop_rate=m.drop_rate, drop_path=m.drop_path)
+
+
 def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     """The network a recipe describes. Its `pretrained_names` (a set of parameter names, possibly
     empty) says which parameters came from pretrained weights, its `head_names` which belong to a
