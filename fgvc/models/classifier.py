@@ -20,6 +20,9 @@ from fgvc.models.attention.stn import SpatialTransformer
 from fgvc.models.weights import load_backbone_weights, read_state_dict
 
 
+TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate", "features_only", "out_indices")  # not part of the exported model
+
+
 def create_backbone(name: str, num_classes: int, pretrained: bool = False, weights: str = "",
                     **kwargs) -> tuple[nn.Module, set[str]]:
     """`timm.create_model` with one-sentence errors. Returns the model and the names of its
@@ -35,6 +38,8 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, weigh
                             "connect to the Hugging Face hub, give a local file as model.weights, "
                             "or set model.pretrained=false.") from None
         raise
+    # how timm alone rebuilds this network (the export's config.json `model_args`); dropout rates only train
+    model.fgvc_model_args = {k: v for k, v in kwargs.items() if k not in TRAINING_ONLY_ARGS}
     head = model.pretrained_cfg.get("classifier", "fc")
     head_prefixes = tuple(head) if isinstance(head, (list, tuple)) else (head,)
     loaded: set[str] = set()

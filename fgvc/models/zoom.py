@@ -229,7 +229,7 @@ class RACNN(nn.Module):
     def __init__(self, backbone: str, num_classes: int, image_size: int = 448, scales: int = 3,
                  share_backbone: bool = False, fuse: str = "features", min_side: float = 2 / 3,
                  mask_steepness: float = 10.0, pretrained: bool = False, weights: str = "",
-                 sampler: str = "bilinear") -> None:
+                 sampler: str = "bilinear", backbone_args: dict | None = None) -> None:
         super().__init__()
         self.sampler = sampler  # how a zoom is read from the image: `zoom`
         self.num_scales, self.image_size, self.fuse = scales, image_size, fuse
@@ -239,7 +239,7 @@ class RACNN(nn.Module):
         self.backbones = nn.ModuleList()
         self.pretrained_names: set[str] = set()
         for s in range(1 if share_backbone else scales):
-            net, names = create_backbone(backbone, 0, pretrained, weights)  # num_classes=0: pooled features
+            net, names = create_backbone(backbone, 0, pretrained, weights, **(backbone_args or {}))  # 0: pooled features
             self.backbones.append(net)
             self.pretrained_names |= {f"backbones.{s}.{n}" for n in names}
         channels = self.backbones[0].num_features
