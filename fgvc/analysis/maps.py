@@ -334,8 +334,8 @@ def sources_for(model: nn.Module, wanted: list[str] | None = None) -> list[str]:
     have = FAMILY_SOURCES[family]
     if not has_token_backbone(model):
         have = tuple(s for s in have if s not in TOKEN_SOURCES)
-    if not wanted:
-        return list(have)
+    if not wanted:  # by default only the maps the model has; asked for, a missing CAM says why
+        return [s for s in have if s != "cam" or has_cam(model)]
     for name in wanted:
         SOURCES.get(name)  # unknown names fail with the list of known ones
         if name in TOKEN_SOURCES and name not in have:
@@ -344,6 +344,18 @@ def sources_for(model: nn.Module, wanted: list[str] | None = None) -> list[str]:
         if name not in have:
             raise UserError(f"map source '{name}' does not exist for {family} models; use some of {', '.join(have)}.")
     return list(wanted)
+
+
+def has_cam(model: nn.Module) -> bool:
+    """Whether the explained classifier is linear on pooled features (`fgvc.models.features.head_relation`)."""
+    try:
+        if isinstance(model, RACNN):
+            fmaps.head_relation(model.backbones[0], model.classifiers[0])
+        elif isinstance(model, Classifier) and model.stn_head is None:
+            fmaps.head_relation(model.net)
+    except UserError:
+        return False
+    return True
 
 
 def has_token_backbone(model: nn.Module) -> bool:

@@ -146,6 +146,12 @@ def intermediate_maps(net: nn.Module, x: Tensor, indices: Sequence[int]) -> tupl
     return to_map(net, native, tuple(x.shape[-2:])), list(maps)
 
 
+def pooled_width(net: nn.Module) -> int:
+    """Width of `net.forward_head(..., pre_logits=True)`: the map's channels, or the hidden width of a
+    head with a layer after the pool (MobileNetV3's conv_head, an MLP head)."""
+    return int(getattr(net, "head_hidden_size", None) or net.num_features)
+
+
 def reduction(net: nn.Module) -> int:
     """Input pixels per cell of the last map (a ViT's patch size, a CNN's total stride)."""
     return int(net.feature_info[-1]["reduction"])

@@ -242,12 +242,13 @@ class RACNN(nn.Module):
             net, names = create_backbone(backbone, 0, pretrained, weights, **(backbone_args or {}))  # 0: pooled features
             self.backbones.append(net)
             self.pretrained_names |= {f"backbones.{s}.{n}" for n in names}
-        channels = self.backbones[0].num_features
+        channels = self.backbones[0].num_features  # of the map the APN reads
+        width = fmaps.pooled_width(self.backbones[0])  # of the pooled vector the classifiers read
         reduction = fmaps.reduction(self.backbones[0])
         grid = min(APN_GRID, math.ceil(image_size / reduction))
-        self.classifiers = nn.ModuleList(nn.Linear(channels, num_classes) for _ in range(scales))
+        self.classifiers = nn.ModuleList(nn.Linear(width, num_classes) for _ in range(scales))
         self.apns = nn.ModuleList(AttentionProposal(channels, grid, min_side) for _ in range(scales - 1))
-        self.fusion = nn.Linear(scales * channels, num_classes) if fuse == "features" else None
+        self.fusion = nn.Linear(scales * width, num_classes) if fuse == "features" else None
 
     def _scale(self, s: int, x: Tensor, frozen: bool) -> tuple[Tensor, Tensor, Tensor]:
         net = _ScaleNet(self.backbones[0 if self.share_backbone else s], self.classifiers[s])
