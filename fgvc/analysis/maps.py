@@ -326,6 +326,7 @@ class MapOutput:
     logits: Tensor  # (B, K) the model's final prediction
     zoom_boxes: list[Tensor] = field(default_factory=list)  # RA-CNN: per zoom, (B, 4) x1 y1 x2 y2 pixels
     patches: Tensor | None = None  # DCN: (B, k, 4) x1 y1 x2 y2 of the fine patches, input pixels
+    skipped: dict[str, str] = field(default_factory=dict)  # default source -> the sentence saying why it has no map
 
 
 def sources_for(model: nn.Module, wanted: list[str] | None = None) -> list[str]:
@@ -380,8 +381,14 @@ def compute_maps(model: nn.Module, images: Tensor, sources: list[str] | None = N
     if classes is None:
         classes = logits.argmax(1)
     maps: dict[str, Tensor] = {}
+    skipped: dict[str, str] = {}
     for name in sources_for(model, sources):
-        maps.update(SOURCES.get(name)(model, images, classes))
+        try:
+            maps.update(SOURCES.get(name)(model, images, classes))
+        except UserError as err:  # asked for by name: say why; among the defaults: leave it out
+            if sources:
+                raise
+            skipped[name] = str(err)
     zoom_boxes = [boxes_xyxy(b) for b in out.boxes] if isinstance(model, RACNN) else []
     patches = out.boxes if isinstance(model, DCN) else None
-    return MapOutput(maps, logits, zoom_boxes, patches)
+    return MapOutput(maps, logits, zoom_boxes, patches, skipped)
