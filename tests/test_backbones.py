@@ -17,7 +17,7 @@ from fgvc.analysis.backbones import (ARCHS, FAILS, FAMILIES, FEATURES, GAP, KNOW
 
 pytestmark = pytest.mark.slow  # about 15 s per family
 
-MUST_WORK = ("train", "cam", "gradcam", "localize", "export", "predict", "demo")
+MUST_WORK = ("train", "cam", "gradcam", "localize", "report", "export", "predict", "demo")
 ONLY_VIT = ("rollout", "class_attention")
 
 

@@ -48,7 +48,7 @@ OUTSIDE: dict[str, Family] = {f.name: f for f in (
 
 ARCHS = ("classifier", "racnn", "dcn")
 MAP_FEATURES = ("cam", "gradcam", "rollout", "class_attention")
-FEATURES = ("train", *MAP_FEATURES, "localize", "export", "predict", "demo")
+FEATURES = ("train", *MAP_FEATURES, "localize", "report", "export", "predict", "demo")
 OK, STOPS, FAILS, GAP, SKIP = "ok", "stops", "fails", "gap", "skip"
 SYMBOL = {OK: "✓", STOPS: "— (one sentence)", FAILS: "✗", GAP: "✗ (known gap)", SKIP: "·"}
 
@@ -125,14 +125,30 @@ def check_maps(run, source: str) -> None:
         raise RuntimeError(f"source '{source}' gave no map")
 
 
-def check_localize(run_dir: Path, out: Path) -> None:
+def check_localize(run_dir: Path) -> None:
+    """localize.py's pictures and scores on two test images, into RUN_DIR/localization."""
     from fgvc.analysis.localization import localize_run
 
+    out = run_dir / "localization"
     report = localize_run(run_dir, out, num_images=2, batch_size=2)
     if not report["pngs"] or not all((out / p).is_file() for p in report["pngs"]):
         raise RuntimeError("no pictures were written")
     if not any(s.get("pointing") is not None for s in report["sources"].values()):
         raise RuntimeError("no pointing-game score")
+
+
+def check_report(run_dir: Path) -> None:
+    """evaluate.py, then the report page with the localization pictures."""
+    import contextlib
+    import io
+
+    from fgvc.evaluate import main as evaluate
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = evaluate([str(run_dir), "--batch-size", "4"])
+    page = run_dir / "report.html"
+    if code != 0 or not page.is_file() or "localization/grid_" not in page.read_text():
+        raise RuntimeError(f"evaluate.py exited with {code} or the report page lacks the localization pictures")
 
 
 def check_export(run_dir: Path, out: Path) -> None:
@@ -205,7 +221,8 @@ def family_row(family: Family, arch: str, work: Path, data_root: Path) -> dict[s
     run = load_run(run_dir)
     for source in MAP_FEATURES:
         row[source] = _attempt(lambda: check_maps(run, source))
-    row["localize"] = _attempt(lambda: check_localize(run_dir, work / f"{slug}_{arch}_loc"))
+    row["localize"] = _attempt(lambda: check_localize(run_dir))
+    row["report"] = _attempt(lambda: check_report(run_dir))
     exported = work / f"{slug}_{arch}_export"
     row["export"] = _attempt(lambda: check_export(run_dir, exported))
     folder = exported if row["export"].status == OK else run_dir

@@ -33,7 +33,7 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, weigh
     try:
         model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=num_classes, **kwargs)
     except TypeError as err:  # an argument the architecture does not take
-        extra = sorted(set(kwargs) - {"drop_rate", "drop_path_rate", "features_only", "out_indices"})
+        extra = sorted(set(kwargs) - set(TRAINING_ONLY_ARGS))
         raise UserError(f"timm '{name}' does not accept the arguments {extra} of model.backbone_args "
                         f"({str(err).splitlines()[0]}); remove them or check the architecture's signature.") from None
     except (OSError, RuntimeError) as err:
