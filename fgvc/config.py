@@ -171,6 +171,8 @@ class ModelConfig:
     backbone: str = only_for("classifier", "racnn", "cfvit", default="test_resnet", help="any timm name (dcn: model.dcn.*)")
     pretrained: bool = key(False, "start from timm's pretrained weights (downloaded from the Hugging Face hub)")
     weights: str = key("", "a local .safetensors / .pth file of backbone weights")
+    backbone_args: dict[str, Any] = key(default_factory=dict, help="extra timm create_model arguments of every "
+                                        "backbone (exported as timm model_args)")
     drop_rate: float = only_for("classifier", "cfvit", default=0.0, help="dropout before the classifier")
     drop_path: float = only_for("classifier", "cfvit", default=0.0, help="stochastic depth rate of the timm backbone")
     attention: AttentionConfig = only_for("classifier", default_factory=AttentionConfig)
