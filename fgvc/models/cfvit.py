@@ -184,7 +184,9 @@ class CFViT(nn.Module):
         try:
             net, names = create_backbone(backbone, num_classes, pretrained, weights, img_size=image_size,
                                          drop_rate=drop_rate, drop_path_rate=drop_path, **(backbone_args or {}))
-        except TypeError:  # a CNN does not take img_size
+        except UserError as err:  # a CNN does not take img_size (create_backbone names the arguments refused)
+            if "'img_size'" not in str(err) or "img_size" in (backbone_args or {}):
+                raise
             raise UserError(f"model.backbone '{backbone}' is not a vision transformer; model.arch=cfvit needs a "
                             "timm ViT, DeiT or EVA such as deit_small_patch16_224 or test_vit.") from None
         for needed in ("patch_embed", "blocks", "pos_embed", "cls_token"):
