@@ -199,6 +199,7 @@ def localize_run(run_dir: str | Path, out_dir: str | Path | None = None, split: 
     from fgvc.data.build import build_datasets
     from fgvc.data.synthetic import class_parts
     from fgvc.engine.runs import atomic_write_text, load_run
+    from fgvc.safe_io import check_target, make_folder, writing
     from fgvc.models.build import model_input
     from fgvc.data.build import make_loader
     from fgvc.errors import UserError
@@ -222,7 +223,9 @@ def localize_run(run_dir: str | Path, out_dir: str | Path | None = None, split: 
     chosen = select_images(dataset.samples, num_images, ids)
     loader = make_loader(Subset(dataset, chosen.positions), batch_size, 0, False)
     out = Path(out_dir) if out_dir else Path(run_dir) / "localization"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
+    for name in ("localization.json", "index.html"):  # before any work: a link there is refused now, not at the end
+        check_target(out / name)
 
     gen = torch.Generator().manual_seed(BASELINE_SEED)
     per_source: dict[str, list[dict[str, Tensor]]] = {}
@@ -262,7 +265,8 @@ def localize_run(run_dir: str | Path, out_dir: str | Path | None = None, split: 
     pngs = []
     for g in range(0, len(views), IMAGES_PER_GRID):
         path = out / f"grid_{g // IMAGES_PER_GRID:03d}.png"
-        save_figure(draw_grid(views[g:g + IMAGES_PER_GRID], part_names, radius_fraction), path)
+        with writing(path) as tmp:
+            save_figure(draw_grid(views[g:g + IMAGES_PER_GRID], part_names, radius_fraction), tmp)
         pngs.append(path.name)
     report = {"run": str(run_dir), "recipe": cfg.recipe, "family": model_family(run.model), "split": split,
               "data": data.index.name, "has_parts": has_parts, "radius_fraction": radius_fraction,

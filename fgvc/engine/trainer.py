@@ -35,6 +35,7 @@ from fgvc.engine.losses import build_criterion, build_schedule
 from fgvc.engine.metrics import predict, split_metrics
 from fgvc.engine.optim import build_lr_scheduler, build_optimizer
 from fgvc.engine.speed import apply_speed_switches
+from fgvc.safe_io import append_line
 from fgvc.engine.runs import (atomic_write_text, check_run_dir, model_meta, prepare_run_dir, resolve_resume,
                               save_weights)
 from fgvc.engine.trackers import PROJECT_NAME, tracker_config, tracker_names
@@ -154,8 +155,7 @@ def train(cfg: DictConfig, after_checkpoint: Callable[[int], None] | None = None
                "train_images": len(r.data.train)}
         row |= validate_and_keep(r, epoch)
         if accelerator.is_main_process:  # logged before the checkpoint; a resume drops lines past it
-            with open(r.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(r.out / "metrics.jsonl", json.dumps(row))
             console.print(epoch_table(row))
         if accelerator.trackers:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
