@@ -100,8 +100,10 @@ def write_table(table: str, title: str, out: str, argv: list[str] | None) -> Non
     print(table)
     if out:
         command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(f"# {title}\n\nCommand: `{command}`\n\n{table}\n")
+        from fgvc.safe_io import make_folder, write_text
+
+        make_folder(Path(out).parent)
+        write_text(out, f"# {title}\n\nCommand: `{command}`\n\n{table}\n")
 
 
 @cli_main
