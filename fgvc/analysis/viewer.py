@@ -13,6 +13,7 @@ import html
 import io
 import re
 import threading
+import time
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -37,6 +38,8 @@ MAX_UPLOAD_BYTES = 32 * 2**20  # a photo larger than this is refused with one se
 MAX_PHOTO_PIXELS = 6000 * 6000  # a 36-megapixel camera's frame; Pillow's own limit (89 M) lets a 17 KB PNG cost 1.5 GB
 DECODE_SLOTS = 2  # photos decoded at once; further uploads wait their turn (a decode holds up to ~0.5 GB)
 REQUEST_TIMEOUT = 30.0  # seconds a client may stay silent mid-request before its connection and thread are freed
+UPLOAD_SLOTS = 4  # upload bodies held in memory at once (each up to MAX_UPLOAD_BYTES); others wait, then get 503
+UPLOAD_SECONDS = 120.0  # the whole body must arrive within this (32 MiB at 0.27 MiB/s): trickling bytes is no way in
 PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what the page accepts; no other Pillow decoder runs
 PANEL_INCHES = 3.0  # each picture on the page: 300 px at drawing.DPI
 FIELD = "photo"  # the form's file field
@@ -172,21 +175,27 @@ def read_upload(content_type: str, body: bytes) -> tuple[str, bytes] | None:
     boundary = header.get_param("boundary")
     if header.get_content_type() != "multipart/form-data" or not isinstance(boundary, str) or not boundary:
         return None
-    delimiter = b"\r\n--" + boundary.encode("latin-1", "replace")
-    chunks = (b"\r\n" + body).split(delimiter)[1:]  # the preamble before the first boundary is dropped
-    for chunk in chunks:
-        if chunk.startswith(b"--"):  # the closing boundary
-            break
-        head, sep, data = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            continue
-        part = BytesHeaderParser(policy=HTTP).parsebytes(head.lstrip(b" \t").removeprefix(b"\r\n") + b"\r\n\r\n")
+    dash = b"--" + boundary.encode("latin-1", "replace")
+    at = 0 if body.startswith(dash) else body.find(b"\r\n" + dash) + 2  # the preamble is dropped
+    while at >= 2 or (at == 0 and body.startswith(dash)):  # `at`: the start of a boundary line
+        if body.startswith(b"--", at + len(dash)):  # the closing boundary
+            return None
+        start = body.find(b"\r\n", at + len(dash)) + 2  # the part's first header line
+        end = body.find(b"\r\n" + dash, start)
+        stop = len(body) if end < 0 else end
+        split = body.find(b"\r\n\r\n", start - 2, stop)  # - 2: a part without headers
+        if start < 2 or split < 0:
+            return None
+        part = BytesHeaderParser(policy=HTTP).parsebytes(body[start:split + 4])
         if part.get_param("name", header="content-disposition") == FIELD:
-            return part.get_filename() or "upload", data
+            return part.get_filename() or "upload", body[split + 4:stop]
+        at = -1 if end < 0 else end + 2
     return None
 
 
 def make_handler(viewer: Viewer, title: str, timeout: float = REQUEST_TIMEOUT) -> type[BaseHTTPRequestHandler]:
+    uploads = threading.BoundedSemaphore(UPLOAD_SLOTS)
+
     class Handler(BaseHTTPRequestHandler):
         def setup(self) -> None:
             self.timeout = timeout  # StreamRequestHandler puts it on the socket: a silent client is dropped
@@ -240,16 +249,17 @@ def make_handler(viewer: Viewer, title: str, timeout: float = REQUEST_TIMEOUT) -
                 self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the upload has {length / 2**20:.0f} MiB; send a "
                                                                   f"photo under {MAX_UPLOAD_BYTES // 2**20} MiB.")
                 return
+            if not uploads.acquire(timeout=timeout):
+                self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "the demo is busy with other uploads; try again.")
+                return
             try:
-                body = self.rfile.read(length)
-            except OSError:  # the client stalled past the timeout or went away
-                self.close_connection = True
-                return
-            if len(body) < length:
-                self.close_connection = True
-                return
-            upload = read_upload(self.headers.get("Content-Type", ""), body)
-            del body
+                body = self._read_body(length)
+                if body is None:  # the client stalled or left: nobody reads an answer
+                    return
+                upload = read_upload(self.headers.get("Content-Type", ""), body)
+                del body
+            finally:
+                uploads.release()
             if upload is None or not upload[1]:
                 self._send(HTTPStatus.BAD_REQUEST, render_page(title, error="no photo was sent; choose a file first."))
                 return
@@ -260,6 +270,24 @@ def make_handler(viewer: Viewer, title: str, timeout: float = REQUEST_TIMEOUT) -
                 self._send(HTTPStatus.BAD_REQUEST, render_page(title, error=str(err)))
                 return
             self._send(HTTPStatus.OK, render_page(title, analysis, name))
+
+        def _read_body(self, length: int) -> bytes | None:
+            """The body, or None (and the connection closed) if the client stalls, leaves, or trickles
+            it slower than UPLOAD_SECONDS allows."""
+            deadline, chunks, got = time.monotonic() + UPLOAD_SECONDS, [], 0
+            try:
+                while got < length and time.monotonic() < deadline:
+                    chunk = self.rfile.read1(min(length - got, 2**20))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    got += len(chunk)
+            except OSError:  # silent past the request timeout, or gone
+                pass
+            if got < length:
+                self.close_connection = True
+                return None
+            return b"".join(chunks)
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
             pass  # quiet: the terminal shows the address only
