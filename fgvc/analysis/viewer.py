@@ -38,7 +38,7 @@ MAX_UPLOAD_BYTES = 32 * 2**20  # a photo larger than this is refused with one se
 MAX_PHOTO_PIXELS = 6000 * 6000  # a 36-megapixel camera's frame; Pillow's own limit (89 M) lets a 17 KB PNG cost 1.5 GB
 DECODE_SLOTS = 2  # photos decoded at once; further uploads wait their turn (a decode holds up to ~0.5 GB)
 REQUEST_TIMEOUT = 30.0  # seconds a client may stay silent mid-request before its connection and thread are freed
-UPLOAD_SLOTS = 4  # upload bodies held in memory at once (each up to MAX_UPLOAD_BYTES); others wait, then get 503
+UPLOAD_SLOTS = 4  # uploads read and answered at once (each up to MAX_UPLOAD_BYTES); others wait, then get 503
 UPLOAD_SECONDS = 120.0  # the whole body must arrive within this (32 MiB at 0.27 MiB/s): trickling bytes is no way in
 PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what the page accepts; no other Pillow decoder runs
 PANEL_INCHES = 3.0  # each picture on the page: 300 px at drawing.DPI
@@ -252,14 +252,17 @@ def make_handler(viewer: Viewer, title: str, timeout: float = REQUEST_TIMEOUT) -
             if not uploads.acquire(timeout=timeout):
                 self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "the demo is busy with other uploads; try again.")
                 return
-            try:
-                body = self._read_body(length)
-                if body is None:  # the client stalled or left: nobody reads an answer
-                    return
-                upload = read_upload(self.headers.get("Content-Type", ""), body)
-                del body
+            try:  # the slot is held until the answer is drawn: at most UPLOAD_SLOTS uploads in memory
+                self._answer(length)
             finally:
                 uploads.release()
+
+        def _answer(self, length: int) -> None:
+            body = self._read_body(length)
+            if body is None:  # the client stalled or left: nobody reads an answer
+                return
+            upload = read_upload(self.headers.get("Content-Type", ""), body)
+            del body
             if upload is None or not upload[1]:
                 self._send(HTTPStatus.BAD_REQUEST, render_page(title, error="no photo was sent; choose a file first."))
                 return

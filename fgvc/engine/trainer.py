@@ -35,11 +35,11 @@ from fgvc.engine.losses import build_criterion, build_schedule
 from fgvc.engine.metrics import predict, split_metrics
 from fgvc.engine.optim import build_lr_scheduler, build_optimizer
 from fgvc.engine.speed import apply_speed_switches
-from fgvc.safe_io import append_line
 from fgvc.engine.runs import (atomic_write_text, check_run_dir, model_meta, prepare_run_dir, resolve_resume,
                               save_weights)
 from fgvc.engine.trackers import PROJECT_NAME, tracker_config, tracker_names
 from fgvc.errors import RunError
+from fgvc.safe_io import append_line
 from fgvc.models.build import build_model, data_backbone, mean_std, model_input
 from fgvc.models.dcn import DcnSchedule
 from fgvc.models.zoom import ZoomSchedule
