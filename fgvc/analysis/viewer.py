@@ -3,7 +3,11 @@
 `Viewer.analyse(photo bytes)` runs the model's own analysis (fgvc/analysis/maps.py: CAM, Grad-CAM,
 attention maps per stage via the AttentionRecorder, RA-CNN zoom boxes, DCN saliency and patches)
 and draws each map over the photo with fgvc/analysis/drawing.py. `serve` puts it behind a small
-page on the standard library's http.server, bound to 127.0.0.1 only.
+page on the standard library's http.server, bound to 127.0.0.1 only. Any web page the user visits
+can send requests there, so the server answers only its own page (Host and Origin checked, 403
+otherwise), reads a body only with a valid Content-Length under the cap, drops clients that stall,
+holds at most UPLOAD_SLOTS uploads and decodes at most DECODE_SLOTS photos of at most
+MAX_PHOTO_PIXELS at once.
 """
 
 from __future__ import annotations
