@@ -34,8 +34,10 @@ def write_table(table: str, title: str, out: str, argv: list[str] | None) -> Non
     print(table)
     if out:
         command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(f"# {title}\n\nCommand: `{command}`\n\n{table}\n")
+        from fgvc.safe_io import make_folder, write_text
+
+        make_folder(Path(out).parent)
+        write_text(out, f"# {title}\n\nCommand: `{command}`\n\n{table}\n")
 
 
 @cli_main
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "backbones":
         from fgvc.bench.backbones import FAMILIES, OUTSIDE, build_matrix, matrix_markdown
         from fgvc.errors import UserError
+        from fgvc.safe_io import make_folder, write_text
 
         known = {**FAMILIES, **OUTSIDE}
         unknown = [f for f in args.families or [] if f not in known]
@@ -111,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         families = [known[f] for f in args.families] if args.families else None
         command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         matrix = build_matrix(Path(args.work), families, say=print)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(matrix_markdown(matrix, command))
+        make_folder(Path(args.out).parent)
+        write_text(Path(args.out), matrix_markdown(matrix, command))
         print(f"written {args.out}")
         return 0
     if args.command == "pretrain":

@@ -10,11 +10,21 @@ model.arch it applies to (`only_for`); `key_listing` prints them (`fgvc-train --
 `validate` is the one check of the resolved recipe. Every user mistake (unknown recipe, unknown key,
 wrong type, bad choice, a key the model.arch ignores, a value out of range) raises `UserError` with
 one sentence.
+
+Interpolations between keys (`${data.image_size}`) resolve as in OmegaConf; a broken one (unknown
+key, wrong type, a key that refers to itself) is one sentence. Resolvers (`${oc.env:VAR}`,
+`${oc.decode:...}`, any `${name:...}`) are refused: the resolved recipe is what a run saves in its
+recipe.yaml, its export and its model card, so a value read from the environment (a token) would be
+published with the weights, and leaving it unresolved instead would make recipe.yaml depend on the
+machine that reads it. Recipe names (`recipe=NAME`, `base: NAME`, the `recipe` key) are names of
+files in recipes/, never paths: the default output_dir runs/<recipe> then stays inside runs/; a
+recipe file elsewhere is given as `recipe=PATH.yaml`.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +41,8 @@ from fgvc.schema import key, one_of, only_for, recipe_section
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "synth_baseline"
 BASE_KEY = "base"  # a recipe file's `base: NAME` names the recipe it states differences from
+RECIPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a file name in recipes/ without .yaml: no folder, no ..
+RESOLVER = re.compile(r"\$\{\s*[A-Za-z_][\w.-]*\s*:")  # `${name:` opens a resolver call, `${key}` an interpolation
 ARCHS = ("classifier", "racnn", "dcn", "cfvit")
 # timm.layers.get_attn's same-shape modules; `timm_NAME` forces timm's block where fgvc has its own
 TIMM_ATTENTION = ("se", "ese", "eca", "ecam", "ceca", "ge", "gc", "gca", "cbam", "lcbam", "coord", "scoord",
@@ -438,6 +450,7 @@ def _layers(path: Path, where: str, chain: tuple[str, ...]) -> list[tuple[DictCo
     if base is None:
         return [(layer, where)]
     base = str(base)
+    _check_name(base, f"the '{BASE_KEY}:' of {where}")
     if base in chain:
         raise UserError(f"recipe bases form a cycle ({' -> '.join((*chain, base))}); remove one of their "
                         f"'{BASE_KEY}:' lines.")
@@ -480,6 +493,7 @@ def load_recipe(args: list[str] | None = None, recipe_file: str | Path | None = 
         layers[-1] = (_fill_keys_added_later(layers[-1][0]), layers[-1][1])
     else:
         name = name or DEFAULT_RECIPE
+        _check_name(name, "recipe")
         path = RECIPES_DIR / f"{name}.yaml"
         if not path.is_file():
             raise _unknown_recipe(name, "")
@@ -489,10 +503,36 @@ def load_recipe(args: list[str] | None = None, recipe_file: str | Path | None = 
     if name is not None:
         cfg.recipe = name
     cfg = _merge(cfg, _typed_overrides(cfg, overrides), "command line")
+    _check_interpolations(cfg)
+    _check_name(cfg.recipe, "recipe key 'recipe'")
     validate(cfg)
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{cfg.recipe}"
     return cfg
+
+
+def _check_name(name: str, what: str) -> None:
+    if not RECIPE_NAME.fullmatch(str(name)):
+        raise UserError(f"{what} is '{name}', which is not a recipe name (a file of recipes/ without .yaml: letters, digits, "
+                        "'_', '-', '.'); give a recipe file elsewhere as recipe=PATH.yaml.")
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """Refuse resolver calls, then resolve every `${key}` interpolation once: an error is one sentence."""
+    for name, value in flatten(OmegaConf.to_container(cfg, resolve=False)).items():
+        values = value if isinstance(value, list) else [value]
+        call = next((RESOLVER.search(v) for v in values if isinstance(v, str) and RESOLVER.search(v)), None)
+        if call is not None:
+            raise UserError(f"recipe key '{name}' calls the resolver '{call.group(0)}...}}', and recipes may not read "
+                            "the environment or run resolvers (the value would be saved in recipe.yaml, exports and "
+                            "model cards); write the value itself, e.g. on the command line.")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        name = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"recipe key '{name}' holds an interpolation that cannot be resolved ({reason}); refer to "
+                        "another key of the recipe that exists and has the right type, or write the value.") from None
 
 
 def _schema_fields(schema: type, prefix: str = "") -> list[tuple[str, Field]]:

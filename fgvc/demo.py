@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a file (python fgvc/NAME.py): see fgvc/_
 from fgvc.errors import UserError, cli_main  # noqa: E402
 
 DEFAULT_PORT = 7860
+MAX_PORT = 65535  # TCP ports are 16-bit
 
 
 @cli_main
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= MAX_PORT:
+        raise UserError(f"--port is {args.port} but must be between 0 and {MAX_PORT}; e.g. --port {DEFAULT_PORT}, "
+                        "or --port 0 for any free one.")
 
     # imported after parsing: `--help` and a wrong argument answer in 0.3 s, not after loading torch (5.6 s of CPU here)
     from fgvc.analysis.viewer import Viewer, serve

@@ -13,6 +13,7 @@ F = TypeVar("F", bound=Callable[..., int | None])
 USAGE_EXIT = 2  # bad recipe, bad key, bad argument: nothing was started
 DATA_EXIT = 3  # a data set or run folder on disk is not what it should be
 RUN_EXIT = 4  # the run itself failed (NaN loss, ...); the last good checkpoint is kept
+INTERRUPTED_EXIT = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
 
 
 class UserError(Exception):
@@ -89,6 +90,12 @@ def peer_exit_code() -> int | None:
         return None
 
 
+def _echo_of_rank_zero(exit_code: int) -> bool:
+    """A usage error (bad recipe, bad key) stops every process of a launched run alike, before they
+    connect: only the process of rank 0 says it."""
+    return exit_code == USAGE_EXIT and _store() is None and os.environ.get("RANK", "0") != "0"
+
+
 def cli_main(fn: F) -> F:
     """Run an entry point; a `UserError` (or a full disk) prints `error: <sentence>` and exits
     non-zero. In a distributed run the first process to stop prints its sentence, and the others,
@@ -101,6 +108,8 @@ def cli_main(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as err:
             code, sentence = err.exit_code, one_sentence(err)
+        except KeyboardInterrupt:
+            code, sentence = INTERRUPTED_EXIT, "interrupted (Ctrl-C) before the command finished."
         except OSError as err:
             if err.errno not in DISK_FULL:
                 raise
@@ -112,7 +121,7 @@ def cli_main(fn: F) -> F:
             if peer is None:
                 raise
             raise SystemExit(peer) from None
-        if first_to_stop(code):
+        if first_to_stop(code) and not _echo_of_rank_zero(code):
             print(f"error: {sentence}", file=sys.stderr)
         raise SystemExit(code) from None
 

@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     from fgvc.engine.runs import atomic_write_text, load_run
 
     run = load_run(args.run_dir)
+    from fgvc.analysis.run_report import PAGE, REPORT_DIR
+    from fgvc.safe_io import check_target, refuse_link
+
+    eval_name = "eval.json" if args.split == "test" else "eval_val.json"
+    for name in (eval_name, PAGE):  # a link among the files this writes is refused before any work
+        check_target(Path(args.run_dir) / name)
+    refuse_link(Path(args.run_dir) / REPORT_DIR)
     cfg = run.cfg
     if args.data_root:
         cfg.data.root = args.data_root
@@ -68,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     result["reliability"] = reliability_bins(pred.logits, pred.labels)
     result["split"] = args.split
     if accelerator.is_main_process:
-        out = Path(args.run_dir) / ("eval.json" if args.split == "test" else "eval_val.json")
+        out = Path(args.run_dir) / eval_name
         atomic_write_text(out, json.dumps(result, indent=1))
         console = Console()
         table = Table(title=f"{args.run_dir} — {args.split} split")

@@ -15,15 +15,18 @@ if __package__ in (None, ""):  # run as a file (python fgvc/predict.py): see fgv
     import _script  # noqa: F401
 
 from fgvc.errors import UserError, cli_main  # noqa: E402
+from fgvc.safe_io import regular_file  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def expand(paths: list[str]) -> list[Path]:
+    """The images named and those in the folders named; in a folder only regular files count (a FIFO
+    named pipe.jpg would block the reader for ever)."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and regular_file(f))
         else:
             files.append(p)
     return files
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--top", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.top < 1:
+        raise UserError(f"--top is {args.top} but must be at least 1; e.g. --top 5.")
 
     import torch
     from rich.console import Console
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], 0
     for path in files:
         try:
+            if path.exists() and not regular_file(path):
+                raise UserError(f"'{path}' is not a regular file (a pipe, device or socket); give image files.")
             image, _, _ = transform(load_rgb(path), None, None)
         except UserError as err:
             results.append({"image": str(path), "error": str(err)})

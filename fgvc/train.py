@@ -13,7 +13,7 @@ if __package__ in (None, ""):  # run as a file (python fgvc/train.py): see fgvc/
     import _script  # noqa: F401
 
 from fgvc.config import key_listing, load_recipe  # noqa: E402
-from fgvc.errors import cli_main  # noqa: E402
+from fgvc.errors import INTERRUPTED_EXIT, UserError, cli_main  # noqa: E402
 
 
 @cli_main
@@ -34,9 +34,28 @@ def main(argv: list[str] | None = None) -> int:
 
     use_available_cores()  # accelerate launch on a CPU-only machine would otherwise train on one thread
     keep_freed_memory()  # no page faults and zeroing for the buffers every step frees and allocates again
-    with replaced_run_kept_until_started():  # overwrite=true: the old run is back if this one fails early
-        train(cfg)
+    try:
+        with replaced_run_kept_until_started():  # overwrite=true: the old run is back if this one fails early
+            train(cfg)
+    except KeyboardInterrupt:
+        raise interrupted(cfg) from None
     return 0
+
+
+def interrupted(cfg) -> UserError:
+    """Ctrl-C: one line naming what was kept (the last complete checkpoint) and the command that continues."""
+    from pathlib import Path
+
+    from fgvc.engine.runs import checkpoints
+
+    out = Path(cfg.output_dir)
+    if not (out / "recipe.yaml").is_file():
+        return UserError(f"interrupted (Ctrl-C) before the run in '{out}' started; nothing was written, so run the "
+                         "command again.", INTERRUPTED_EXIT)
+    found = checkpoints(out)
+    kept = f"its last checkpoint is '{found[-1]}'" if found else "it had no checkpoint yet"
+    return UserError(f"interrupted (Ctrl-C): the run in '{out}' stopped and {kept}; continue it with "
+                     f"`python fgvc/train.py recipe={out / 'recipe.yaml'} train.resume=auto`.", INTERRUPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from fgvc.errors import UserError
 from fgvc.models.build import build_model, model_input
 from fgvc.models.cfvit import CFViT, explicit_attention
 from fgvc.models.dcn import DCN, choose_threshold, escalate, threshold_for_accuracy, threshold_for_cost
+from fgvc.safe_io import make_folder, write_text, writing
 
 DEFAULT_SHARES = (0.1, 0.25, 0.5)  # escalated shares of the validation split to pick thresholds for
 DEFAULT_COSTS = (0.35,)  # target FLOPs as a share of the full-image fine network (the goal)
@@ -485,7 +486,8 @@ def markdown(rows: list[Row], header: str, batch: int, summary: str | None = Non
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
-    with path.open("w", newline="") as f:
+
+    with writing(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
@@ -529,7 +531,9 @@ def plot(rows: list[Row], path: Path, title: str) -> dict:
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={PNG_POINTS_KEY: json.dumps(points)})
+
+    with writing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, metadata={PNG_POINTS_KEY: json.dumps(points)})
     return points
 
 
@@ -558,7 +562,7 @@ def rich_table(rows: list[Row], title: str):
 def write_report(rows: list[Row], out_dir: Path, header: str, batch: int, summary: str | None = None) -> list[Path]:
     out_dir = Path(out_dir)
     paths = [out_dir / name for name in FILES]
-    paths[0].write_text(markdown(rows, header, batch, summary))
+    write_text(paths[0], markdown(rows, header, batch, summary))
     write_csv(rows, paths[1])
     plot(rows, paths[2], header)
     return paths
@@ -651,8 +655,8 @@ def report_cost(overrides: list[str], out_dir: str | Path, ks: list[int] | None 
         whole = build_model(cfg.model, num_classes, size)
         rows = cost_rows(model, whole, size, sorted(set(ks or [model.top_k]) - {0}), batch, rounds, min_run_time)
         header = f"cost of `{' '.join(overrides)}` against model.dcn.whole_image=true at {size} px"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths[0].write_text(markdown(rows, header, batch, summary=cost_line(rows), note=COST_NOTE))
+    make_folder(out_dir)
+    write_text(paths[0], markdown(rows, header, batch, summary=cost_line(rows), note=COST_NOTE))
     write_csv(rows, paths[1])
     from rich.console import Console
 

@@ -152,5 +152,5 @@ def draw_grid(views: list[ImageView], part_names: list[str], radius_fraction: fl
 
 def save_figure(fig: Figure, path: str | Path) -> None:
     """Write a PNG and release the figure (pyplot keeps every open figure otherwise)."""
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    fig.savefig(path, format="png", dpi=DPI, facecolor="white")
     plt.close(fig)

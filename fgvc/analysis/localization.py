@@ -36,6 +36,7 @@ from fgvc.data.synthetic import class_parts
 from fgvc.engine.runs import atomic_write_text, load_run
 from fgvc.errors import UserError
 from fgvc.models.build import model_input
+from fgvc.safe_io import check_target, make_folder, writing
 
 POINT_RADIUS = 0.1  # pointing-game radius as a share of the box diagonal: ~30 px on a 300 px CUB bird
 REGION_THRESHOLD = 0.5  # a map's region is where it reaches half its peak (CAM's 20% is for drawing boxes)
@@ -200,7 +201,9 @@ def localize_run(run_dir: str | Path, out_dir: str | Path | None = None, split: 
     chosen = select_images(dataset.samples, num_images, ids)
     loader = make_loader(Subset(dataset, chosen.positions), batch_size, 0, False)
     out = Path(out_dir) if out_dir else Path(run_dir) / "localization"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
+    for name in ("localization.json", "index.html"):  # before any work: a link there is refused now, not at the end
+        check_target(out / name)
 
     gen = torch.Generator().manual_seed(BASELINE_SEED)
     per_source: dict[str, list[dict[str, Tensor]]] = {}
@@ -240,7 +243,8 @@ def localize_run(run_dir: str | Path, out_dir: str | Path | None = None, split: 
     pngs = []
     for g in range(0, len(views), IMAGES_PER_GRID):
         path = out / f"grid_{g // IMAGES_PER_GRID:03d}.png"
-        save_figure(draw_grid(views[g:g + IMAGES_PER_GRID], part_names, radius_fraction), path)
+        with writing(path) as tmp:
+            save_figure(draw_grid(views[g:g + IMAGES_PER_GRID], part_names, radius_fraction), tmp)
         pngs.append(path.name)
     report = {"run": str(run_dir), "recipe": cfg.recipe, "family": model_family(run.model), "split": split,
               "data": data.index.name, "has_parts": has_parts, "radius_fraction": radius_fraction,

@@ -25,6 +25,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from fgvc.engine.metrics import ECE_BINS  # noqa: E402
+from fgvc.engine.runs import read_log  # noqa: E402
+from fgvc.safe_io import make_folder, write_text, writing  # noqa: E402
 
 REPORT_DIR = "report"
 PAGE = "report.html"
@@ -76,7 +78,8 @@ def confused_classes(cm: np.ndarray, limit: int = CONFUSED_CLASSES) -> list[int]
 
 
 def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=DPI, facecolor="white", bbox_inches="tight")
+    with writing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, facecolor="white", bbox_inches="tight")
     plt.close(fig)
 
 
@@ -172,8 +175,7 @@ def _fmt(v) -> str:
 def write_report(run_dir: str | Path, class_names: list[str]) -> Path:
     """Draw every picture the run folder has the numbers for and write RUN_DIR/report.html."""
     run_dir = Path(run_dir)
-    pics = run_dir / REPORT_DIR
-    pics.mkdir(exist_ok=True)
+    pics = make_folder(run_dir / REPORT_DIR)
     esc = html.escape
     body: list[str] = []
     metrics = _read(run_dir / "metrics.json")
@@ -187,8 +189,8 @@ def write_report(run_dir: str | Path, class_names: list[str]) -> Path:
                     + f"<p>selected epoch {metrics.get('best_epoch')} ({esc(str(metrics.get('selected', 'model')))} "
                     f"weights), training time {metrics.get('train_time_s', '?')} s.</p>")
     log = run_dir / "metrics.jsonl"
-    if log.is_file() and log.read_text().strip():
-        rows_log = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows_log = read_log(log)
+    if rows_log:
         draw_curves(rows_log, pics / "curves.png")
         body.append(_figure("curves.png", "Training curves", "from metrics.jsonl, one point per epoch"))
     for split, name in EVAL_FILES.items():
@@ -210,7 +212,7 @@ def write_report(run_dir: str | Path, class_names: list[str]) -> Path:
                                 "bars: accuracy per confidence bin; dashed: perfect calibration"))
     body.append(_localization(run_dir))
     page = run_dir / PAGE
-    page.write_text(f"""<!doctype html>
+    write_text(page, f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>fgvc report — {esc(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:1em;max-width:1400px}} table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #ccc;padding:2px 6px;font-size:90%}} img{{max-width:100%}}</style></head><body>

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,8 +21,9 @@ from safetensors.torch import save_file
 from fgvc.analysis.cost import count_flops, count_parameters
 from fgvc.config import flatten, load_recipe, to_yaml
 from fgvc.engine.model_folder import CONFIG_FILE, FGVC_KEY, TIMM_PREFIX, exported_state, timm_loadable
-from fgvc.engine.runs import RunInfo, load_run
+from fgvc.engine.runs import RunInfo, load_run, read_log
 from fgvc.errors import UserError
+from fgvc.safe_io import copy_file, new_folder, refuse_link, write_text, writing
 
 COPIED = ("metrics.json", "metrics.jsonl", "eval.json")  # the run's numbers travel with the weights
 INTERVAL_Z = 1.96  # two-sided 95% normal quantile for the Wilson interval of an accuracy
@@ -35,33 +33,42 @@ COMMAND_SKIP = ("recipe", "output_dir", "overwrite", "train.resume")  # keys tha
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the model folder of a finished run into `out_dir` (which must not hold anything yet).
-    The folder is assembled beside `out_dir` and renamed into place, so a failure leaves nothing half-written."""
+    The folder is assembled beside `out_dir` and renamed into place, so a failure leaves nothing half-written;
+    every file goes through fgvc/safe_io.py (no link followed, normal file modes)."""
     run_dir, out = Path(run_dir), Path(out_dir)
+    refuse_link(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"export folder '{out}' already exists and is not empty; choose a new folder or remove it.")
     run = load_run(run_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    check_finished(run)
+    with new_folder(out) as tmp:
         meta = json.loads((run_dir / "model.json").read_text()) if (run_dir / "model.json").is_file() \
             else json.loads((run_dir / CONFIG_FILE).read_text())[FGVC_KEY]
         loadable = timm_loadable(meta["model"])
         prefix = TIMM_PREFIX if loadable else ""
         state = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
-        save_file(exported_state(state, prefix), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        with writing(tmp / "model.safetensors") as file:
+            save_file(exported_state(state, prefix), str(file), metadata={"format": "pt"})
         config = hub_config(run, meta, prefix)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-        (tmp / "recipe.yaml").write_text(to_yaml(run.cfg))
+        write_text(tmp / CONFIG_FILE, json.dumps(config, indent=1))
+        write_text(tmp / "recipe.yaml", to_yaml(run.cfg))
         for name in COPIED:
             if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, tmp / name)
-        (tmp / "README.md").write_text(model_card(run, config, run_dir))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                copy_file(run_dir / name, tmp / name)
+        write_text(tmp / "README.md", model_card(run, config, run_dir))
     return out
+
+
+def check_finished(run: RunInfo) -> None:
+    """A run exports once training has ended (metrics.json written); else one sentence naming the
+    last finished epoch and the command that finishes it."""
+    if (run.run_dir / "metrics.json").is_file():
+        return
+    rows = read_log(run.run_dir / "metrics.jsonl")
+    done = f"epoch {rows[-1]['epoch']}" if rows else "no epoch"
+    raise UserError(f"run '{run.run_dir}' has not finished ({done} of {run.cfg.train.epochs} done, no metrics.json), "
+                    f"so its numbers would not be the run's; finish it with `python fgvc/train.py "
+                    f"recipe={run.run_dir}/recipe.yaml output_dir={run.run_dir} train.resume=auto`, then export.")
 
 
 def hub_config(run: RunInfo, meta: dict, prefix: str) -> dict:
@@ -167,8 +174,9 @@ def model_card(run: RunInfo, config: dict, run_dir: Path) -> str:
               f"- Data set: `{cfg.data.name}` ({K} classes)" + (f", aircraft level `{cfg.data.aircraft_level}`"
                                                                  if cfg.data.name == "aircraft" else "") + ".",
               "- Split: the data set's official train/test split; validation is a stratified "
-              f"{cfg.data.val_fraction:g} share of train (seed {cfg.seed}), used to choose the epoch; the test "
-              "split was evaluated once.",
+              f"{cfg.data.val_fraction:g} share of train (seed {cfg.seed}), used to choose the epoch"
+              + ("; the test split was evaluated once, after training." if test.get("num_samples") else
+                 "; the test split was not evaluated."),
               f"- Images: {val.get('num_samples', '?')} validation, {test.get('num_samples', '?')} test."]
     if cfg.data.name == "synthetic":
         s = cfg.data.synthetic

@@ -12,6 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from fgvc.analysis.localization import localize_run
+from fgvc.analysis.maps import compute_maps
+from fgvc.analysis.share import export_run
+from fgvc.analysis.viewer import Viewer
+from fgvc.config import load_recipe
+from fgvc.engine.runs import load_run
+from fgvc.engine.trainer import train
+from fgvc.errors import UserError
+from fgvc.evaluate import main as evaluate
+from fgvc.predict import main as predict
+
 _VIT = dict(depth=2, embed_dim=32, num_heads=2)
 _SWIN = dict(window_size=4, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
 
@@ -103,7 +114,6 @@ def recipe_args(family: Family, variant: str, run_dir: Path, data_root: Path) ->
 def _attempt(fn: Callable[[], Any]) -> Cell:
     import time
 
-    from fgvc.errors import UserError
 
     start = time.perf_counter()
     try:
@@ -121,7 +131,6 @@ def check_maps(run, source: str) -> None:
     size, or the one-sentence UserError of `sources_for` where the model has no such map."""
     import torch
 
-    from fgvc.analysis.maps import compute_maps
 
     side = run.image_size
     out = compute_maps(run.model, torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0)), [source])
@@ -134,7 +143,6 @@ def check_maps(run, source: str) -> None:
 
 def check_localize(run_dir: Path) -> None:
     """localize.py's pictures and scores on two test images, into RUN_DIR/localization."""
-    from fgvc.analysis.localization import localize_run
 
     out = run_dir / "localization"
     report = localize_run(run_dir, out, num_images=2, batch_size=2)
@@ -149,7 +157,6 @@ def check_report(run_dir: Path) -> None:
     import contextlib
     import io
 
-    from fgvc.evaluate import main as evaluate
 
     with contextlib.redirect_stdout(io.StringIO()):
         code = evaluate([str(run_dir), "--batch-size", "4"])
@@ -163,8 +170,6 @@ def check_export(run_dir: Path, out: Path) -> None:
     import timm
     import torch
 
-    from fgvc.analysis.share import export_run
-    from fgvc.engine.runs import load_run
 
     export_run(run_dir, out)
     run = load_run(run_dir)
@@ -181,7 +186,6 @@ def check_export(run_dir: Path, out: Path) -> None:
 
 
 def one_image(run_dir: Path) -> Path:
-    from fgvc.engine.runs import load_run
 
     root = Path(load_run(run_dir).cfg.data.root)
     return next(p for p in sorted(root.rglob("*.jpg")))
@@ -192,7 +196,6 @@ def check_predict(folder: Path, image: Path) -> None:
     import io
     import json
 
-    from fgvc.predict import main as predict
 
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
@@ -202,8 +205,6 @@ def check_predict(folder: Path, image: Path) -> None:
 
 
 def check_demo(folder: Path, image: Path) -> None:
-    from fgvc.analysis.viewer import Viewer
-    from fgvc.engine.runs import load_run
 
     viewer = Viewer(load_run(folder))
     analysis = viewer.analyse(image.read_bytes(), image.name)
@@ -216,15 +217,12 @@ def check_demo(folder: Path, image: Path) -> None:
 def family_row(family: Family, arch: str, work: Path, data_root: Path) -> dict[str, Cell]:
     """Every feature of one (family, arch variant of ARCH_VARIANTS): a one-epoch run in this process, then its maps, pictures
     and scores, export, predict.py and the demo page on the exported folder."""
-    from fgvc.config import load_recipe
-    from fgvc.engine.trainer import train
 
     slug = "".join(c if c.isalnum() else "_" for c in f"{family.name}_{arch}").lower()
     run_dir = work / slug
     row = {"train": _attempt(lambda: train(load_recipe(recipe_args(family, arch, run_dir, data_root))))}
     if row["train"].status != OK:
         return row | {f: Cell(SKIP) for f in FEATURES[1:]}
-    from fgvc.engine.runs import load_run
 
     run = load_run(run_dir)
     for source in MAP_FEATURES:

@@ -4,6 +4,7 @@ atomically so that a kill at any moment leaves the previous checkpoint intact.""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from fgvc.engine.guard import drop_set_aside
-from fgvc.engine.runs import CHECKPOINT_PREFIX, atomic_write_text, checkpoints, save_weights, write_errors
+from fgvc.engine.runs import (CHECKPOINT_PREFIX, atomic_write_text, checkpoints, read_log, save_weights,
+                              write_errors)
 from fgvc.errors import DataError
 from fgvc.models.weights import read_safetensors
 
@@ -32,8 +34,8 @@ class TrainState:
 def truncate_log(path: Path, epochs_done: int) -> None:
     """Keep the lines of the epochs a resumed checkpoint holds (a kill may have logged one more)."""
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epochs_done]
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        rows = [row for row in read_log(path) if row["epoch"] <= epochs_done]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 STATE_FILE, EMA_FILE = "fgvc_state.json", "ema.safetensors"
@@ -71,7 +73,7 @@ def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
     """Accelerate's state (model, optimizer, RNG); a damaged checkpoint is one sentence."""
     try:
         accelerator.load_state(str(folder))
-    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as err:
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, SafetensorError, pickle.UnpicklingError) as err:
         reason = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
         raise DataError(f"checkpoint '{folder}' is damaged ({reason}); resume from an earlier one with "
                         f"train.resume={folder.parent}/{CHECKPOINT_PREFIX}NNNN.") from None
@@ -79,10 +81,14 @@ def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
 
 def load_extras(folder: Path, state: TrainState, scheduler, ema) -> None:
     """fgvc's counters, the schedule (None: keep the schedule just built, the recipe changed it) and EMA."""
-    saved = json.loads((folder / STATE_FILE).read_text())
-    state.load_state_dict(saved["train"])
-    if scheduler is not None:
-        scheduler.load_state_dict(saved["scheduler"])
+    try:
+        saved = json.loads((folder / STATE_FILE).read_text())
+        state.load_state_dict(saved["train"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"checkpoint '{folder}' is damaged ({STATE_FILE}: {err.__class__.__name__}); resume from an "
+                        f"earlier one with train.resume={folder.parent}/{CHECKPOINT_PREFIX}NNNN.") from None
     if ema is not None:
         ema.module.load_state_dict(read_safetensors(folder / EMA_FILE, f"resume from an earlier checkpoint than "
                                                                        f"'{folder}'"))

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from fgvc.config import flatten, load_recipe
 from fgvc.engine.trackers import PROJECT_NAME
 from fgvc.errors import RunError, UserError
+from fgvc.safe_io import check_target, make_folder, no_follow
 
 LOCK_FILE = ".lock"
 SET_ASIDE = ".replaced_run"  # overwrite=true: the old run waits here until the new one's first checkpoint
@@ -55,8 +56,9 @@ _set_aside: list[Path] = []  # the folders this process moved an old run into
 
 def lock_run_dir(out: Path) -> None:
     """Hold `out/.lock` until this process ends (main process only); one sentence if another run holds it."""
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / LOCK_FILE, "a+")
+    make_folder(out)
+    check_target(out / LOCK_FILE)
+    f = open(out / LOCK_FILE, "a+", opener=no_follow)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -19,9 +19,7 @@ lock, set an old run aside, write recipe.yaml), the first checkpoint drops a set
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,26 +38,21 @@ from fgvc.engine.model_folder import CONFIG_FILE, is_model_folder, read_model_fo
 from fgvc.errors import DataError, RunError, UserError
 from fgvc.models.build import build_model
 from fgvc.models.weights import read_safetensors
+from fgvc.safe_io import check_names, make_folder, write_text, writing
 
 CHECKPOINT_PREFIX = "epoch_"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: a kill leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write to a temporary file beside `path`, then rename: a kill leaves the old file intact (fgvc/safe_io.py)."""
+    write_text(path, text)
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
     """Weights as safetensors, written beside `path` and renamed: a kill or a full disk leaves the old file."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    with write_errors(path, Path(tmp)):
-        save_file(state, tmp)
-    os.replace(tmp, path)
+    with writing(path) as tmp, write_errors(path, tmp):
+        save_file(state, str(tmp))
 
 
 @contextmanager
@@ -130,7 +123,7 @@ def claim_run_dir(cfg: DictConfig, action: str) -> Path:
     check_run_dir(cfg)
     if action == "overwrite" and out.is_dir():
         set_aside_old_run(out)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    make_folder(out / "checkpoints")
     saved = cfg.copy()
     saved.overwrite = False
     atomic_write_text(out / "recipe.yaml", to_yaml(saved))
@@ -213,5 +206,26 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunInfo
     check_fits(model, state, f"'{run_dir}/model.safetensors' does not fit the model in {meta_file.name}")
     model.load_state_dict(state)
     model.to(device).eval()
-    return RunInfo(run_dir, cfg, model, meta["class_names"], meta.get("part_names", []),
+    class_names = check_names(meta.get("class_names"), num_classes, "class", meta_file)
+    part_names = check_names(meta.get("part_names", []), len(meta.get("part_names") or []), "part", meta_file)
+    return RunInfo(run_dir, cfg, model, class_names, part_names,
                    tuple(meta["mean"]), tuple(meta["std"]), meta["image_size"])
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (none if it is missing), each a mapping with a whole `epoch`;
+    a line that is not one, as a hand edit may leave, is one sentence (exit 3) naming the line."""
+    if not path.is_file():
+        return []
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise DataError(f"{path}:{lineno} is not a metrics line ({{\"epoch\": N, ...}}); delete that line or restore "
+                            "the file from a copy of the run folder.")
+        rows.append(row)
+    return rows

@@ -38,6 +38,7 @@ from fgvc.engine.runs import (atomic_write_text, check_run_dir, claim_run_dir, m
                               save_weights)
 from fgvc.engine.trackers import PROJECT_NAME, tracker_config, tracker_names
 from fgvc.errors import RunError
+from fgvc.safe_io import append_line
 from fgvc.models.build import build_model, data_backbone, mean_std, model_input
 from fgvc.models.cfvit import CfvitSchedule
 from fgvc.models.dcn import DcnSchedule
@@ -152,8 +153,7 @@ def train(cfg: DictConfig, after_checkpoint: Callable[[int], None] | None = None
                "train_images": len(r.data.train)}
         row |= validate_and_keep(r, epoch)
         if accelerator.is_main_process:  # logged before the checkpoint; a resume drops lines past it
-            with open(r.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(r.out / "metrics.jsonl", json.dumps(row))
             console.print(epoch_table(row))
         if accelerator.trackers:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from fgvc.errors import UserError
 from fgvc.models.attention.options import BlockOptions
 from fgvc.models.classifier import Classifier
+from fgvc.models.cfvit import CFViT
 from fgvc.models.dcn import DCN
 from fgvc.models.zoom import RACNN
 from fgvc.registry import Registry
@@ -70,13 +71,11 @@ def backbone_args(m: DictConfig) -> dict:
 
 @ARCHS.register("cfvit")
 def _cfvit(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
-    from fgvc.models.cfvit import CFViT
-
     c = m.cfvit
     return CFViT(m.backbone, num_classes, image_size, coarse_grid=c.coarse_grid, share=c.share,
                  rank_layers=list(c.rank_layers), rank_decay=c.rank_decay, reuse=c.reuse,
                  exit_threshold=c.exit_threshold, pretrained=m.pretrained, weights=m.weights,
-                 drop_rate=m.drop_rate, drop_path=m.drop_path)
+                 drop_rate=m.drop_rate, drop_path=m.drop_path, backbone_args=backbone_args(m))
 
 
 def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.Module:
