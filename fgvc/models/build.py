@@ -52,12 +52,40 @@ def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
         raise UserError("model.weights is not used by model.arch=dcn; give model.dcn.coarse_weights and/or "
                         "model.dcn.fine_weights instead.")
     return DCN(num_classes, image_size=image_size, coarse_backbone=d.coarse_backbone,
-               coarse_stages=d.coarse_stages, coarse_image_size=d.coarse_image_size or image_size // 2,
+               coarse_stages=d.coarse_stages, coarse_image_size=coarse_side(d, image_size),
                fine_backbone=d.fine_backbone, patch_size=d.patch_size, top_k=d.top_k,
                saliency=d.saliency, exit_threshold=d.exit_threshold, whole_image=d.whole_image,
                pretrained=m.pretrained, pool=d.pool, top_layers=d.top_layers,
                coarse_weights=d.coarse_weights, fine_weights=d.fine_weights, top_hidden=d.top_hidden,
                detach_fusion=d.detach_fusion)
+
+
+def coarse_side(dcn_cfg: DictConfig, image_size: int) -> int:
+    """The DCN coarse network's input side: model.dcn.coarse_image_size, or half the image's."""
+    return dcn_cfg.coarse_image_size or image_size // 2
+
+
+def backbone_sides(model_cfg: DictConfig, image_size: int) -> list[tuple[str, str, int]]:
+    """(recipe key of the side, backbone, input side) of every timm backbone the recipe's model
+    builds: the classifier's and RA-CNN's at data.image_size (every RA-CNN scale is read at the input
+    size), the DCN's coarse network at its side and fine network at model.dcn.patch_size (with
+    whole_image, at data.image_size)."""
+    if model_cfg.arch != "dcn":
+        return [("data.image_size", model_cfg.backbone, image_size)]
+    d = model_cfg.dcn
+    coarse_key = "model.dcn.coarse_image_size" if d.coarse_image_size else "data.image_size // 2 (model.dcn.coarse_image_size)"
+    fine = ("data.image_size", d.fine_backbone, image_size) if d.whole_image else \
+        ("model.dcn.patch_size", d.fine_backbone, d.patch_size)
+    return ([] if d.whole_image else [(coarse_key, d.coarse_backbone, coarse_side(d, image_size))]) + [fine]
+
+
+def check_sides(model_cfg: DictConfig, image_size: int) -> None:
+    """One sentence, before anything is built or written, when a backbone of the recipe cannot
+    take the side it would read (fgvc/models/sizes.py); fixed-size transformers are built for it."""
+    from fgvc.models.sizes import check_side
+
+    for key, backbone, side in backbone_sides(model_cfg, image_size):
+        check_side(backbone, side, key)
 
 
 def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.Module:

@@ -16,16 +16,20 @@ from fgvc.models.attention.options import BlockOptions
 from fgvc.models.attention.patch import (Stage, attach_after_stage, attach_in_blocks, backbone_stages, default_stages,
                                          make_block, pick_stages)
 from fgvc.models.attention.stn import SpatialTransformer
-from fgvc.models.weights import load_backbone_weights, read_state_dict
+from fgvc.models.sizes import build_args
+from fgvc.models.weights import fit_checkpoint, load_backbone_weights, read_state_dict
 
 
-def create_backbone(name: str, num_classes: int, pretrained: bool = False, weights: str = "",
+def create_backbone(name: str, num_classes: int, pretrained: bool = False, weights: str = "", image_size: int = 0,
                     **kwargs) -> tuple[nn.Module, set[str]]:
-    """`timm.create_model` with one-sentence errors. Returns the model and the names of its
-    parameters that came from pretrained weights (empty when trained from scratch)."""
+    """`timm.create_model` with one-sentence errors, built for `image_size`-px inputs (0: timm's
+    default; fgvc/models/sizes.py: transformers get their size arguments, position embeddings are
+    resampled when weights load). Returns the model and the names of its parameters that came from
+    pretrained weights (empty when trained from scratch)."""
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
         raise UserError(f"model.backbone '{name}' is not a timm model; try one of {close or 'timm.list_models()'}.")
+    kwargs = {**build_args(name, image_size), **kwargs}
     try:
         model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError) as err:
@@ -38,7 +42,7 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, weigh
     head_prefixes = tuple(head) if isinstance(head, (list, tuple)) else (head,)
     loaded: set[str] = set()
     if weights:
-        load_backbone_weights(model, read_state_dict(weights), skip_prefixes=head_prefixes)
+        load_backbone_weights(model, fit_checkpoint(model, read_state_dict(weights)), skip_prefixes=head_prefixes)
     if weights or pretrained:
         loaded = {n for n, _ in model.named_parameters() if not n.startswith(head_prefixes)}
     return model, loaded
@@ -84,7 +88,7 @@ class Classifier(nn.Module):
         windows = stn_count if attention == "stn" else 1
         # several windows: the backbone only pools, the classifier over their concatenation is `stn_head`
         self.net, names = create_backbone(backbone, num_classes if windows == 1 else 0, pretrained, weights,
-                                          drop_rate=drop_rate, **(backbone_args or {}))
+                                          image_size, drop_rate=drop_rate, **(backbone_args or {}))
         self.pretrained_names = {f"net.{n}" for n in names}
         self.attention_type = attention
         self.attention = nn.ModuleDict()  # stage blocks: "stage{i}" -> block run after stage i

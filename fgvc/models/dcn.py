@@ -284,18 +284,21 @@ class _Features(nn.Module):
         return self.net(x)[-1] if self.features_only else self.net.forward_features(x)
 
 
-def _feature_extractor(name: str, stages: int, pretrained: bool, weights: str = "") -> tuple[_Features, set[str], int]:
-    """A timm network returning a (B, C, h, w) feature map: all of it (`stages` = 0) or its first
-    `stages` feature levels (timm's feature_info; for ResNets level 1 is the stem)."""
+def _feature_extractor(name: str, stages: int, pretrained: bool, weights: str = "",
+                       image_size: int = 0) -> tuple[_Features, set[str], int]:
+    """A timm network built for `image_size`-px inputs returning a (B, C, h, w) feature map: all of
+    it (`stages` = 0) or its first `stages` feature levels (timm's feature_info; for ResNets level 1
+    is the stem)."""
     if stages:
         with torch.device("meta"):  # only to count the levels, no memory or weights
             levels = len(create_backbone(name, 0, False)[0].feature_info)
         if not 1 <= stages <= levels:
             raise UserError(f"model.dcn.coarse_stages is {stages} but '{name}' has {levels} feature levels; "
                             f"use 0 (all) or 1..{levels}.")
-        net, names = create_backbone(name, 0, pretrained, weights, features_only=True, out_indices=(stages - 1,))
+        net, names = create_backbone(name, 0, pretrained, weights, image_size, features_only=True,
+                                     out_indices=(stages - 1,))
         return _Features(net, features_only=True), names, net.feature_info.channels()[-1]
-    net, names = create_backbone(name, 0, pretrained, weights)
+    net, names = create_backbone(name, 0, pretrained, weights, image_size)
     return _Features(net, features_only=False), names, net.num_features
 
 
@@ -329,16 +332,18 @@ class DCN(nn.Module):
         self.saliency = saliency
         self.pretrained_names: set[str] = set()
 
-        fine, fine_names, fine_width = _feature_extractor(fine_backbone, 0, pretrained, fine_weights)
+        # the fine network reads patch_size patches (whole_image: the whole image)
+        fine, fine_names, fine_width = _feature_extractor(fine_backbone, 0, pretrained, fine_weights,
+                                                          image_size if whole_image else patch_size)
         self.fine = fine
         self.pretrained_names |= {f"fine.net.{n}" for n in fine_names}
         if whole_image:  # the coarse network's width only fixes the head shape: build it on meta
             with torch.device("meta"):
-                _, _, width = _feature_extractor(coarse_backbone, coarse_stages, False)
+                _, _, width = _feature_extractor(coarse_backbone, coarse_stages, False, "", self.coarse_image_size)
             self.coarse = None
         else:
             coarse, coarse_names, width = _feature_extractor(coarse_backbone, coarse_stages, pretrained,
-                                                            coarse_weights)
+                                                            coarse_weights, self.coarse_image_size)
             self.coarse = coarse
             self.pretrained_names |= {f"coarse.net.{n}" for n in coarse_names}
         self.width = width

@@ -238,7 +238,7 @@ class RACNN(nn.Module):
         self.backbones = nn.ModuleList()
         self.pretrained_names: set[str] = set()
         for s in range(1 if share_backbone else scales):
-            net, names = create_backbone(backbone, 0, pretrained, weights)  # num_classes=0: pooled features
+            net, names = create_backbone(backbone, 0, pretrained, weights, image_size)  # num_classes=0: pooled features
             self.backbones.append(net)
             self.pretrained_names |= {f"backbones.{s}.{n}" for n in names}
         channels = self.backbones[0].num_features
