@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fgvc.errors import UserError
+from fgvc.models import features as fmaps
 from fgvc.models.attention.recorder import AttentionRecorder
 from fgvc.models.classifier import Classifier
 from fgvc.models.dcn import DCN
@@ -137,14 +138,9 @@ def stn_theta(model: nn.Module, images: Tensor) -> Tensor | None:
 # Sources
 
 
-def _final_stage(net: nn.Module) -> nn.Module:
-    """The module whose output is a timm network's last feature stage (feature_info's last entry)."""
-    return net.get_submodule(net.feature_info[-1]["module"])
-
-
 @SOURCES.register("cam")
 def cam(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
-    """CAM (Zhou et al. 2016, `fgvc.models.classifier.class_activation_map`) from each model's own
+    """CAM (Zhou et al. 2016, `fgvc.models.features.class_activation_maps`) from each model's own
     `class_activation_maps`: the classifier's last features (RA-CNN: the first, whole-image scale;
     DCN: the coarse path)."""
     size = tuple(images.shape[-2:])
@@ -173,20 +169,32 @@ class _LogitsOnly(nn.Module):
         return self.pick(self.model(x))
 
 
-def _gradcam_setup(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the module grad-cam reads activations from, a wrapper returning the logits to explain)."""
+def _gradcam_setup(model: nn.Module, images: Tensor) -> tuple[nn.Module, nn.Module, Callable[[Tensor], Tensor]]:
+    """(the module grad-cam reads activations from, a wrapper returning the logits to explain, the
+    transform of that module's output into a (B, C, h, w) map: `fgvc.models.features`)."""
+    def through(net: nn.Module, x: Tensor) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+        size = tuple(x.shape[-2:])
+        return fmaps.gradient_module(net, x[:1]), lambda out: fmaps.to_map(net, out, size).map
+
+    def as_map(out: Tensor) -> Tensor:  # the DCN's feature modules already give (B, C, h, w)
+        return out
+
     if isinstance(model, RACNN):
         # the fusion head reads detached features, so the fused logits carry no gradient back to any
         # backbone: explain the first scale's own logits, read on the whole image
-        return _final_stage(model.backbones[0]), _LogitsOnly(model, lambda out: out.scale_logits[0])
+        layer, reshape = through(model.backbones[0], model.first_scale(images))
+        return layer, _LogitsOnly(model, lambda out: out.scale_logits[0]), reshape
     if isinstance(model, DCN):
         if model.coarse is None:
-            return model.fine, _LogitsOnly(model, final_logits)  # (B, C, h, w) features
+            return model.fine, _LogitsOnly(model, final_logits), as_map
         if model.fusion is not None and model.fusion.detach:
             # the fused classifier reads detached vectors: explain the coarse branch's own logits
-            return model.coarse, _LogitsOnly(model, lambda out: out.coarse_logits)
-        return model.coarse, _LogitsOnly(model, final_logits)
-    return _final_stage(model.net), _LogitsOnly(model, final_logits)
+            return model.coarse, _LogitsOnly(model, lambda out: out.coarse_logits), as_map
+        return model.coarse, _LogitsOnly(model, final_logits), as_map
+    with torch.no_grad():  # the backbone's input (the spatial transformer's window), for the probe and the grid
+        x = images[:1] if model.stn is None else model.stn(images[:1]).flatten(0, 1)
+    layer, reshape = through(model.net, x)
+    return layer, _LogitsOnly(model, final_logits), reshape
 
 
 @SOURCES.register("gradcam")
@@ -200,9 +208,9 @@ def gradcam(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tens
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layer, wrapper = _gradcam_setup(model)
+    layer, wrapper, reshape = _gradcam_setup(model, images)
     targets = [ClassifierOutputTarget(int(k)) for k in classes.tolist()]
-    with GradCAM(model=wrapper, target_layers=[layer]) as explainer:
+    with GradCAM(model=wrapper, target_layers=[layer], reshape_transform=reshape) as explainer:
         maps = explainer(input_tensor=images, targets=targets)  # (B, H, W) numpy, resized, in [0, 1]
     full = torch.from_numpy(maps).float().to(images.device)
     theta = stn_theta(model, images)

@@ -70,7 +70,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fgvc.errors import UserError
-from fgvc.models.classifier import class_activation_map, create_backbone
+from fgvc.models import features as fmaps
+from fgvc.models.classifier import create_backbone
+from fgvc.models.features import class_activation_map
 
 SHARE_ROUNDING = 1e-9  # so that a share such as 0.29 of 100 images counts 29, not 28.999...
 NEVER_EXIT = 2.0  # a confidence threshold above 1: no image stops at the coarse prediction
@@ -272,8 +274,8 @@ class DcnOutput:
 
 
 class _Features(nn.Module):
-    """Uniform `forward(x) -> (B, C, h, w)` over a timm model's forward_features and a
-    features_only model (which returns a list of the feature levels asked for)."""
+    """Uniform `forward(x) -> (B, C, h, w)` over a whole timm model and a features_only model (the
+    feature levels asked for), both read through the one owner of feature maps (fgvc/models/features.py)."""
 
     def __init__(self, net: nn.Module, features_only: bool) -> None:
         super().__init__()
@@ -281,7 +283,9 @@ class _Features(nn.Module):
         self.features_only = features_only
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)[-1] if self.features_only else self.net.forward_features(x)
+        if self.features_only:
+            return fmaps.features_only_map(self.net, x)
+        return fmaps.spatial_features(self.net, x).map
 
 
 def _feature_extractor(name: str, stages: int, pretrained: bool, weights: str = "",
