@@ -152,6 +152,9 @@ class ZoomConfig:
     # how a zoom wider than the input in source pixels is read: bilinear sampling (skips pixels: a moire
     # of fine detail the antialiased first scale does not show) or antialias (fgvc/models/resample.py)
     sampler: str = one_of("bilinear", ("bilinear", "antialias"))
+    # what proposes each zoom: the paper's attention proposal network, or rollout (ViT, DeiT, EVA): RAMS-Trans's
+    # box around the largest region of the attention rollout above 1.2x its mean, no proposal network to train
+    proposal: str = one_of("apn", ("apn", "rollout"))
 
 
 @dataclass
@@ -182,7 +185,7 @@ class ModelConfig:
     pretrained: bool = False
     weights: str = ""  # a local .safetensors / .pth file of backbone weights
     drop_rate: float = only_for("classifier", default=0.0)
-    drop_path: float = only_for("classifier", default=0.0)  # stochastic depth rate of the timm backbone
+    drop_path: float = only_for("classifier", "racnn", "dcn", default=0.0)  # stochastic depth rate of the timm backbone(s)
     attention: AttentionConfig = only_for("classifier", default_factory=AttentionConfig)
     zoom: ZoomConfig = only_for("racnn", default_factory=ZoomConfig)
     dcn: DcnConfig = only_for("dcn", default_factory=DcnConfig)

@@ -15,6 +15,11 @@ from fgvc.registry import Registry
 ARCHS: Registry = Registry("model.arch")
 
 
+def _drop_path(m: DictConfig) -> dict | None:
+    """timm arguments for the backbones' stochastic depth (model.drop_path), None when off."""
+    return {"drop_path_rate": m.drop_path} if m.drop_path else None
+
+
 @ARCHS.register("classifier")
 def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     from fgvc.models.attention.options import BlockOptions
@@ -29,7 +34,7 @@ def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                       attention_init=a.init, attention_reduction=a.reduction, attention_kernel_size=a.kernel_size,
                       image_size=image_size, stn_count=a.stn_count, stn_sampler=a.stn_sampler,
                       attention_options=options,
-                      backbone_args={"drop_path_rate": m.drop_path} if m.drop_path else None)
+                      backbone_args=_drop_path(m))
 
 
 @ARCHS.register("racnn")
@@ -40,7 +45,7 @@ def _racnn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     return RACNN(m.backbone, num_classes, image_size=image_size, scales=z.scales,
                  share_backbone=z.share_backbone, fuse=z.fuse, min_side=z.min_side,
                  mask_steepness=z.mask_steepness, pretrained=m.pretrained, weights=m.weights,
-                 sampler=z.sampler)
+                 sampler=z.sampler, proposal=z.proposal, backbone_args=_drop_path(m))
 
 
 @ARCHS.register("dcn")
@@ -57,7 +62,7 @@ def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                saliency=d.saliency, exit_threshold=d.exit_threshold, whole_image=d.whole_image,
                pretrained=m.pretrained, pool=d.pool, top_layers=d.top_layers,
                coarse_weights=d.coarse_weights, fine_weights=d.fine_weights, top_hidden=d.top_hidden,
-               detach_fusion=d.detach_fusion)
+               detach_fusion=d.detach_fusion, backbone_args=_drop_path(m))
 
 
 def coarse_side(dcn_cfg: DictConfig, image_size: int) -> int:
