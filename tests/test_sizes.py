@@ -12,7 +12,7 @@ from fgvc.config import load_recipe
 from fgvc.errors import UserError
 from fgvc.models.classifier import create_backbone
 from fgvc.models.sizes import build_args, check_side
-from tests.conftest import run_script
+from conftest import run_script
 
 TINY_SWIN = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 

@@ -12,6 +12,13 @@ at row r, column c sits at (c + 0.5, r + 0.5) in the input pixels boxes and keyp
                    spatial transformer's sampled region as `stn_region`
     zoom           RA-CNN's box per zoom as a window over the input: `zoom1`, `zoom2`
     saliency       the DCN's entropy saliency on the coarse grid: `dcn_saliency`
+    rollout        attention rollout (Abnar and Zuidema 2020) of a ViT-family backbone (ViT, DeiT, EVA)
+    class_attention  the last layer's class-token attention of a ViT-family backbone (class-agnostic)
+
+CAM and Grad-CAM read every backbone's last map through `fgvc.models.features` (CNNs, Swin, and the
+patch-token map of ViTs; class-specific on tokens too). rollout and class_attention need attention
+matrices (`fgvc.models.token_attention`, fused attention switched off for the extraction only): a
+model without a ViT-family backbone does not list them.
 
 `FAMILY_SOURCES` says which sources each model family has; `compute_maps` runs them.
 """
@@ -31,6 +38,7 @@ from fgvc.models.attention.recorder import AttentionRecorder
 from fgvc.models.classifier import Classifier
 from fgvc.models.dcn import DCN
 from fgvc.models.outputs import final_logits
+from fgvc.models.token_attention import attention_maps
 from fgvc.models.zoom import RACNN, boxes_xyxy
 from fgvc.registry import Registry
 
@@ -39,10 +47,11 @@ MapSource = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
 SOURCES: Registry[MapSource] = Registry("map source")
 
 FAMILY_SOURCES: dict[str, tuple[str, ...]] = {
-    "classifier": ("cam", "gradcam", "attention"),
-    "racnn": ("cam", "gradcam", "zoom"),
-    "dcn": ("cam", "gradcam", "saliency"),
+    "classifier": ("cam", "gradcam", "attention", "rollout", "class_attention"),
+    "racnn": ("cam", "gradcam", "zoom", "rollout", "class_attention"),
+    "dcn": ("cam", "gradcam", "saliency", "rollout", "class_attention"),
 }
+TOKEN_SOURCES = ("rollout", "class_attention")  # only for a ViT-family backbone (`token_backbone`)
 
 
 def model_family(model: nn.Module) -> str:
@@ -249,6 +258,44 @@ def attention(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Te
     return out
 
 
+def token_backbone(model: nn.Module, images: Tensor) -> tuple[nn.Module, Tensor] | None:
+    """(the ViT-family backbone whose attention explains the model, its input) or None: the
+    classifier's backbone, RA-CNN's first scale (the whole image), the DCN's coarse network."""
+    if isinstance(model, RACNN):
+        net, x = model.backbones[0], model.first_scale(images)
+    elif isinstance(model, DCN):
+        if model.coarse is None or model.coarse.features_only:
+            return None
+        net, x = model.coarse.net, model.coarse_input(images)
+    elif getattr(model, "stn", None) is not None:
+        return None  # the backbone reads the transformer's windows, not the image
+    else:
+        net, x = model.net, images
+    return (net, x) if fmaps.layout(net) == fmaps.NLC else None
+
+
+def _token_maps(model: nn.Module, images: Tensor, name: str) -> dict[str, Tensor]:
+    found = token_backbone(model, images)
+    if found is None:
+        return {}
+    maps = attention_maps(*found)  # each (B, h, w) on the patch grid, which covers the whole input
+    return {name: normalise(to_input(maps[name], tuple(images.shape[-2:])))} if name in maps else {}
+
+
+@SOURCES.register("rollout")
+def attention_rollout(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
+    """Attention rollout (Abnar and Zuidema 2020; heads averaged, identity added, rows renormalised,
+    no discard) of the class token (DeiT: class and distillation tokens; average-pool heads: every
+    patch token), on the patch grid upsampled to the input. Class-agnostic."""
+    return _token_maps(model, images, "rollout")
+
+
+@SOURCES.register("class_attention")
+def class_attention(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
+    """The last block's attention from the class token to the patches, averaged over heads. Class-agnostic."""
+    return _token_maps(model, images, "class_attention")
+
+
 @SOURCES.register("zoom")
 def zoom_windows(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
     """RA-CNN's box per zoom (composed into input pixels) as a window map: `zoom1`, `zoom2`."""
@@ -285,13 +332,29 @@ def sources_for(model: nn.Module, wanted: list[str] | None = None) -> list[str]:
     """The model family's sources, or those of `wanted` it has (a UserError names any it lacks)."""
     family = model_family(model)
     have = FAMILY_SOURCES[family]
+    if not has_token_backbone(model):
+        have = tuple(s for s in have if s not in TOKEN_SOURCES)
     if not wanted:
         return list(have)
     for name in wanted:
         SOURCES.get(name)  # unknown names fail with the list of known ones
+        if name in TOKEN_SOURCES and name not in have:
+            raise UserError(f"map source '{name}' needs a ViT-family backbone (ViT, DeiT, EVA) with attention matrices; "
+                            f"this {family} model has none, so use some of {', '.join(have)}.")
         if name not in have:
             raise UserError(f"map source '{name}' does not exist for {family} models; use some of {', '.join(have)}.")
     return list(wanted)
+
+
+def has_token_backbone(model: nn.Module) -> bool:
+    """Whether the model's explained backbone is a ViT family (attention matrices exist)."""
+    if isinstance(model, RACNN):
+        net = model.backbones[0]
+    elif isinstance(model, DCN):
+        net = None if model.coarse is None or model.coarse.features_only else model.coarse.net
+    else:
+        net = None if getattr(model, "stn", None) is not None else getattr(model, "net", None)
+    return net is not None and fmaps.layout(net) == fmaps.NLC
 
 
 def compute_maps(model: nn.Module, images: Tensor, sources: list[str] | None = None,

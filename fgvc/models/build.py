@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import timm
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
@@ -15,9 +15,9 @@ from fgvc.registry import Registry
 ARCHS: Registry = Registry("model.arch")
 
 
-def _drop_path(m: DictConfig) -> dict | None:
-    """timm arguments for the backbones' stochastic depth (model.drop_path), None when off."""
-    return {"drop_path_rate": m.drop_path} if m.drop_path else None
+def _drop_path(m: DictConfig) -> dict:
+    """timm arguments for the backbones' stochastic depth (model.drop_path), {} when off."""
+    return {"drop_path_rate": m.drop_path} if m.drop_path else {}
 
 
 @ARCHS.register("classifier")
@@ -34,7 +34,7 @@ def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                       attention_init=a.init, attention_reduction=a.reduction, attention_kernel_size=a.kernel_size,
                       image_size=image_size, stn_count=a.stn_count, stn_sampler=a.stn_sampler,
                       attention_options=options,
-                      backbone_args=_drop_path(m))
+                      backbone_args=backbone_args(m) | _drop_path(m))
 
 
 @ARCHS.register("racnn")
@@ -45,7 +45,7 @@ def _racnn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     return RACNN(m.backbone, num_classes, image_size=image_size, scales=z.scales,
                  share_backbone=z.share_backbone, fuse=z.fuse, min_side=z.min_side,
                  mask_steepness=z.mask_steepness, pretrained=m.pretrained, weights=m.weights,
-                 sampler=z.sampler, proposal=z.proposal, backbone_args=_drop_path(m))
+                 sampler=z.sampler, proposal=z.proposal, backbone_args=backbone_args(m) | _drop_path(m))
 
 
 @ARCHS.register("dcn")
@@ -62,7 +62,7 @@ def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                saliency=d.saliency, exit_threshold=d.exit_threshold, whole_image=d.whole_image,
                pretrained=m.pretrained, pool=d.pool, top_layers=d.top_layers,
                coarse_weights=d.coarse_weights, fine_weights=d.fine_weights, top_hidden=d.top_hidden,
-               detach_fusion=d.detach_fusion, backbone_args=_drop_path(m))
+               detach_fusion=d.detach_fusion, backbone_args=backbone_args(m) | _drop_path(m))
 
 
 def coarse_side(dcn_cfg: DictConfig, image_size: int) -> int:
@@ -90,7 +90,13 @@ def check_sides(model_cfg: DictConfig, image_size: int) -> None:
     from fgvc.models.sizes import check_side
 
     for key, backbone, side in backbone_sides(model_cfg, image_size):
-        check_side(backbone, side, key)
+        check_side(backbone, side, key, backbone_args(model_cfg))
+
+
+def backbone_args(m: DictConfig) -> dict:
+    """`model.backbone_args` as plain Python values for `timm.create_model` (absent in old recipes: {})."""
+    args = m.get("backbone_args") or {}
+    return OmegaConf.to_container(args, resolve=True) if isinstance(args, DictConfig) else dict(args)
 
 
 def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.Module:

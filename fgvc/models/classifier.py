@@ -14,11 +14,14 @@ from fgvc.errors import UserError
 from fgvc.models import features as fmaps
 from fgvc.models.attention.gate import GatedStage
 from fgvc.models.attention.options import BlockOptions
-from fgvc.models.attention.patch import (Stage, attach_after_stage, attach_in_blocks, backbone_stages, default_stages,
-                                         make_block, pick_stages)
+from fgvc.models.attention.patch import (PROBE_SIDE, Stage, attach_after_stage, attach_in_blocks, backbone_stages,
+                                         default_stages, make_block, pick_stages)
 from fgvc.models.attention.stn import SpatialTransformer
-from fgvc.models.sizes import build_args
+from fgvc.models.sizes import build_args, fixed_size
 from fgvc.models.weights import fit_checkpoint, load_backbone_weights, read_state_dict
+
+
+TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate", "features_only", "out_indices")  # not part of the exported model
 
 
 def create_backbone(name: str, num_classes: int, pretrained: bool = False, weights: str = "", image_size: int = 0,
@@ -39,6 +42,8 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, weigh
                             "connect to the Hugging Face hub, give a local file as model.weights, "
                             "or set model.pretrained=false.") from None
         raise
+    # how timm alone rebuilds this network (the export's config.json `model_args`); dropout rates only train
+    model.fgvc_model_args = {k: v for k, v in kwargs.items() if k not in TRAINING_ONLY_ARGS}
     head = model.pretrained_cfg.get("classifier", "fc")
     head_prefixes = tuple(head) if isinstance(head, (list, tuple)) else (head,)
     loaded: set[str] = set()
@@ -101,7 +106,8 @@ class Classifier(nn.Module):
                     nn.init.zeros_(self.stn_head.weight[:, channels:])
             return
         options = attention_options or BlockOptions()
-        all_stages = backbone_stages(self.net, backbone)
+        probe = image_size if fixed_size(backbone) else PROBE_SIDE  # a transformer probes at the side it is built for
+        all_stages = backbone_stages(self.net, backbone, probe)
         if attention_stages:
             stages = pick_stages(all_stages, list(attention_stages), backbone)
         else:
@@ -125,7 +131,7 @@ class Classifier(nn.Module):
                 self.attention[f"stage{stage.index}"] = block
                 attach_after_stage(self.net, stage, block)
             else:
-                attach_in_blocks(self.net, stage, backbone, make)
+                attach_in_blocks(self.net, stage, backbone, make, probe)
 
     def _add_gates(self, stages: list[Stage], deepest: Stage, num_classes: int, identity: bool,
                    options: BlockOptions) -> None:

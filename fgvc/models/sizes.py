@@ -85,14 +85,29 @@ def build_args(name: str, side: int) -> dict[str, Any]:
     return args
 
 
+def _frozen(value: Any) -> Any:
+    """A recipe value (lists, mappings) as something hashable, for the caches below."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _thawed(args: tuple) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args}
+
+
 @lru_cache(maxsize=None)
-def _refusal(name: str, side: int) -> str:
-    """Why backbone `name` built for `side` cannot take a `side` x `side` image ("" if it can)."""
+def _refusal(name: str, side: int, args: tuple = ()) -> str:
+    """Why backbone `name` built for `side` (with the timm arguments `args`, frozen) cannot take a
+    `side` x `side` image ("" if it can)."""
     if _module(name) in SWIN_MODULES and side % SWIN_STRIDE:
         return f"Swin's 4-px patches, merged three times, need a multiple of {SWIN_STRIDE}"
     try:
         with torch.device("meta"):
-            net = timm.create_model(name.split(".")[0], pretrained=False, num_classes=0, **build_args(name, side))
+            net = timm.create_model(name.split(".")[0], pretrained=False, num_classes=0,
+                                    **{**build_args(name, side), **_thawed(args)})
             patch = getattr(getattr(net, "patch_embed", None), "patch_size", None)
             if patch is not None and side % patch[0] and not net.patch_embed.dynamic_img_pad:
                 return f"its {patch[0]}-px patches do not tile it"
@@ -106,7 +121,7 @@ def _refusal(name: str, side: int) -> str:
     return ""
 
 
-def _working_sides(name: str, side: int) -> list[int]:
+def _working_sides(name: str, side: int, args: tuple = ()) -> list[int]:
     """The sides nearest `side` (multiples of the backbone's deepest reduction) that it can take."""
     with torch.device("meta"):
         step = timm.create_model(name.split(".")[0], pretrained=False, num_classes=0).feature_info[-1]["reduction"]
@@ -115,19 +130,21 @@ def _working_sides(name: str, side: int) -> list[int]:
     for candidate in candidates:
         if len(near) == SUGGESTIONS:
             break
-        if candidate != side and not _refusal(name, candidate):
+        if candidate != side and not _refusal(name, candidate, args):
             near.append(candidate)
     return sorted(near)
 
 
-def check_side(name: str, side: int, key: str) -> None:
-    """Raise one sentence when backbone `name` cannot be built for `side`-px inputs; `key` is the
-    recipe key that sets the side. Backbones that take any size, and unknown names, pass."""
+def check_side(name: str, side: int, key: str, args: dict[str, Any] | None = None) -> None:
+    """Raise one sentence when backbone `name` (with the timm arguments `args`, model.backbone_args)
+    cannot be built for `side`-px inputs; `key` is the recipe key that sets the side. Backbones that
+    take any size, and unknown names, pass."""
     if not fixed_size(name):
         return
-    why = _refusal(name, side)
+    frozen = _frozen(dict(args or {}))
+    why = _refusal(name, side, frozen)
     if not why:
         return
-    near = _working_sides(name, side)
+    near = _working_sides(name, side, frozen)
     fix = f"use e.g. {' or '.join(map(str, near))}" if near else f"use {pretrained_side(name)}"
     raise UserError(f"{key} is {side} px but backbone '{name}' cannot take it ({why}); {fix}.")

@@ -46,6 +46,7 @@ from fgvc.errors import UserError
 from fgvc.models import features as fmaps
 from fgvc.models.classifier import create_backbone
 from fgvc.models.resample import mip_mix, shrink
+from fgvc.models.token_attention import patch_scores, rollout, unfused_attention
 
 INIT_HALF_SIDE = 0.25  # initial box: a square of half the image side (paper sec. 3.4), as a half side
 APN_CHANNELS = 64  # 1x1 conv width before the APN's fully connected layers (keeps them small for ResNet-50)
