@@ -572,9 +572,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.randaugment and not cfg.data.randaugment.startswith("rand"):
         raise UserError(f"data.randaugment is '{cfg.data.randaugment}' but must be a timm RandAugment string "
                         "such as rand-m9-mstd0.5-inc1, or empty.")
-    from fgvc.models.build import check_sides  # timm, only once every key is known to be right
+    from fgvc.models.build import check_backbones  # timm, only once every key is known to be right
 
-    check_sides(cfg.model, cfg.data.image_size)  # a transformer is built for the side it reads, or one sentence
+    check_backbones(cfg.model, cfg.data.image_size)  # a transformer is built for the side it reads, or one sentence
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

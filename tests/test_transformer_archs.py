@@ -190,3 +190,8 @@ def test_attention_inside_vit_and_swin_blocks_is_one_sentence():
     with pytest.raises(UserError, match="model.attention.placement=stage"):
         Classifier(FAMILIES["swin"][0], 3, attention="se", attention_placement="block", image_size=64,
                    backbone_args=TINY_SWIN)
+
+
+def test_rollout_on_a_backbone_without_tokens_stops_before_anything_runs():
+    with pytest.raises(UserError, match="'test_resnet' has no token sequence; use model.zoom.proposal=apn"):
+        load_recipe(["recipe=synth_racnn", "model.zoom.proposal=rollout"])

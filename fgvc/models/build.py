@@ -84,13 +84,23 @@ def backbone_sides(model_cfg: DictConfig, image_size: int) -> list[tuple[str, st
     return ([] if d.whole_image else [(coarse_key, d.coarse_backbone, coarse_side(d, image_size))]) + [fine]
 
 
-def check_sides(model_cfg: DictConfig, image_size: int) -> None:
+def check_backbones(model_cfg: DictConfig, image_size: int) -> None:
     """One sentence, before anything is built or written, when a backbone of the recipe cannot
-    take the side it would read (fgvc/models/sizes.py); fixed-size transformers are built for it."""
+    take the side it would read (fgvc/models/sizes.py; fixed-size transformers are built for it), or
+    RA-CNN's rollout proposal is asked of a backbone without a token sequence."""
     from fgvc.models.sizes import check_side
 
     for key, backbone, side in backbone_sides(model_cfg, image_size):
         check_side(backbone, side, key, backbone_args(model_cfg))
+    if model_cfg.arch == "racnn" and model_cfg.zoom.proposal == "rollout":
+        from fgvc.models import features as fmaps
+        from fgvc.models.classifier import create_backbone
+
+        with torch.device("meta"):  # the layout only: no memory, no weights
+            net, _ = create_backbone(model_cfg.backbone, 0, False, "", image_size, **backbone_args(model_cfg))
+        if fmaps.layout(net) != fmaps.NLC:
+            raise UserError(f"model.zoom.proposal=rollout reads the attention rollout of a ViT-family backbone (ViT, "
+                            f"DeiT, EVA), and '{model_cfg.backbone}' has no token sequence; use model.zoom.proposal=apn.")
 
 
 def backbone_args(m: DictConfig) -> dict:

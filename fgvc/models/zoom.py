@@ -26,6 +26,9 @@ backbones and classifiers untouched). The schedule has one owner, the training l
 
 Boxes are kept in *fractions of the current scale's side* internally (so they do not depend on pixel
 sizes); `ZoomOutput.boxes` gives them composed back into the pixels of the image `forward` received.
+The APN's boxes are squares, (B, 3) centre x, centre y, half side; RAMS-Trans's rollout boxes
+(`proposal="rollout"`, see `RACNN`) are rectangles, (B, 4) centre x, centre y, half width, half
+height, stretched to the square input as its code does (`box_halves` reads either).
 
 The box floor `min_side` (2/3 by default) is relative to the current scale, as in the reference
 implementations (half side >= 1/3 of the scale): the third scale still covers at least 4/9 of the
