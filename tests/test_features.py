@@ -121,8 +121,10 @@ def test_a_backbone_outside_the_families_works_or_stops_with_one_sentence():
         feats = fmaps.spatial_features(mamba, torch.randn(1, 3, 160, 160))
     assert feats.map.shape[:2] == (1, mamba.num_features)
     mixer = timm.create_model("mixer_s16_224", pretrained=False, num_classes=K, img_size=64).eval()  # tokens, no grid
+    feats = fmaps.spatial_features(mixer, torch.randn(1, 3, 64, 64))
+    assert feats.native.shape == (1, 16, mixer.num_features)  # its own head still reads the tokens
     with pytest.raises(UserError, match="not a spatial map"):
-        fmaps.spatial_features(mixer, torch.randn(1, 3, 64, 64))
+        feats.map
 
 
 @pytest.mark.parametrize("name", ["ResNet", "ViT", "Swin v1"])

@@ -114,3 +114,24 @@ def test_every_family_gets_its_maps_at_input_resolution_and_fused_attention_come
     # class-specific maps differ between classes (a class-agnostic map would not)
     other = compute_maps(model, x, ["cam"], classes=(out.logits.argmax(1) + 1) % K)
     assert not torch.allclose(other.maps["cam"], out.maps["cam"])
+
+
+@pytest.mark.parametrize("name", ["ResNet", "RegNet", "ConvNeXt"])
+def test_cnn_gradcam_through_the_owner_equals_gradcam_on_the_last_stage_as_before(name):
+    """Before the owner, Grad-CAM read timm's last feature_info module; for these CNNs that module's
+    output is forward_features' output, so the maps are identical."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from fgvc.analysis.maps import gradcam, normalise
+
+    f = FAMILIES[name]
+    torch.manual_seed(0)
+    model = Classifier(f.backbone, K, backbone_args=f.args).eval()
+    x = torch.randn(2, 3, 128, 128)
+    classes = torch.tensor([0, 2])
+    layer = model.net.get_submodule(model.net.feature_info[-1]["module"])
+    with GradCAM(model=model, target_layers=[layer]) as explainer:
+        before = normalise(torch.from_numpy(explainer(input_tensor=x, targets=[ClassifierOutputTarget(0),
+                                                                                ClassifierOutputTarget(2)])).float())
+    torch.testing.assert_close(gradcam(model, x, classes)["gradcam"], before, rtol=0, atol=0)

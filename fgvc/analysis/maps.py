@@ -328,6 +328,7 @@ class MapOutput:
     logits: Tensor  # (B, K) the model's final prediction
     zoom_boxes: list[Tensor] = field(default_factory=list)  # RA-CNN: per zoom, (B, 4) x1 y1 x2 y2 pixels
     patches: Tensor | None = None  # DCN: (B, k, 4) x1 y1 x2 y2 of the fine patches, input pixels
+    skipped: dict[str, str] = field(default_factory=dict)  # default source -> the sentence saying why it has no map
 
 
 def sources_for(model: nn.Module, wanted: list[str] | None = None) -> list[str]:
@@ -336,8 +337,8 @@ def sources_for(model: nn.Module, wanted: list[str] | None = None) -> list[str]:
     have = FAMILY_SOURCES[family]
     if not has_token_backbone(model):
         have = tuple(s for s in have if s not in TOKEN_SOURCES)
-    if not wanted:
-        return list(have)
+    if not wanted:  # by default only the maps the model has; asked for, a missing CAM says why
+        return [s for s in have if s != "cam" or has_cam(model)]
     for name in wanted:
         SOURCES.get(name)  # unknown names fail with the list of known ones
         if name in TOKEN_SOURCES and name not in have:
@@ -346,6 +347,18 @@ def sources_for(model: nn.Module, wanted: list[str] | None = None) -> list[str]:
         if name not in have:
             raise UserError(f"map source '{name}' does not exist for {family} models; use some of {', '.join(have)}.")
     return list(wanted)
+
+
+def has_cam(model: nn.Module) -> bool:
+    """Whether the explained classifier is linear on pooled features (`fgvc.models.features.head_relation`)."""
+    try:
+        if isinstance(model, RACNN):
+            fmaps.head_relation(model.backbones[0], model.classifiers[0])
+        elif isinstance(model, Classifier) and model.stn_head is None:
+            fmaps.head_relation(model.net)
+    except UserError:
+        return False
+    return True
 
 
 def has_token_backbone(model: nn.Module) -> bool:
@@ -370,8 +383,14 @@ def compute_maps(model: nn.Module, images: Tensor, sources: list[str] | None = N
     if classes is None:
         classes = logits.argmax(1)
     maps: dict[str, Tensor] = {}
+    skipped: dict[str, str] = {}
     for name in sources_for(model, sources):
-        maps.update(SOURCES.get(name)(model, images, classes))
+        try:
+            maps.update(SOURCES.get(name)(model, images, classes))
+        except UserError as err:  # asked for by name: say why; among the defaults: leave it out
+            if sources:
+                raise
+            skipped[name] = str(err)
     zoom_boxes = [boxes_xyxy(b) for b in out.boxes] if isinstance(model, RACNN) else []
     patches = out.boxes if isinstance(model, DCN) else None
-    return MapOutput(maps, logits, zoom_boxes, patches)
+    return MapOutput(maps, logits, zoom_boxes, patches, skipped)

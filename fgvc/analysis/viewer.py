@@ -64,7 +64,7 @@ class Viewer:
 
     def _analyse(self, image) -> Analysis:
         x = model_input(self.run.model, image[None])  # (1, 3, H, W) uint8 -> normalised float
-        result = compute_maps(self.run.model, x, self.sources)
+        result = compute_maps(self.run.model, x)  # every map the model has (`self.sources`)
         probs = result.logits.float().softmax(-1)[0]
         top = probs.topk(min(TOP_K, len(self.run.class_names)))
         view = ImageView(image=to_display(image, self.run.mean, self.run.std), title="",

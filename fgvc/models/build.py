@@ -106,7 +106,12 @@ def check_backbones(model_cfg: DictConfig, image_size: int) -> None:
 def backbone_args(m: DictConfig) -> dict:
     """`model.backbone_args` as plain Python values for `timm.create_model` (absent in old recipes: {})."""
     args = m.get("backbone_args") or {}
-    return OmegaConf.to_container(args, resolve=True) if isinstance(args, DictConfig) else dict(args)
+    args = OmegaConf.to_container(args, resolve=True) if isinstance(args, DictConfig) else dict(args)
+    for key, value in args.items():
+        if ":" in key or value is None:  # `{depth:2}` without a space is YAML for the key 'depth:2'
+            raise UserError(f"model.backbone_args has the key '{key}' without a value; write "
+                            "model.backbone_args.depth=2 (or {depth: 2} with a space after the colon).")
+    return args
 
 
 def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.Module:

@@ -36,6 +36,10 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, weigh
     kwargs = {**build_args(name, image_size), **kwargs}
     try:
         model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=num_classes, **kwargs)
+    except TypeError as err:  # an argument the architecture does not take
+        extra = sorted(set(kwargs) - set(TRAINING_ONLY_ARGS))
+        raise UserError(f"timm '{name}' does not accept the arguments {extra} of model.backbone_args "
+                        f"({str(err).splitlines()[0]}); remove them or check the architecture's signature.") from None
     except (OSError, RuntimeError) as err:
         if pretrained:
             raise UserError(f"pretrained weights for '{name}' cannot be fetched ({err.__class__.__name__}); "
@@ -100,7 +104,7 @@ class Classifier(nn.Module):
         if attention == "stn":  # (fgvc.config.validate: only placement=stage)
             self.stn = SpatialTransformer(image_size, count=windows, identity_init=identity, sampler=stn_sampler)
             if windows > 1:
-                channels = self.net.num_features
+                channels = fmaps.pooled_width(self.net)
                 self.stn_head = nn.Linear(windows * channels, num_classes)
                 if identity:  # windows start identical: only the first is read, as a plain classifier would
                     nn.init.zeros_(self.stn_head.weight[:, channels:])

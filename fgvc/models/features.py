@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -55,11 +56,25 @@ AVG_POOLS = ("avg", "fast", "fastavg")  # timm pool_type names of a plain global
 CAM_CHECK_TOLERANCE = 1e-3  # relative: an avg-pool CAM must average back to the logits it explains
 
 
-@dataclass
 class SpatialFeatures:
-    map: Tensor  # (B, C, h, w) the last feature map (after the backbone's final norm)
-    prefix: Tensor | None  # (B, P, C) class / distillation / register tokens (NLC layout), else None
-    native: Tensor  # what forward_features returned: (B, C, h, w), (B, h, w, C) or (B, P + h*w, C)
+    """A backbone's last features: `native` as forward_features returned it, and (computed on first
+    use, so that a head reading only `native` never needs a grid) `map` and `prefix`."""
+
+    def __init__(self, net: nn.Module, native: Tensor, image_size: tuple[int, int] | None = None) -> None:
+        self.net, self.image_size = net, image_size
+        self.native = native  # (B, C, h, w), (B, h, w, C) or (B, P + h*w, C): what net.forward_head reads
+
+    @cached_property
+    def _split(self) -> tuple[Tensor, Tensor | None]:
+        return split_native(self.net, self.native, self.image_size)
+
+    @property
+    def map(self) -> Tensor:  # (B, C, h, w) the last feature map (after the backbone's final norm)
+        return self._split[0]
+
+    @property
+    def prefix(self) -> Tensor | None:  # (B, P, C) class / distillation / register tokens (NLC), else None
+        return self._split[1]
 
 
 def _name(net: nn.Module) -> str:
@@ -108,18 +123,24 @@ def grid_size(net: nn.Module, tokens: int, image_size: tuple[int, int] | None) -
 def to_map(net: nn.Module, native: Tensor, image_size: tuple[int, int] | None = None) -> SpatialFeatures:
     """forward_features' output -> SpatialFeatures (a reshape: no copy of the NCHW layout, no new
     computation). `image_size` (H, W) of the input fixes the patch grid of token backbones."""
+    return SpatialFeatures(net, native, image_size)
+
+
+def split_native(net: nn.Module, native: Tensor, image_size: tuple[int, int] | None) -> tuple[Tensor, Tensor | None]:
+    """forward_features' output -> ((B, C, h, w) map, (B, P, C) prefix tokens or None)."""
     kind = layout(net)
     if kind == NCHW and native.ndim == 4:
-        return SpatialFeatures(native, None, native)  # (B, C, h, w): the map fgvc always read
+        return native, None  # (B, C, h, w): the map fgvc always read
     if kind == NHWC and native.ndim == 4:
-        return SpatialFeatures(native.permute(0, 3, 1, 2), None, native)  # (B, h, w, C) -> (B, C, h, w)
+        return native.permute(0, 3, 1, 2), None  # (B, h, w, C) -> (B, C, h, w)
     if kind == NLC and native.ndim == 3:
         p = net.num_prefix_tokens
         b, n, c = native.shape
         h, w = grid_size(net, n - p, image_size)
         patches = native[:, p:].transpose(1, 2).reshape(b, c, h, w)  # (B, N - P, C) -> (B, C, h, w)
-        return SpatialFeatures(patches, native[:, :p] if p else None, native)
-    raise UserError(f"backbone '{_name(net)}' gives features of shape {tuple(native.shape)}, not a spatial map fgvc "
+        return patches, native[:, :p] if p else None
+    shape = ", ".join(["B", *map(str, native.shape[1:])])
+    raise UserError(f"backbone '{_name(net)}' gives features of shape ({shape}), not a spatial map fgvc "
                     "can read; use a CNN (resnet, convnext, efficientnet, regnet) or a ViT/DeiT/EVA/Swin backbone.")
 
 
@@ -144,6 +165,12 @@ def intermediate_maps(net: nn.Module, x: Tensor, indices: Sequence[int]) -> tupl
                         "cannot be read; use a timm CNN, ViT or Swin backbone.")
     native, maps = net.forward_intermediates(x, indices=list(indices), output_fmt=NCHW)
     return to_map(net, native, tuple(x.shape[-2:])), list(maps)
+
+
+def pooled_width(net: nn.Module) -> int:
+    """Width of `net.forward_head(..., pre_logits=True)`: the map's channels, or the hidden width of a
+    head with a layer after the pool (MobileNetV3's conv_head, an MLP head)."""
+    return int(getattr(net, "head_hidden_size", None) or net.num_features)
 
 
 def reduction(net: nn.Module) -> int:

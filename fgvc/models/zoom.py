@@ -328,13 +328,14 @@ class RACNN(nn.Module):
         if proposal == ROLLOUT and fmaps.layout(self.backbones[0]) != fmaps.NLC:
             raise UserError(f"model.zoom.proposal=rollout reads the attention rollout of a ViT-family backbone (ViT, "
                             f"DeiT, EVA), and '{backbone}' has no token sequence; use model.zoom.proposal=apn.")
-        channels = self.backbones[0].num_features
+        channels = self.backbones[0].num_features  # of the map the APN reads
+        width = fmaps.pooled_width(self.backbones[0])  # of the pooled vector the classifiers read
         reduction = fmaps.reduction(self.backbones[0])
         grid = min(APN_GRID, math.ceil(image_size / reduction))
-        self.classifiers = nn.ModuleList(nn.Linear(channels, num_classes) for _ in range(scales))
+        self.classifiers = nn.ModuleList(nn.Linear(width, num_classes) for _ in range(scales))
         self.apns = nn.ModuleList(AttentionProposal(channels, grid, min_side)
                                   for _ in range(scales - 1 if proposal == APN_PROPOSAL else 0))
-        self.fusion = nn.Linear(scales * channels, num_classes) if fuse == "features" else None
+        self.fusion = nn.Linear(scales * width, num_classes) if fuse == "features" else None
 
     def rollout_scores(self, s: int, image: Tensor) -> Tensor:
         """RAMS-Trans's patch map of scale s: the attention rollout of its backbone on `image`
