@@ -111,6 +111,15 @@ def test_the_rollout_box_is_cut_from_the_full_resolution_image(monkeypatch):
     torch.testing.assert_close(seen[1][:, :, 2:-2, 2:-2], expected[:, :, 2:-2, 2:-2], atol=0.02, rtol=0)
 
 
+def test_rollout_rectangles_are_drawn_and_scored_as_rectangles():
+    from fgvc.analysis.maps import box_window
+
+    square, rectangle = box_window(torch.tensor([[8.0, 8.0, 4.0], [8.0, 8.0, 6.0]]), 16, 16), \
+        box_window(torch.tensor([[8.0, 8.0, 4.0, 4.0], [8.0, 8.0, 6.0, 2.0]]), 16, 16)
+    torch.testing.assert_close(square[0], rectangle[0])
+    inside = rectangle[1] > 0
+    assert int(inside.any(0).sum()) == 12 and int(inside.any(1).sum()) == 4  # 12 px wide, 4 px high
+
 def test_a_rollout_recipe_trains_classification_updates_only():
     cfg = load_recipe(["recipe=synth_racnn", "model.backbone=test_vit", "model.weights=", "model.zoom.proposal=rollout"])
     schedule = build_schedule(cfg, updates_per_epoch=5)
