@@ -76,8 +76,8 @@ def test_an_exported_transformer_loads_with_timm_alone_and_gives_the_runs_logits
 
     row = family_row(FAMILIES[name], "classifier", tmp_path, tmp_path / "synthetic")
     assert row["export"].status == OK, row["export"].note
-    slug = "".join(c if c.isalnum() else "_" for c in name).lower()
-    run_dir, out = tmp_path / f"{slug}_classifier", tmp_path / "again"
+    slug = "".join(c if c.isalnum() else "_" for c in f"{name}_classifier").lower()
+    run_dir, out = tmp_path / slug, tmp_path / "again"
     export_run(run_dir, out)
     run = load_run(run_dir)
     side = run.image_size

@@ -148,3 +148,14 @@ def test_the_hook_module_outputs_the_native_features(name):
         native = net.forward_features(x)
     handle.remove()
     assert torch.equal(seen[-1], native)
+
+
+@pytest.mark.parametrize("name", ["Swin v1", "ViT", "ResNet"])
+def test_features_only_levels_are_nchw_for_every_family(name):
+    """timm gives Swin's features_only levels as NHWC; the owner turns them into (B, C, h, w)."""
+    family = FAMILIES[name]
+    net = timm.create_model(family.backbone, pretrained=False, features_only=True, out_indices=(1,), **family.args)
+    x = torch.randn(1, 3, family.side, family.side)
+    with torch.no_grad():
+        level = fmaps.features_only_map(net, x)
+    assert level.ndim == 4 and level.shape[1] == net.feature_info.channels()[-1]

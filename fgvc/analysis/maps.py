@@ -356,6 +356,8 @@ def has_cam(model: nn.Module) -> bool:
             fmaps.head_relation(model.backbones[0], model.classifiers[0])
         elif isinstance(model, Classifier) and model.stn_head is None:
             fmaps.head_relation(model.net)
+        elif isinstance(model, Classifier):  # one CAM per spatial-transformer window
+            return fmaps.pooled_width(model.net) == model.net.num_features
     except UserError:
         return False
     return True

@@ -12,7 +12,7 @@ import base64
 import html
 import io
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
 from http import HTTPStatus
@@ -40,6 +40,7 @@ class Analysis:
     top: list[tuple[str, float]]  # (class name, probability), most probable first
     pictures: dict[str, bytes]  # "photo" (with zoom boxes / patches) and one PNG per map, in source order
     family: str  # classifier | racnn | dcn
+    skipped: dict[str, str] = field(default_factory=dict)  # map source -> why this model has no such map
 
 
 class Viewer:
@@ -76,7 +77,7 @@ class Viewer:
         for map_name in result.maps:
             pictures[map_name] = _png(draw_panel(view, map_name, PANEL_INCHES))
         names = [self.run.class_names[i] for i in top.indices.tolist()]
-        return Analysis(list(zip(names, top.values.tolist())), pictures, self.family)
+        return Analysis(list(zip(names, top.values.tolist())), pictures, self.family, result.skipped)
 
 
 def _png(fig) -> bytes:

@@ -194,6 +194,9 @@ class Classifier(nn.Module):
         block of the concatenated classifier applied at every position of its feature map."""
         if self.stn_head is None:
             return self.class_activation_maps(x)[:, None]  # (B, 1, K, h, w)
+        if fmaps.pooled_width(self.net) != self.net.num_features:
+            raise UserError(f"backbone '{type(self.net).__name__}' has a hidden layer between its pool and classifier, "
+                            "so its windows have no class activation map; use another backbone for CAMs.")
         n = self.stn.count
         feats = self.features(x).map  # (B*N, C, h, w)
         weight = self.stn_head.weight.view(self.stn_head.out_features, n, -1)  # (K, N, C)

@@ -9,9 +9,11 @@ timm backbones return their last features (`forward_features`) in one of three l
     NLC    ViT-like token sequences (ViT, DeiT, EVA-02, BEiT, ...): `num_prefix_tokens` prefix tokens
            (class, distillation, register tokens, in that order) first, then the patch tokens row-major
 
-`spatial_features(net, x)` runs `forward_features` once and returns `SpatialFeatures`: the map
-(B, C, h, w), the prefix tokens (B, P, C) kept apart, and the native output the backbone's own head
-reads (`net.forward_head(feats.native)` are the backbone's logits, unchanged). The map is a reshape
+`spatial_features(net, x)` runs `forward_features` once and returns `SpatialFeatures`: `.native`,
+the output the backbone's own head reads (`net.forward_head(feats.native)` are the backbone's logits,
+unchanged), and, computed on first use, `.map` (B, C, h, w) and `.prefix` (B, P, C), the prefix
+tokens kept apart (None without them). A backbone whose output has no grid (an MLP-Mixer) still
+trains through `.native`; asking for its `.map` stops with one sentence. The map is a reshape
 of the native output (a view in the same autograd graph, so gradients of the logits reach it); for
 NCHW backbones it IS the native output, exactly the map fgvc read before. For the token and NHWC
 layouts it equals timm's own `forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW")`
@@ -34,8 +36,10 @@ features become logits, `class_activation_maps(feats, head)` applies it at every
 Heads with a hidden layer after the pool (MobileNetV3's conv_head, an MLP head) have no linear
 relation: `head_relation` stops with one sentence pointing to Grad-CAM.
 
-For hooks (Grad-CAM): `output_module(net, x)` is the module whose output is the native features and
-`to_map(net, native, image_size)` turns that output into the map.
+For hooks (Grad-CAM): `gradient_module(net, x)` is the module whose output Grad-CAM reads and
+`to_map(net, output, image_size).map` turns that output into the map. `pooled_width(net)` is the
+width of the pooled vector a classifier on `forward_head(..., pre_logits=True)` reads. Attention
+matrices of the ViT families: fgvc/models/token_attention.py.
 """
 
 from __future__ import annotations
