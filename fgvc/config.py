@@ -136,6 +136,9 @@ class ZoomConfig:
     sampler: str = one_of("bilinear", ("bilinear", "antialias"), "how a zoom wider than the input in source pixels is read: "
                           "bilinear sampling (skips pixels: a moire of fine detail the antialiased first scale does not show) "
                           "or antialias (fgvc/models/resample.py)")
+    proposal: str = one_of("apn", ("apn", "rollout"), "what proposes each zoom: the paper's attention proposal "
+                           "network, or rollout (ViT, DeiT, EVA): RAMS-Trans's box around the largest region of the "
+                           "attention rollout above 1.2x its mean, no proposal network to train")
 
 
 @dataclass
@@ -186,7 +189,8 @@ class ModelConfig:
     backbone_args: dict[str, Any] = key(default_factory=dict, help="extra timm create_model arguments of every "
                                         "backbone (exported as timm model_args)")
     drop_rate: float = only_for("classifier", "cfvit", default=0.0, help="dropout before the classifier")
-    drop_path: float = only_for("classifier", "cfvit", default=0.0, help="stochastic depth rate of the timm backbone")
+    drop_path: float = only_for("classifier", "racnn", "dcn", "cfvit", default=0.0,
+                               help="stochastic depth rate of the timm backbone(s)")
     attention: AttentionConfig = only_for("classifier", default_factory=AttentionConfig)
     zoom: ZoomConfig = only_for("racnn", default_factory=ZoomConfig)
     dcn: DcnConfig = only_for("dcn", default_factory=DcnConfig)
@@ -667,6 +671,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.randaugment and not cfg.data.randaugment.startswith("rand"):
         raise UserError(f"data.randaugment is '{cfg.data.randaugment}' but must be a timm RandAugment string "
                         "such as rand-m9-mstd0.5-inc1, or empty.")
+    from fgvc.models.build import check_backbones  # timm, only once every key is known to be right
+
+    check_backbones(cfg.model, cfg.data.image_size)  # a transformer is built for the side it reads, or one sentence
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

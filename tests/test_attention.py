@@ -342,7 +342,7 @@ def test_bad_combinations_raise_one_sentence(kwargs, phrase):
 
 
 def test_transformer_backbone_is_refused():
-    with pytest.raises(UserError, match="needs a CNN|attention needs a CNN"):
+    with pytest.raises(UserError, match="plain vision transformer.*use model.attention.type=none"):
         Classifier("test_vit", 5, attention="cbam", image_size=SIDE)
 
 

@@ -2,7 +2,10 @@
 
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode`, which counts 2 FLOPs per multiply-add
 (fvcore, thop and ptflops report multiply-adds, half as many) and misses pooling and elementwise
-work; latency is therefore measured too, with `torch.utils.benchmark.Timer.blocked_autorange`.
+work; latency is therefore measured too, with `torch.utils.benchmark.Timer.blocked_autorange`. It
+has no formula for the CPU kernel of fused scaled-dot-product attention, whose Q K^T and A V products
+would count zero (a sixth of ViT-B's FLOPs at 448 px): `count_flops` gives that kernel the formula
+torch uses for its GPU kernels, the products' FLOPs as if computed as matrix multiplications.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
 def count_parameters(*modules: nn.Module | None) -> int:
@@ -23,10 +26,19 @@ def count_parameters(*modules: nn.Module | None) -> int:
 
 def count_flops(fn: Callable[[Tensor], object], x: Tensor) -> int:
     """FLOPs (2 per multiply-add) of one inference call fn(x), backward work inside it (the DCN's
-    saliency) included."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    saliency) included; fused CPU attention counted as its matrix products (module docstring)."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FUSED_ATTENTION_FLOPS) as counter:
         fn(x)
     return int(counter.get_total_flops())
+
+
+def _fused_cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """softmax(Q K^T) V's two matrix products, as torch counts them for its GPU attention kernels."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter has formulas for the GPU attention kernels but not for this CPU one
+FUSED_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _fused_cpu_attention_flops}
 
 
 @dataclass

@@ -131,10 +131,12 @@ def peaks(maps: Tensor) -> Tensor:
 
 
 def box_window(boxes: Tensor, height: int, width: int) -> Tensor:
-    """(B, 3) squares (centre x, centre y, half side) in input pixels -> (B, H, W) window maps."""
+    """(B, 3) squares (centre x, centre y, half side) or (B, 4) rectangles (centre x, centre y, half
+    width, half height) in input pixels -> (B, H, W) window maps."""
     x, y = pixel_centres(height, width, boxes.device)
-    cx, cy, half = (boxes[:, i, None, None].float() for i in range(3))  # each (B, 1, 1)
-    return window((x - cx) / half, (y - cy) / half)  # (B, H, W)
+    cx, cy, half_w = (boxes[:, i, None, None].float() for i in range(3))  # each (B, 1, 1)
+    half_h = boxes[:, 3, None, None].float() if boxes.shape[1] == 4 else half_w
+    return window((x - cx) / half_w, (y - cy) / half_h)  # (B, H, W)
 
 
 def invert_affine(theta: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ from fgvc.engine.runs import load_run
 from fgvc.engine.threads import available_cores
 from fgvc.errors import RunError
 from fgvc.models.build import model_input
+from fgvc.models.zoom import box_halves
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -176,12 +177,12 @@ def zoom_part_coverage(run_dir: Path) -> dict[str, float]:
         out = run.model(model_input(run.model, batch["image"]))
         parts = batch["parts"][:, cols]  # (B, P, 3)
         visible = parts[..., 2] > 0
-        for z, box in enumerate(out.boxes, 1):  # (B, 3) cx, cy, half side in input pixels
+        for z, box in enumerate(out.boxes, 1):  # (B, 3) cx, cy, half side (rollout: (B, 4)) in input pixels
             for name, (cx, cy) in ((f"zoom{z}", (box[:, 0], box[:, 1])),
                                    (f"zoom{z} centred baseline", (torch.full_like(box[:, 0], centre),) * 2)):
-                half = box[:, 2]
-                hit = ((parts[..., 0] - cx[:, None]).abs() <= half[:, None]) & \
-                      ((parts[..., 1] - cy[:, None]).abs() <= half[:, None])
+                half_w, half_h = box_halves(box)  # (B, 1) each
+                hit = ((parts[..., 0] - cx[:, None]).abs() <= half_w) & \
+                      ((parts[..., 1] - cy[:, None]).abs() <= half_h)
                 inside.setdefault(name, []).append(hit[visible].float())
     return {name: torch.cat(v).mean().item() for name, v in inside.items()}
 

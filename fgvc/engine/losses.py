@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from fgvc.models.cfvit import CfvitOutput, CfvitSchedule
 from fgvc.models.dcn import DcnOutput, DcnSchedule
 from fgvc.models.outputs import final_logits
-from fgvc.models.zoom import APN, CLS, PRETRAIN, ZoomOutput, ZoomSchedule
+from fgvc.models.zoom import APN, CLS, PRETRAIN, ROLLOUT, ZoomOutput, ZoomSchedule
 
 APN_INIT_WEIGHT = 1.0  # weight of the APN's regression toward the initial box; only the APNs feel it
 
@@ -185,5 +185,7 @@ def build_schedule(cfg: DictConfig, updates_per_epoch: int) -> ZoomSchedule | Dc
     if cfg.model.arch != "racnn":
         return None
     z = cfg.train.zoom
+    if cfg.model.zoom.proposal == ROLLOUT:  # RAMS-Trans's box is not learned: classification updates only
+        return ZoomSchedule(pretrain_updates=0, cls_steps=1, apn_steps=0)
     return ZoomSchedule(pretrain_updates=z.pretrain_epochs * updates_per_epoch, cls_steps=z.cls_steps,
                         apn_steps=z.apn_steps)

@@ -20,6 +20,11 @@ from fgvc.registry import Registry
 ARCHS: Registry = Registry("model.arch")
 
 
+def _drop_path(m: DictConfig) -> dict:
+    """timm arguments for the backbones' stochastic depth (model.drop_path), {} when off."""
+    return {"drop_path_rate": m.drop_path} if m.drop_path else {}
+
+
 @ARCHS.register("classifier")
 def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     a = m.attention
@@ -31,7 +36,7 @@ def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                       attention_init=a.init, attention_reduction=a.reduction, attention_kernel_size=a.kernel_size,
                       image_size=image_size, stn_count=a.stn_count, stn_sampler=a.stn_sampler,
                       attention_options=options,
-                      backbone_args=backbone_args(m) | ({"drop_path_rate": m.drop_path} if m.drop_path else {}))
+                      backbone_args=backbone_args(m) | _drop_path(m))
 
 
 @ARCHS.register("racnn")
@@ -40,7 +45,7 @@ def _racnn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     return RACNN(m.backbone, num_classes, image_size=image_size, scales=z.scales,
                  share_backbone=z.share_backbone, fuse=z.fuse, min_side=z.min_side,
                  mask_steepness=z.mask_steepness, pretrained=m.pretrained, weights=m.weights,
-                 sampler=z.sampler, backbone_args=backbone_args(m))
+                 sampler=z.sampler, proposal=z.proposal, backbone_args=backbone_args(m) | _drop_path(m))
 
 
 @ARCHS.register("dcn")
@@ -50,12 +55,50 @@ def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
         raise UserError("model.weights is not used by model.arch=dcn; give model.dcn.coarse_weights and/or "
                         "model.dcn.fine_weights instead.")
     return DCN(num_classes, image_size=image_size, coarse_backbone=d.coarse_backbone,
-               coarse_stages=d.coarse_stages, coarse_image_size=d.coarse_image_size or image_size // 2,
+               coarse_stages=d.coarse_stages, coarse_image_size=coarse_side(d, image_size),
                fine_backbone=d.fine_backbone, patch_size=d.patch_size, top_k=d.top_k,
                saliency=d.saliency, exit_threshold=d.exit_threshold, whole_image=d.whole_image,
                pretrained=m.pretrained, pool=d.pool, top_layers=d.top_layers,
                coarse_weights=d.coarse_weights, fine_weights=d.fine_weights, top_hidden=d.top_hidden,
-               detach_fusion=d.detach_fusion, backbone_args=backbone_args(m))
+               detach_fusion=d.detach_fusion, backbone_args=backbone_args(m) | _drop_path(m))
+
+
+def coarse_side(dcn_cfg: DictConfig, image_size: int) -> int:
+    """The DCN coarse network's input side: model.dcn.coarse_image_size, or half the image's."""
+    return dcn_cfg.coarse_image_size or image_size // 2
+
+
+def backbone_sides(model_cfg: DictConfig, image_size: int) -> list[tuple[str, str, int]]:
+    """(recipe key of the side, backbone, input side) of every timm backbone the recipe's model
+    builds: the classifier's and RA-CNN's at data.image_size (every RA-CNN scale is read at the input
+    size), the DCN's coarse network at its side and fine network at model.dcn.patch_size (with
+    whole_image, at data.image_size)."""
+    if model_cfg.arch != "dcn":
+        return [("data.image_size", model_cfg.backbone, image_size)]
+    d = model_cfg.dcn
+    coarse_key = "model.dcn.coarse_image_size" if d.coarse_image_size else "data.image_size // 2 (model.dcn.coarse_image_size)"
+    fine = ("data.image_size", d.fine_backbone, image_size) if d.whole_image else \
+        ("model.dcn.patch_size", d.fine_backbone, d.patch_size)
+    return ([] if d.whole_image else [(coarse_key, d.coarse_backbone, coarse_side(d, image_size))]) + [fine]
+
+
+def check_backbones(model_cfg: DictConfig, image_size: int) -> None:
+    """One sentence, before anything is built or written, when a backbone of the recipe cannot
+    take the side it would read (fgvc/models/sizes.py; fixed-size transformers are built for it), or
+    RA-CNN's rollout proposal is asked of a backbone without a token sequence."""
+    from fgvc.models.sizes import check_side
+
+    for key, backbone, side in backbone_sides(model_cfg, image_size):
+        check_side(backbone, side, key, backbone_args(model_cfg))
+    if model_cfg.arch == "racnn" and model_cfg.zoom.proposal == "rollout":
+        from fgvc.models import features as fmaps
+        from fgvc.models.classifier import create_backbone
+
+        with torch.device("meta"):  # the layout only: no memory, no weights
+            net, _ = create_backbone(model_cfg.backbone, 0, False, "", image_size, **backbone_args(model_cfg))
+        if fmaps.layout(net) != fmaps.NLC:
+            raise UserError(f"model.zoom.proposal=rollout reads the attention rollout of a ViT-family backbone (ViT, "
+                            f"DeiT, EVA), and '{model_cfg.backbone}' has no token sequence; use model.zoom.proposal=apn.")
 
 
 def backbone_args(m: DictConfig) -> dict:

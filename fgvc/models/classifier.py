@@ -14,22 +14,26 @@ from fgvc.errors import UserError
 from fgvc.models import features as fmaps
 from fgvc.models.attention.gate import GatedStage
 from fgvc.models.attention.options import BlockOptions
-from fgvc.models.attention.patch import (Stage, attach_after_stage, attach_in_blocks, backbone_stages, default_stages,
-                                         make_block, pick_stages)
+from fgvc.models.attention.patch import (PROBE_SIDE, Stage, attach_after_stage, attach_in_blocks, backbone_stages,
+                                         default_stages, make_block, pick_stages)
 from fgvc.models.attention.stn import SpatialTransformer
-from fgvc.models.weights import load_backbone_weights, read_state_dict
+from fgvc.models.sizes import build_args, fixed_size
+from fgvc.models.weights import fit_checkpoint, load_backbone_weights, read_state_dict
 
 
 TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate", "features_only", "out_indices")  # not part of the exported model
 
 
-def create_backbone(name: str, num_classes: int, pretrained: bool = False, weights: str = "",
+def create_backbone(name: str, num_classes: int, pretrained: bool = False, weights: str = "", image_size: int = 0,
                     **kwargs) -> tuple[nn.Module, set[str]]:
-    """`timm.create_model` with one-sentence errors. Returns the model and the names of its
-    parameters that came from pretrained weights (empty when trained from scratch)."""
+    """`timm.create_model` with one-sentence errors, built for `image_size`-px inputs (0: timm's
+    default; fgvc/models/sizes.py: transformers get their size arguments, position embeddings are
+    resampled when weights load). Returns the model and the names of its parameters that came from
+    pretrained weights (empty when trained from scratch)."""
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
         raise UserError(f"model.backbone '{name}' is not a timm model; try one of {close or 'timm.list_models()'}.")
+    kwargs = {**build_args(name, image_size), **kwargs}
     try:
         model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=num_classes, **kwargs)
     except TypeError as err:  # an argument the architecture does not take
@@ -48,7 +52,7 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, weigh
     head_prefixes = tuple(head) if isinstance(head, (list, tuple)) else (head,)
     loaded: set[str] = set()
     if weights:
-        load_backbone_weights(model, read_state_dict(weights), skip_prefixes=head_prefixes)
+        load_backbone_weights(model, fit_checkpoint(model, read_state_dict(weights)), skip_prefixes=head_prefixes)
     if weights or pretrained:
         loaded = {n for n, _ in model.named_parameters() if not n.startswith(head_prefixes)}
     return model, loaded
@@ -86,7 +90,7 @@ class Classifier(nn.Module):
         windows = stn_count if attention == "stn" else 1
         # several windows: the backbone only pools, the classifier over their concatenation is `stn_head`
         self.net, names = create_backbone(backbone, num_classes if windows == 1 else 0, pretrained, weights,
-                                          drop_rate=drop_rate, **(backbone_args or {}))
+                                          image_size, drop_rate=drop_rate, **(backbone_args or {}))
         self.pretrained_names = {f"net.{n}" for n in names}
         self.attention_type = attention
         self.attention = nn.ModuleDict()  # stage blocks: "stage{i}" -> block run after stage i
@@ -106,7 +110,8 @@ class Classifier(nn.Module):
                     nn.init.zeros_(self.stn_head.weight[:, channels:])
             return
         options = attention_options or BlockOptions()
-        all_stages = backbone_stages(self.net, backbone)
+        probe = image_size if fixed_size(backbone) else PROBE_SIDE  # a transformer probes at the side it is built for
+        all_stages = backbone_stages(self.net, backbone, probe)
         if attention_stages:
             stages = pick_stages(all_stages, list(attention_stages), backbone)
         else:
@@ -130,7 +135,7 @@ class Classifier(nn.Module):
                 self.attention[f"stage{stage.index}"] = block
                 attach_after_stage(self.net, stage, block)
             else:
-                attach_in_blocks(self.net, stage, backbone, make)
+                attach_in_blocks(self.net, stage, backbone, make, probe)
 
     def _add_gates(self, stages: list[Stage], deepest: Stage, num_classes: int, identity: bool,
                    options: BlockOptions) -> None:

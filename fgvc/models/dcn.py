@@ -259,21 +259,33 @@ class _Features(nn.Module):
             return fmaps.features_only_map(self.net, x)
         return fmaps.spatial_features(self.net, x).map
 
+    def vector(self, x: Tensor) -> Tensor:  # (N, 3, P, P) -> (N, C)
+        """One vector per image: the mean of the map for CNNs (and features_only levels); for
+        transformers the vector their own head reads, which their pretraining shaped (a ViT's or
+        DeiT's class token, an EVA's normalised token mean, Swin's pooled map)."""
+        if self.features_only:
+            return fmaps.features_only_map(self.net, x).mean((2, 3))
+        feats = fmaps.spatial_features(self.net, x)
+        if fmaps.layout(self.net) == fmaps.NCHW:
+            return feats.map.mean((2, 3))  # (N, C)
+        return self.net.forward_head(feats.native, pre_logits=True)  # (N, C)
+
 
 def _feature_extractor(name: str, stages: int, pretrained: bool, weights: str = "",
-                       backbone_args: dict | None = None) -> tuple[_Features, set[str], int]:
-    """A timm network returning a (B, C, h, w) feature map: all of it (`stages` = 0) or its first
-    `stages` feature levels (timm's feature_info; for ResNets level 1 is the stem)."""
+                       backbone_args: dict | None = None, image_size: int = 0) -> tuple[_Features, set[str], int]:
+    """A timm network built for `image_size`-px inputs returning a (B, C, h, w) feature map: all of
+    it (`stages` = 0) or its first `stages` feature levels (timm's feature_info; for ResNets level 1
+    is the stem)."""
     if stages:
         with torch.device("meta"):  # only to count the levels, no memory or weights
             levels = len(create_backbone(name, 0, False, **(backbone_args or {}))[0].feature_info)
         if not 1 <= stages <= levels:
             raise UserError(f"model.dcn.coarse_stages is {stages} but '{name}' has {levels} feature levels; "
                             f"use 0 (all) or 1..{levels}.")
-        net, names = create_backbone(name, 0, pretrained, weights, features_only=True, out_indices=(stages - 1,),
-                                     **(backbone_args or {}))
+        net, names = create_backbone(name, 0, pretrained, weights, image_size, features_only=True,
+                                     out_indices=(stages - 1,), **(backbone_args or {}))
         return _Features(net, features_only=True), names, net.feature_info.channels()[-1]
-    net, names = create_backbone(name, 0, pretrained, weights, **(backbone_args or {}))
+    net, names = create_backbone(name, 0, pretrained, weights, image_size, **(backbone_args or {}))
     return _Features(net, features_only=False), names, net.num_features
 
 
@@ -306,16 +318,19 @@ class DCN(nn.Module):
         self.saliency = saliency
         self.pretrained_names: set[str] = set()
 
-        fine, fine_names, fine_width = _feature_extractor(fine_backbone, 0, pretrained, fine_weights, backbone_args)
+        # the fine network reads patch_size patches (whole_image: the whole image)
+        fine, fine_names, fine_width = _feature_extractor(fine_backbone, 0, pretrained, fine_weights, backbone_args,
+                                                          image_size if whole_image else patch_size)
         self.fine = fine
         self.pretrained_names |= {f"fine.net.{n}" for n in fine_names}
         if whole_image:  # the coarse network's width only fixes the head shape: build it on meta
             with torch.device("meta"):
-                _, _, width = _feature_extractor(coarse_backbone, coarse_stages, False, "", backbone_args)
+                _, _, width = _feature_extractor(coarse_backbone, coarse_stages, False, "", backbone_args,
+                                                 self.coarse_image_size)
             self.coarse = None
         else:
             coarse, coarse_names, width = _feature_extractor(coarse_backbone, coarse_stages, pretrained,
-                                                            coarse_weights, backbone_args)
+                                                            coarse_weights, backbone_args, self.coarse_image_size)
             self.coarse = coarse
             self.pretrained_names |= {f"coarse.net.{n}" for n in coarse_names}
         self.width = width
@@ -339,8 +354,8 @@ class DCN(nn.Module):
         return self.coarse(self.coarse_input(x))
 
     def fine_vectors(self, patches: Tensor) -> Tensor:  # (N, 3, P, P) -> (N, C)
-        """Projected fine features of each patch, pooled to one vector per patch."""
-        feats = self.fine(patches).mean((2, 3), keepdim=True)  # (N, Cf, 1, 1)
+        """Projected fine features of each patch, pooled to one vector per patch (`_Features.vector`)."""
+        feats = self.fine.vector(patches)[:, :, None, None]  # (N, Cf, 1, 1)
         return self.project(feats).flatten(1)  # (N, C)
 
     def class_activation_maps(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, K, h, w)

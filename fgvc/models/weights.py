@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -62,3 +63,16 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor],
                         "without one.")
     backbone.load_state_dict({k: state[k] for k in wanted}, strict=False)
     return wanted
+
+
+def fit_checkpoint(backbone: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` made for another input size, fitted to `backbone` by timm's checkpoint filter of its
+    family, the one timm's pretrained weights go through (position embeddings resampled to the new
+    patch grid, Swin's relative-position tables resized); unchanged when every tensor already fits
+    or the family has no filter."""
+    own = backbone.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if all(k not in own or own[k].shape == v.shape for k, v in state.items()):
+        return state
+    filter_fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
+    return state if filter_fn is None else filter_fn(state, backbone)

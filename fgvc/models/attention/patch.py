@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from fgvc.config import TIMM_ATTENTION
 from fgvc.errors import UserError
+from fgvc.models import features as fmaps
 from fgvc.models.attention.cbam import CBAM
 from fgvc.models.attention.common import IdentityStart
 from fgvc.models.attention.options import BlockOptions
@@ -75,13 +76,19 @@ class Stage:
 
 class RunAfter:
     """Forward hook that replaces a module's output y by block(y), or by block(y, x) with `with_input`
-    (x the module's input, for blocks that read the trunk's input too)."""
+    (x the module's input, for blocks that read the trunk's input too). `channels_last`: the stage
+    gives (B, H, W, C) maps (Swin, `fmaps.layout`), which the block reads as (B, C, H, W)."""
 
-    def __init__(self, block: nn.Module, with_input: bool = False) -> None:
+    def __init__(self, block: nn.Module, with_input: bool = False, channels_last: bool = False) -> None:
         self.block = block
         self.with_input = with_input
+        self.channels_last = channels_last
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        if self.channels_last:  # (B, H, W, C) -> (B, C, H, W) for the block, and back
+            x = args[0].permute(0, 3, 1, 2) if self.with_input else None
+            y = self.block(output.permute(0, 3, 1, 2), x) if self.with_input else self.block(output.permute(0, 3, 1, 2))
+            return y.permute(0, 2, 3, 1)
         if self.with_input:
             return self.block(output, args[0])
         return self.block(output)
@@ -97,9 +104,10 @@ class HandInput:
         self.block.remember_input(args[0])
 
 
-def probe_shapes(net: nn.Module, modules: list[nn.Module]) -> list[tuple[tuple, tuple]]:
-    """(input shape, output shape) of each module in one eval forward of a PROBE_SIDE image; () where
-    the module did not run or gave something other than one tensor."""
+def probe_shapes(net: nn.Module, modules: list[nn.Module], side: int = PROBE_SIDE) -> list[tuple[tuple, tuple]]:
+    """(input shape, output shape) of each module in one eval forward of a `side`-px image (a
+    transformer's: the side it is built for); () where the module did not run or gave something
+    other than one tensor."""
     inputs: dict[int, tuple] = {}
     outputs: dict[int, tuple] = {}
 
@@ -115,7 +123,7 @@ def probe_shapes(net: nn.Module, modules: list[nn.Module]) -> list[tuple[tuple, 
     net.eval()
     try:
         with torch.no_grad():
-            net.forward_features(torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE))
+            net.forward_features(torch.zeros(1, 3, side, side))
     except Exception:  # fixed-size transformers and the like
         inputs.clear(), outputs.clear()
     finally:
@@ -125,26 +133,40 @@ def probe_shapes(net: nn.Module, modules: list[nn.Module]) -> list[tuple[tuple, 
     return [(inputs.get(i, ()), outputs.get(i, ())) for i in range(len(modules))]
 
 
-def map_reduction(shape: tuple) -> int:
-    """Input pixels per cell of a probed (B, C, H, W) map."""
-    return max(1, round(PROBE_SIDE / shape[-1]))
+def map_reduction(shape: tuple, side: int = PROBE_SIDE, channels_last: bool = False) -> int:
+    """Input pixels per cell of a probed (B, C, H, W) map ((B, H, W, C) when `channels_last`) of a `side`-px image."""
+    return max(1, round(side / shape[-2 if channels_last else -1]))
 
 
-def backbone_stages(net: nn.Module, backbone: str) -> list[Stage]:
-    """The backbone's feature levels, checked with one small probe forward to be (B, C, H, W) maps."""
+def backbone_stages(net: nn.Module, backbone: str, side: int = PROBE_SIDE) -> list[Stage]:
+    """The backbone's feature levels, checked with one probe forward (a `side`-px image) to be spatial
+    maps: (B, C, H, W), or (B, H, W, C) for backbones whose layout is NHWC (Swin: the one owner of
+    feature maps, fgvc/models/features.py, says which; `attach_after_stage` turns them around).
+    A ViT-family backbone (a token sequence, no stages) is one sentence naming what to use instead."""
+    if fmaps.layout(net) == fmaps.NLC:
+        raise UserError(f"backbone '{backbone}' is a plain vision transformer: its blocks pass a token sequence, with no "
+                        "spatial stage maps for attention blocks; use model.attention.type=none (its self-attention is "
+                        "the attention; localize.py draws its rollout and class-token maps), or a backbone with stages "
+                        "(Swin, MaxViT, CoAtNet, or a CNN such as resnet50).")
     info = getattr(net, "feature_info", None)
     if not info or not hasattr(net, "forward_intermediates"):
         raise UserError(f"backbone '{backbone}' has no timm feature_info; pick a timm CNN (resnet50, convnext_tiny, ...).")
     stages = [Stage(i, f["module"], f["num_chs"], f["reduction"]) for i, f in enumerate(info)]
-    shapes = probe_shapes(net, [net.get_submodule(s.module) for s in stages])
-    # the stage modules themselves must output (B, C, H, W): a ViT block outputs (B, N, C) tokens
-    if any(len(out) != 4 or out[1] != s.channels for s, (_, out) in zip(stages, shapes)):
+    shapes = probe_shapes(net, [net.get_submodule(s.module) for s in stages], side)
+    last = channels_last(net)
+    # the stage modules themselves must output spatial maps with the stage's channels
+    if any(len(out) != 4 or out[-1 if last else 1] != s.channels for s, (_, out) in zip(stages, shapes)):
         raise UserError(f"backbone '{backbone}' does not give (B, C, H, W) stage maps; attention needs a CNN "
-                        "(resnet, resnext, convnext, efficientnet, regnet, ...).")
+                        "(resnet, resnext, convnext, efficientnet, regnet, ...) or a Swin, MaxViT or CoAtNet.")
     for stage, (inp, _) in zip(stages, shapes):
         if len(inp) == 4:
-            stage.in_channels, stage.in_reduction = inp[1], map_reduction(inp)
+            stage.in_channels, stage.in_reduction = inp[-1 if last else 1], map_reduction(inp, side, last)
     return stages
+
+
+def channels_last(net: nn.Module) -> bool:
+    """Whether the backbone's stage maps are (B, H, W, C) (Swin), from the one owner of feature maps."""
+    return fmaps.layout(net) == fmaps.NHWC
 
 
 def pick_stages(stages: list[Stage], indices: list[int], backbone: str) -> list[Stage]:
@@ -197,9 +219,10 @@ def make_block(kind: str, channels: int, feature_side: int, reduction: int = 16,
 
 
 def attach_after_stage(net: nn.Module, stage: Stage, block: nn.Module) -> None:
-    """Run `block` on the output of the stage module (the block must be registered by the caller)."""
+    """Run `block` on the output of the stage module (the block must be registered by the caller); a
+    Swin stage's (B, H, W, C) map is given to the block as (B, C, H, W) and its output turned back."""
     with_input = getattr(block, "reads_input", False)
-    net.get_submodule(stage.module).register_forward_hook(RunAfter(block, with_input))
+    net.get_submodule(stage.module).register_forward_hook(RunAfter(block, with_input, channels_last(net)))
 
 
 def residual_blocks(net: nn.Module, stage: Stage) -> list[tuple[nn.Module, int]]:
@@ -214,7 +237,7 @@ def residual_blocks(net: nn.Module, stage: Stage) -> list[tuple[nn.Module, int]]
 
 
 def attach_in_blocks(net: nn.Module, stage: Stage, backbone: str,
-                     make: Callable[[int, int, int], nn.Module]) -> list[nn.Module]:
+                     make: Callable[[int, int, int], nn.Module], side: int = PROBE_SIDE) -> list[nn.Module]:
     """Put `make(channels, in_channels, in_reduction)` into the attention slot of every residual block of
     `stage` (`in_*`: the residual block's input, from one probe forward); returns the new blocks.
 
@@ -225,10 +248,10 @@ def attach_in_blocks(net: nn.Module, stage: Stage, backbone: str,
         raise UserError(f"model.attention.placement=block needs residual blocks with an attention slot (timm ResNet/"
                         f"ResNeXt, EfficientNet/MobileNet, RegNet), but stage {stage.index} ({stage.module}) of "
                         f"'{backbone}' has none; use model.attention.placement=stage or other stages.")
-    shapes = probe_shapes(net, [block for block, _ in blocks])
+    shapes = probe_shapes(net, [block for block, _ in blocks], side)
     added = []
     for (block, channels), (inp, _) in zip(blocks, shapes):
-        in_channels, in_reduction = (inp[1], map_reduction(inp)) if len(inp) == 4 else (channels, stage.reduction)
+        in_channels, in_reduction = (inp[1], map_reduction(inp, side)) if len(inp) == 4 else (channels, stage.reduction)
         new = make(channels, in_channels, in_reduction)
         slot = getattr(block, SLOT, None)
         if slot is None or isinstance(slot, nn.Identity):
