@@ -11,7 +11,7 @@ from scipy import ndimage
 from fgvc.config import load_recipe
 from fgvc.engine.losses import DcnLoss, ZoomLoss, build_schedule
 from fgvc.errors import UserError
-from fgvc.models.dcn import DCN, DcnStep
+from fgvc.models.dcn import DCN, NEVER_EXIT, DcnStep
 from fgvc.models.token_attention import attention_modules
 from fgvc.models.zoom import APN, CLS, PRETRAIN, RACNN, ROLLOUT_THRESHOLD, largest_region, rollout_box
 
@@ -130,6 +130,10 @@ def test_a_rollout_recipe_trains_classification_updates_only():
 
 # --- DCN ---------------------------------------------------------------------------------------
 
+# the DCN's remaining design arguments (it names every one): the whole coarse network, no early exit, random weights
+PLAIN_DCN = dict(coarse_stages=0, exit_threshold=NEVER_EXIT, whole_image=False, pretrained=False, pool="avg",
+                 coarse_weights="", fine_weights="")
+
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_dcn_trains_a_step_with_transformer_coarse_and_fine_networks(family):
@@ -139,7 +143,7 @@ def test_dcn_trains_a_step_with_transformer_coarse_and_fine_networks(family):
     torch.manual_seed(0)
     model = DCN(3, image_size=2 * side, coarse_backbone=name, fine_backbone=name, coarse_image_size=side,
                 patch_size=patch, top_k=2, saliency="cam", top_layers="fuse", top_hidden=False, detach_fusion=True,
-                backbone_args=args).train()
+                backbone_args=args, **PLAIN_DCN).train()
     out = model(torch.randn(2, 3, 2 * side, 2 * side), phase=DcnStep("joint", 2, 1))
     assert out.boxes.shape == (2, 2, 4) and out.fine_logits.shape == (2, 3)
     terms = DcnLoss(hint_weight=0.0, coarse_weight=1.0, fine_weight=1.0)(out, torch.tensor([0, 1]))
@@ -149,7 +153,8 @@ def test_dcn_trains_a_step_with_transformer_coarse_and_fine_networks(family):
 
 def test_dcn_mixes_families_and_the_vit_patch_vector_is_its_class_token():
     model = DCN(3, image_size=128, coarse_backbone="test_resnet", fine_backbone="test_vit", coarse_image_size=64,
-                patch_size=32, top_k=2, saliency="cam", top_layers="fuse", top_hidden=False).eval()
+                patch_size=32, top_k=2, saliency="cam", top_layers="fuse", top_hidden=False, detach_fusion=True,
+                **PLAIN_DCN).eval()
     patches = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = model.fine.net.forward_features(patches)  # (2, 1 + 2*2, C), normalised
