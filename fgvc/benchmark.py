@@ -6,11 +6,13 @@
     python fgvc/benchmark.py data [--images 64] [--rounds 5] [--out results/data_speed.md]
     python fgvc/benchmark.py recipes [--recipes cub_cbam ...] [--set key=value ...] [--out results/recipes.md]
     python fgvc/benchmark.py pretrain [--out weights] [--runs runs/pretrain] [--set key=value ...]
+    python fgvc/benchmark.py backbones [--families ViT "Swin v1" ...] [--work runs/backbones] [--out results/backbones.md]
     python fgvc/benchmark.py timm --timm-train PATH/TO/timm/train.py [--rounds 3] [--epochs 3] [--out results/timm_speed.md]
 
 `attention` is measured here, with fgvc/analysis/cost.py's counter and timer; `synthetic` in
 fgvc/analysis/synthetic_bench.py; `train` in fgvc/engine/train_speed.py; `timm` (fgvc's loop against
-timm's train.py) in fgvc/engine/timm_speed.py.
+timm's train.py) in fgvc/engine/timm_speed.py; `backbones` (every backbone family x every feature on
+tiny timm models) in fgvc/analysis/backbones.py.
 """
 
 from __future__ import annotations
@@ -160,7 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--runs", default="runs/pretrain", help="where the pretraining run folders go (reused)")
     pre.add_argument("--backbones", nargs="+", default=None, help="a subset (default: every synth_ backbone)")
     pre.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides (e.g. a tiny budget)")
+    bbs = sub.add_parser("backbones", help="every backbone family x every feature (train, maps, tools) on tiny models")
+    bbs.add_argument("--families", nargs="+", default=None, help="a subset of the family names (default: all)")
+    bbs.add_argument("--work", default="runs/backbones", help="where the tiny runs go (replaced)")
+    bbs.add_argument("--out", default="results/backbones.md")
     args = parser.parse_args(argv)
+    if args.command == "backbones":
+        from fgvc.analysis.backbones import FAMILIES, OUTSIDE, build_matrix, matrix_markdown
+        from fgvc.errors import UserError
+
+        known = {**FAMILIES, **OUTSIDE}
+        unknown = [f for f in args.families or [] if f not in known]
+        if unknown:
+            raise UserError(f"--families has {unknown}, which are not families; use some of {', '.join(known)}.")
+        families = [known[f] for f in args.families] if args.families else None
+        command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        matrix = build_matrix(Path(args.work), families, say=print)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(matrix_markdown(matrix, command))
+        print(f"written {args.out}")
+        return 0
     if args.command == "pretrain":
         from fgvc.analysis.pretrain import PRETRAIN_RECIPE, pretrain
         from fgvc.config import load_recipe

@@ -181,6 +181,7 @@ class ModelConfig:
     backbone: str = only_for("classifier", "racnn", default="test_resnet")  # any timm name (dcn: model.dcn.*)
     pretrained: bool = False
     weights: str = ""  # a local .safetensors / .pth file of backbone weights
+    backbone_args: dict[str, Any] = field(default_factory=dict)  # extra timm create_model arguments of every backbone
     drop_rate: float = only_for("classifier", default=0.0)
     drop_path: float = only_for("classifier", default=0.0)  # stochastic depth rate of the timm backbone
     attention: AttentionConfig = only_for("classifier", default_factory=AttentionConfig)

@@ -2,7 +2,8 @@
 [--num-images N | --ids ID ...] [--out DIR] [--sources cam gradcam ...]`.
 
 For each run: every map the model exposes (CAM, Grad-CAM, attention gates, STN region, RA-CNN
-zooms, DCN saliency; see fgvc/analysis/maps.py) on the chosen images, scored against the annotated
+zooms, DCN saliency, attention rollout and class-token attention of ViT backbones; see
+fgvc/analysis/maps.py) on the chosen images, scored against the annotated
 parts and box next to a uniform random and a centred Gaussian baseline (fgvc/analysis/localization.py),
 drawn as PNG grids. Writes OUT/grid_NNN.png, OUT/index.html, OUT/localization.json (OUT defaults to
 RUN_DIR/localization) and prints a table. Data sets without parts get the box scores only.
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     pick.add_argument("--ids", nargs="+", default=None, help="the data set's own image ids")
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/localization)")
     parser.add_argument("--sources", nargs="+", default=None,
-                        help="map sources: cam gradcam attention zoom saliency (default: all the model has)")
+                        help="map sources: cam gradcam attention zoom saliency rollout class_attention "
+                             "(default: all the model has)")
     parser.add_argument("--radius", type=float, default=None,
                         help="pointing-game radius as a share of the box diagonal (default 0.1)")
     parser.add_argument("--draw", type=int, default=None, help="draw only the first N images (scores use all)")

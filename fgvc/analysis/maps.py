@@ -12,6 +12,13 @@ at row r, column c sits at (c + 0.5, r + 0.5) in the input pixels boxes and keyp
                    spatial transformer's sampled region as `stn_region`
     zoom           RA-CNN's box per zoom as a window over the input: `zoom1`, `zoom2`
     saliency       the DCN's entropy saliency on the coarse grid: `dcn_saliency`
+    rollout        attention rollout (Abnar and Zuidema 2020) of a ViT-family backbone (ViT, DeiT, EVA)
+    class_attention  the last layer's class-token attention of a ViT-family backbone (class-agnostic)
+
+CAM and Grad-CAM read every backbone's last map through `fgvc.models.features` (CNNs, Swin, and the
+patch-token map of ViTs; class-specific on tokens too). rollout and class_attention need attention
+matrices (`fgvc.models.token_attention`, fused attention switched off for the extraction only): a
+model without a ViT-family backbone does not list them.
 
 `FAMILY_SOURCES` says which sources each model family has; `compute_maps` runs them.
 """
@@ -26,10 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fgvc.errors import UserError
+from fgvc.models import features as fmaps
 from fgvc.models.attention.recorder import AttentionRecorder
 from fgvc.models.classifier import Classifier
 from fgvc.models.dcn import DCN
 from fgvc.models.outputs import final_logits
+from fgvc.models.token_attention import attention_maps
 from fgvc.models.zoom import RACNN, boxes_xyxy
 from fgvc.registry import Registry
 
@@ -38,10 +47,11 @@ MapSource = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
 SOURCES: Registry[MapSource] = Registry("map source")
 
 FAMILY_SOURCES: dict[str, tuple[str, ...]] = {
-    "classifier": ("cam", "gradcam", "attention"),
-    "racnn": ("cam", "gradcam", "zoom"),
-    "dcn": ("cam", "gradcam", "saliency"),
+    "classifier": ("cam", "gradcam", "attention", "rollout", "class_attention"),
+    "racnn": ("cam", "gradcam", "zoom", "rollout", "class_attention"),
+    "dcn": ("cam", "gradcam", "saliency", "rollout", "class_attention"),
 }
+TOKEN_SOURCES = ("rollout", "class_attention")  # only for a ViT-family backbone (`token_backbone`)
 
 
 def model_family(model: nn.Module) -> str:
@@ -137,14 +147,9 @@ def stn_theta(model: nn.Module, images: Tensor) -> Tensor | None:
 # Sources
 
 
-def _final_stage(net: nn.Module) -> nn.Module:
-    """The module whose output is a timm network's last feature stage (feature_info's last entry)."""
-    return net.get_submodule(net.feature_info[-1]["module"])
-
-
 @SOURCES.register("cam")
 def cam(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
-    """CAM (Zhou et al. 2016, `fgvc.models.classifier.class_activation_map`) from each model's own
+    """CAM (Zhou et al. 2016, `fgvc.models.features.class_activation_maps`) from each model's own
     `class_activation_maps`: the classifier's last features (RA-CNN: the first, whole-image scale;
     DCN: the coarse path)."""
     size = tuple(images.shape[-2:])
@@ -173,20 +178,32 @@ class _LogitsOnly(nn.Module):
         return self.pick(self.model(x))
 
 
-def _gradcam_setup(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the module grad-cam reads activations from, a wrapper returning the logits to explain)."""
+def _gradcam_setup(model: nn.Module, images: Tensor) -> tuple[nn.Module, nn.Module, Callable[[Tensor], Tensor]]:
+    """(the module grad-cam reads activations from, a wrapper returning the logits to explain, the
+    transform of that module's output into a (B, C, h, w) map: `fgvc.models.features`)."""
+    def through(net: nn.Module, x: Tensor) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+        size = tuple(x.shape[-2:])
+        return fmaps.gradient_module(net, x[:1]), lambda out: fmaps.to_map(net, out, size).map
+
+    def as_map(out: Tensor) -> Tensor:  # the DCN's feature modules already give (B, C, h, w)
+        return out
+
     if isinstance(model, RACNN):
         # the fusion head reads detached features, so the fused logits carry no gradient back to any
         # backbone: explain the first scale's own logits, read on the whole image
-        return _final_stage(model.backbones[0]), _LogitsOnly(model, lambda out: out.scale_logits[0])
+        layer, reshape = through(model.backbones[0], model.first_scale(images))
+        return layer, _LogitsOnly(model, lambda out: out.scale_logits[0]), reshape
     if isinstance(model, DCN):
         if model.coarse is None:
-            return model.fine, _LogitsOnly(model, final_logits)  # (B, C, h, w) features
+            return model.fine, _LogitsOnly(model, final_logits), as_map
         if model.fusion is not None and model.fusion.detach:
             # the fused classifier reads detached vectors: explain the coarse branch's own logits
-            return model.coarse, _LogitsOnly(model, lambda out: out.coarse_logits)
-        return model.coarse, _LogitsOnly(model, final_logits)
-    return _final_stage(model.net), _LogitsOnly(model, final_logits)
+            return model.coarse, _LogitsOnly(model, lambda out: out.coarse_logits), as_map
+        return model.coarse, _LogitsOnly(model, final_logits), as_map
+    with torch.no_grad():  # the backbone's input (the spatial transformer's window), for the probe and the grid
+        x = images[:1] if model.stn is None else model.stn(images[:1]).flatten(0, 1)
+    layer, reshape = through(model.net, x)
+    return layer, _LogitsOnly(model, final_logits), reshape
 
 
 @SOURCES.register("gradcam")
@@ -200,9 +217,9 @@ def gradcam(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tens
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layer, wrapper = _gradcam_setup(model)
+    layer, wrapper, reshape = _gradcam_setup(model, images)
     targets = [ClassifierOutputTarget(int(k)) for k in classes.tolist()]
-    with GradCAM(model=wrapper, target_layers=[layer]) as explainer:
+    with GradCAM(model=wrapper, target_layers=[layer], reshape_transform=reshape) as explainer:
         maps = explainer(input_tensor=images, targets=targets)  # (B, H, W) numpy, resized, in [0, 1]
     full = torch.from_numpy(maps).float().to(images.device)
     theta = stn_theta(model, images)
@@ -241,6 +258,44 @@ def attention(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Te
     return out
 
 
+def token_backbone(model: nn.Module, images: Tensor) -> tuple[nn.Module, Tensor] | None:
+    """(the ViT-family backbone whose attention explains the model, its input) or None: the
+    classifier's backbone, RA-CNN's first scale (the whole image), the DCN's coarse network."""
+    if isinstance(model, RACNN):
+        net, x = model.backbones[0], model.first_scale(images)
+    elif isinstance(model, DCN):
+        if model.coarse is None or model.coarse.features_only:
+            return None
+        net, x = model.coarse.net, model.coarse_input(images)
+    elif getattr(model, "stn", None) is not None:
+        return None  # the backbone reads the transformer's windows, not the image
+    else:
+        net, x = model.net, images
+    return (net, x) if fmaps.layout(net) == fmaps.NLC else None
+
+
+def _token_maps(model: nn.Module, images: Tensor, name: str) -> dict[str, Tensor]:
+    found = token_backbone(model, images)
+    if found is None:
+        return {}
+    maps = attention_maps(*found)  # each (B, h, w) on the patch grid, which covers the whole input
+    return {name: normalise(to_input(maps[name], tuple(images.shape[-2:])))} if name in maps else {}
+
+
+@SOURCES.register("rollout")
+def attention_rollout(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
+    """Attention rollout (Abnar and Zuidema 2020; heads averaged, identity added, rows renormalised,
+    no discard) of the class token (DeiT: class and distillation tokens; average-pool heads: every
+    patch token), on the patch grid upsampled to the input. Class-agnostic."""
+    return _token_maps(model, images, "rollout")
+
+
+@SOURCES.register("class_attention")
+def class_attention(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
+    """The last block's attention from the class token to the patches, averaged over heads. Class-agnostic."""
+    return _token_maps(model, images, "class_attention")
+
+
 @SOURCES.register("zoom")
 def zoom_windows(model: nn.Module, images: Tensor, classes: Tensor) -> dict[str, Tensor]:
     """RA-CNN's box per zoom (composed into input pixels) as a window map: `zoom1`, `zoom2`."""
@@ -271,19 +326,50 @@ class MapOutput:
     logits: Tensor  # (B, K) the model's final prediction
     zoom_boxes: list[Tensor] = field(default_factory=list)  # RA-CNN: per zoom, (B, 4) x1 y1 x2 y2 pixels
     patches: Tensor | None = None  # DCN: (B, k, 4) x1 y1 x2 y2 of the fine patches, input pixels
+    skipped: dict[str, str] = field(default_factory=dict)  # default source -> the sentence saying why it has no map
 
 
 def sources_for(model: nn.Module, wanted: list[str] | None = None) -> list[str]:
     """The model family's sources, or those of `wanted` it has (a UserError names any it lacks)."""
     family = model_family(model)
     have = FAMILY_SOURCES[family]
-    if not wanted:
-        return list(have)
+    if not has_token_backbone(model):
+        have = tuple(s for s in have if s not in TOKEN_SOURCES)
+    if not wanted:  # by default only the maps the model has; asked for, a missing CAM says why
+        return [s for s in have if s != "cam" or has_cam(model)]
     for name in wanted:
         SOURCES.get(name)  # unknown names fail with the list of known ones
+        if name in TOKEN_SOURCES and name not in have:
+            raise UserError(f"map source '{name}' needs a ViT-family backbone (ViT, DeiT, EVA) with attention matrices; "
+                            f"this {family} model has none, so use some of {', '.join(have)}.")
         if name not in have:
             raise UserError(f"map source '{name}' does not exist for {family} models; use some of {', '.join(have)}.")
     return list(wanted)
+
+
+def has_cam(model: nn.Module) -> bool:
+    """Whether the explained classifier is linear on pooled features (`fgvc.models.features.head_relation`)."""
+    try:
+        if isinstance(model, RACNN):
+            fmaps.head_relation(model.backbones[0], model.classifiers[0])
+        elif isinstance(model, Classifier) and model.stn_head is None:
+            fmaps.head_relation(model.net)
+        elif isinstance(model, Classifier):  # one CAM per spatial-transformer window
+            return fmaps.pooled_width(model.net) == model.net.num_features
+    except UserError:
+        return False
+    return True
+
+
+def has_token_backbone(model: nn.Module) -> bool:
+    """Whether the model's explained backbone is a ViT family (attention matrices exist)."""
+    if isinstance(model, RACNN):
+        net = model.backbones[0]
+    elif isinstance(model, DCN):
+        net = None if model.coarse is None or model.coarse.features_only else model.coarse.net
+    else:
+        net = None if getattr(model, "stn", None) is not None else getattr(model, "net", None)
+    return net is not None and fmaps.layout(net) == fmaps.NLC
 
 
 def compute_maps(model: nn.Module, images: Tensor, sources: list[str] | None = None,
@@ -297,8 +383,14 @@ def compute_maps(model: nn.Module, images: Tensor, sources: list[str] | None = N
     if classes is None:
         classes = logits.argmax(1)
     maps: dict[str, Tensor] = {}
+    skipped: dict[str, str] = {}
     for name in sources_for(model, sources):
-        maps.update(SOURCES.get(name)(model, images, classes))
+        try:
+            maps.update(SOURCES.get(name)(model, images, classes))
+        except UserError as err:  # asked for by name: say why; among the defaults: leave it out
+            if sources:
+                raise
+            skipped[name] = str(err)
     zoom_boxes = [boxes_xyxy(b) for b in out.boxes] if isinstance(model, RACNN) else []
     patches = out.boxes if isinstance(model, DCN) else None
-    return MapOutput(maps, logits, zoom_boxes, patches)
+    return MapOutput(maps, logits, zoom_boxes, patches, skipped)

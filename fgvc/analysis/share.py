@@ -79,6 +79,9 @@ def hub_config(run: RunInfo, meta: dict, prefix: str) -> dict:
                  "crop_pct": round(1 / run.cfg.data.eval_resize, 4), "crop_mode": "center"}
         config["num_features"] = int(net.num_features)
         config["pretrained_cfg"] = pcfg
+        model_args = getattr(net, "fgvc_model_args", {})  # timm passes them to create_model (e.g. a ViT's img_size)
+        if model_args:
+            config["model_args"] = model_args
     config[FGVC_KEY] = meta | {"state_prefix": prefix, "timm_loadable": bool(prefix)}
     return config
 

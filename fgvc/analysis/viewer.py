@@ -12,7 +12,7 @@ import base64
 import html
 import io
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
 from http import HTTPStatus
@@ -40,6 +40,7 @@ class Analysis:
     top: list[tuple[str, float]]  # (class name, probability), most probable first
     pictures: dict[str, bytes]  # "photo" (with zoom boxes / patches) and one PNG per map, in source order
     family: str  # classifier | racnn | dcn
+    skipped: dict[str, str] = field(default_factory=dict)  # map source -> why this model has no such map
 
 
 class Viewer:
@@ -64,7 +65,7 @@ class Viewer:
 
     def _analyse(self, image) -> Analysis:
         x = model_input(self.run.model, image[None])  # (1, 3, H, W) uint8 -> normalised float
-        result = compute_maps(self.run.model, x, self.sources)
+        result = compute_maps(self.run.model, x)  # every map the model has (`self.sources`)
         probs = result.logits.float().softmax(-1)[0]
         top = probs.topk(min(TOP_K, len(self.run.class_names)))
         view = ImageView(image=to_display(image, self.run.mean, self.run.std), title="",
@@ -76,7 +77,7 @@ class Viewer:
         for map_name in result.maps:
             pictures[map_name] = _png(draw_panel(view, map_name, PANEL_INCHES))
         names = [self.run.class_names[i] for i in top.indices.tolist()]
-        return Analysis(list(zip(names, top.values.tolist())), pictures, self.family)
+        return Analysis(list(zip(names, top.values.tolist())), pictures, self.family, result.skipped)
 
 
 def _png(fig) -> bytes:

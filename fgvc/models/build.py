@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import timm
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
@@ -29,7 +29,7 @@ def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                       attention_init=a.init, attention_reduction=a.reduction, attention_kernel_size=a.kernel_size,
                       image_size=image_size, stn_count=a.stn_count, stn_sampler=a.stn_sampler,
                       attention_options=options,
-                      backbone_args={"drop_path_rate": m.drop_path} if m.drop_path else None)
+                      backbone_args=backbone_args(m) | ({"drop_path_rate": m.drop_path} if m.drop_path else {}))
 
 
 @ARCHS.register("racnn")
@@ -40,7 +40,7 @@ def _racnn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
     return RACNN(m.backbone, num_classes, image_size=image_size, scales=z.scales,
                  share_backbone=z.share_backbone, fuse=z.fuse, min_side=z.min_side,
                  mask_steepness=z.mask_steepness, pretrained=m.pretrained, weights=m.weights,
-                 sampler=z.sampler)
+                 sampler=z.sampler, backbone_args=backbone_args(m))
 
 
 @ARCHS.register("dcn")
@@ -57,7 +57,18 @@ def _dcn(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                saliency=d.saliency, exit_threshold=d.exit_threshold, whole_image=d.whole_image,
                pretrained=m.pretrained, pool=d.pool, top_layers=d.top_layers,
                coarse_weights=d.coarse_weights, fine_weights=d.fine_weights, top_hidden=d.top_hidden,
-               detach_fusion=d.detach_fusion)
+               detach_fusion=d.detach_fusion, backbone_args=backbone_args(m))
+
+
+def backbone_args(m: DictConfig) -> dict:
+    """`model.backbone_args` as plain Python values for `timm.create_model` (absent in old recipes: {})."""
+    args = m.get("backbone_args") or {}
+    args = OmegaConf.to_container(args, resolve=True) if isinstance(args, DictConfig) else dict(args)
+    for key, value in args.items():
+        if ":" in key or value is None:  # `{depth:2}` without a space is YAML for the key 'depth:2'
+            raise UserError(f"model.backbone_args has the key '{key}' without a value; write "
+                            "model.backbone_args.depth=2 (or {depth: 2} with a space after the colon).")
+    return args
 
 
 def build_model(model_cfg: DictConfig, num_classes: int, image_size: int) -> nn.Module:

@@ -11,12 +11,16 @@ import torch
 from torch import Tensor, nn
 
 from fgvc.errors import UserError
+from fgvc.models import features as fmaps
 from fgvc.models.attention.gate import GatedStage
 from fgvc.models.attention.options import BlockOptions
 from fgvc.models.attention.patch import (Stage, attach_after_stage, attach_in_blocks, backbone_stages, default_stages,
                                          make_block, pick_stages)
 from fgvc.models.attention.stn import SpatialTransformer
 from fgvc.models.weights import load_backbone_weights, read_state_dict
+
+
+TRAINING_ONLY_ARGS = ("drop_rate", "drop_path_rate", "features_only", "out_indices")  # not part of the exported model
 
 
 def create_backbone(name: str, num_classes: int, pretrained: bool = False, weights: str = "",
@@ -28,12 +32,18 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, weigh
         raise UserError(f"model.backbone '{name}' is not a timm model; try one of {close or 'timm.list_models()'}.")
     try:
         model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=num_classes, **kwargs)
+    except TypeError as err:  # an argument the architecture does not take
+        extra = sorted(set(kwargs) - set(TRAINING_ONLY_ARGS))
+        raise UserError(f"timm '{name}' does not accept the arguments {extra} of model.backbone_args "
+                        f"({str(err).splitlines()[0]}); remove them or check the architecture's signature.") from None
     except (OSError, RuntimeError) as err:
         if pretrained:
             raise UserError(f"pretrained weights for '{name}' cannot be fetched ({err.__class__.__name__}); "
                             "connect to the Hugging Face hub, give a local file as model.weights, "
                             "or set model.pretrained=false.") from None
         raise
+    # how timm alone rebuilds this network (the export's config.json `model_args`); dropout rates only train
+    model.fgvc_model_args = {k: v for k, v in kwargs.items() if k not in TRAINING_ONLY_ARGS}
     head = model.pretrained_cfg.get("classifier", "fc")
     head_prefixes = tuple(head) if isinstance(head, (list, tuple)) else (head,)
     loaded: set[str] = set()
@@ -42,14 +52,6 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = False, weigh
     if weights or pretrained:
         loaded = {n for n, _ in model.named_parameters() if not n.startswith(head_prefixes)}
     return model, loaded
-
-
-def class_activation_map(feats: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """CAM (Zhou et al. 2016): a linear classifier on pooled features applied at every position,
-    M_k(x, y) = sum_c w_kc f_c(x, y) + b_k: (B, C, h, w) -> (B, K, h, w). Every fgvc model's
-    `class_activation_maps` is this on its own last features."""
-    maps = torch.einsum("bchw,kc->bkhw", feats, weight)  # (B, K, h, w)
-    return maps if bias is None else maps + bias[None, :, None, None]
 
 
 class Classifier(nn.Module):
@@ -98,7 +100,7 @@ class Classifier(nn.Module):
         if attention == "stn":  # (fgvc.config.validate: only placement=stage)
             self.stn = SpatialTransformer(image_size, count=windows, identity_init=identity, sampler=stn_sampler)
             if windows > 1:
-                channels = self.net.num_features
+                channels = fmaps.pooled_width(self.net)
                 self.stn_head = nn.Linear(windows * channels, num_classes)
                 if identity:  # windows start identical: only the first is read, as a plain classifier would
                     nn.init.zeros_(self.stn_head.weight[:, channels:])
@@ -147,42 +149,51 @@ class Classifier(nn.Module):
             self.gated[f"stage{stage.index}"] = gated
             self.gate_stages.append(stage.index)
 
-    def features(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B*N, C, h, w), window-major per image
+    def features(self, x: Tensor) -> fmaps.SpatialFeatures:
+        """The backbone's last features through the one owner (fgvc/models/features.py): `.map`
+        (B*N, C, h, w), window-major per image; `.native` is what the backbone's head reads."""
         if self.stn is not None:
             x = self.stn(x).flatten(0, 1)  # (B, N, 3, S, S) -> (B*N, 3, S, S)
-        return self.net.forward_features(x)
+        return fmaps.spatial_features(self.net, x)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, num_classes)
         if self.stn_head is not None:
-            pooled = self.net.forward_head(self.features(x), pre_logits=True)  # (B*N, C)
+            pooled = self.net.forward_head(self.features(x).native, pre_logits=True)  # (B*N, C)
             return self.stn_head(pooled.view(x.shape[0], -1))  # (B, N*C) -> (B, num_classes)
         if not self.gate_stages:
-            return self.net.forward_head(self.features(x))
-        g, maps = self.net.forward_intermediates(x, indices=self.gate_stages)  # g: (B, C, h, w)
-        logits = self.net.forward_head(g)  # (B, num_classes)
+            return self.net.forward_head(self.features(x).native)
+        last, maps = fmaps.intermediate_maps(self.net, x, self.gate_stages)
+        g = last.map  # (B, C, h, w) the gating signal
+        logits = self.net.forward_head(last.native)  # (B, num_classes)
         for index, x_l in zip(self.gate_stages, maps):
             logits = logits + self.gated[f"stage{index}"](x_l, g)
         return logits
 
     def class_activation_maps(self, x: Tensor) -> Tensor:
-        """CAM (Zhou et al. 2016): classifier weights applied at every position, (B, K, h, w).
-        With attention gates, the backbone's own classifier only. With N > 1 spatial transformers:
-        see `window_activation_maps`."""
+        """CAM (Zhou et al. 2016): the backbone's head relation applied at every position of its last
+        map, (B, K, h, w) (`fgvc.models.features.class_activation_maps`; on a token map it is
+        class-specific too). With attention gates, the backbone's own classifier only. With N > 1
+        spatial transformers: see `window_activation_maps`."""
         if self.stn_head is not None:
             raise UserError("a model with several spatial transformers has one CAM per window; use "
                             "Classifier.window_activation_maps.")
-        feats = self.features(x)  # (B, C, h, w)
-        fc = self.net.get_classifier()
-        if not isinstance(fc, nn.Linear):
-            raise UserError("class activation maps need a linear classifier on pooled features; use Grad-CAM.")
-        return class_activation_map(feats, fc.weight, fc.bias)  # (B, K, h, w)
+        head = fmaps.head_relation(self.net)
+        feats = self.features(x)
+        cams = fmaps.class_activation_maps(feats, head)  # (B, K, h, w)
+        if not self.training:
+            fmaps.check_cam(cams, self.net.forward_head(feats.native), head, self.net)
+        return cams
+
     def window_activation_maps(self, x: Tensor) -> Tensor:
         """CAM of each spatial-transformer window, in that window's frame: (B, N, K, h, w). Window i's
         block of the concatenated classifier applied at every position of its feature map."""
         if self.stn_head is None:
             return self.class_activation_maps(x)[:, None]  # (B, 1, K, h, w)
+        if fmaps.pooled_width(self.net) != self.net.num_features:
+            raise UserError(f"backbone '{type(self.net).__name__}' has a hidden layer between its pool and classifier, "
+                            "so its windows have no class activation map; use another backbone for CAMs.")
         n = self.stn.count
-        feats = self.features(x)  # (B*N, C, h, w)
+        feats = self.features(x).map  # (B*N, C, h, w)
         weight = self.stn_head.weight.view(self.stn_head.out_features, n, -1)  # (K, N, C)
         feats = feats.view(x.shape[0], n, *feats.shape[1:])  # (B, N, C, h, w)
         bias = self.stn_head.bias[None, None, :, None, None] / n  # the bias shared among the windows

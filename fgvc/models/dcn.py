@@ -70,7 +70,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fgvc.errors import UserError
-from fgvc.models.classifier import class_activation_map, create_backbone
+from fgvc.models import features as fmaps
+from fgvc.models.classifier import create_backbone
+from fgvc.models.features import class_activation_map
 
 SHARE_ROUNDING = 1e-9  # so that a share such as 0.29 of 100 images counts 29, not 28.999...
 NEVER_EXIT = 2.0  # a confidence threshold above 1: no image stops at the coarse prediction
@@ -272,8 +274,8 @@ class DcnOutput:
 
 
 class _Features(nn.Module):
-    """Uniform `forward(x) -> (B, C, h, w)` over a timm model's forward_features and a
-    features_only model (which returns a list of the feature levels asked for)."""
+    """Uniform `forward(x) -> (B, C, h, w)` over a whole timm model and a features_only model (the
+    feature levels asked for), both read through the one owner of feature maps (fgvc/models/features.py)."""
 
     def __init__(self, net: nn.Module, features_only: bool) -> None:
         super().__init__()
@@ -281,21 +283,25 @@ class _Features(nn.Module):
         self.features_only = features_only
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)[-1] if self.features_only else self.net.forward_features(x)
+        if self.features_only:
+            return fmaps.features_only_map(self.net, x)
+        return fmaps.spatial_features(self.net, x).map
 
 
-def _feature_extractor(name: str, stages: int, pretrained: bool, weights: str = "") -> tuple[_Features, set[str], int]:
+def _feature_extractor(name: str, stages: int, pretrained: bool, weights: str = "",
+                       backbone_args: dict | None = None) -> tuple[_Features, set[str], int]:
     """A timm network returning a (B, C, h, w) feature map: all of it (`stages` = 0) or its first
     `stages` feature levels (timm's feature_info; for ResNets level 1 is the stem)."""
     if stages:
         with torch.device("meta"):  # only to count the levels, no memory or weights
-            levels = len(create_backbone(name, 0, False)[0].feature_info)
+            levels = len(create_backbone(name, 0, False, **(backbone_args or {}))[0].feature_info)
         if not 1 <= stages <= levels:
             raise UserError(f"model.dcn.coarse_stages is {stages} but '{name}' has {levels} feature levels; "
                             f"use 0 (all) or 1..{levels}.")
-        net, names = create_backbone(name, 0, pretrained, weights, features_only=True, out_indices=(stages - 1,))
+        net, names = create_backbone(name, 0, pretrained, weights, features_only=True, out_indices=(stages - 1,),
+                                     **(backbone_args or {}))
         return _Features(net, features_only=True), names, net.feature_info.channels()[-1]
-    net, names = create_backbone(name, 0, pretrained, weights)
+    net, names = create_backbone(name, 0, pretrained, weights, **(backbone_args or {}))
     return _Features(net, features_only=False), names, net.num_features
 
 
@@ -314,7 +320,7 @@ class DCN(nn.Module):
                  exit_threshold: float = NEVER_EXIT, whole_image: bool = False,
                  pretrained: bool = False, pool: str = "avg", top_layers: str = "mix",
                  coarse_weights: str = "", fine_weights: str = "", top_hidden: bool = True,
-                 detach_fusion: bool = False) -> None:
+                 detach_fusion: bool = False, backbone_args: dict | None = None) -> None:
         super().__init__()
         if saliency not in SALIENCY:
             raise UserError(f"model.dcn.saliency is '{saliency}'; use one of {', '.join(SALIENCY)}.")
@@ -329,16 +335,16 @@ class DCN(nn.Module):
         self.saliency = saliency
         self.pretrained_names: set[str] = set()
 
-        fine, fine_names, fine_width = _feature_extractor(fine_backbone, 0, pretrained, fine_weights)
+        fine, fine_names, fine_width = _feature_extractor(fine_backbone, 0, pretrained, fine_weights, backbone_args)
         self.fine = fine
         self.pretrained_names |= {f"fine.net.{n}" for n in fine_names}
         if whole_image:  # the coarse network's width only fixes the head shape: build it on meta
             with torch.device("meta"):
-                _, _, width = _feature_extractor(coarse_backbone, coarse_stages, False)
+                _, _, width = _feature_extractor(coarse_backbone, coarse_stages, False, "", backbone_args)
             self.coarse = None
         else:
             coarse, coarse_names, width = _feature_extractor(coarse_backbone, coarse_stages, pretrained,
-                                                            coarse_weights)
+                                                            coarse_weights, backbone_args)
             self.coarse = coarse
             self.pretrained_names |= {f"coarse.net.{n}" for n in coarse_names}
         self.width = width
@@ -350,13 +356,16 @@ class DCN(nn.Module):
 
     # --- the three paths -------------------------------------------------------------------------
 
-    def coarse_features(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, C, h, w)
-        if self.coarse is None:
-            raise UserError("this dcn model was built with model.dcn.whole_image=true and has no coarse network.")
+    def coarse_input(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, 3, Hc, Wc): the image the coarse network reads
         if x.shape[-1] != self.coarse_image_size or x.shape[-2] != self.coarse_image_size:
             x = F.interpolate(x, size=(self.coarse_image_size, self.coarse_image_size), mode="bilinear",
                               align_corners=False, antialias=True)  # (B, 3, Hc, Wc)
-        return self.coarse(x)
+        return x
+
+    def coarse_features(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, C, h, w)
+        if self.coarse is None:
+            raise UserError("this dcn model was built with model.dcn.whole_image=true and has no coarse network.")
+        return self.coarse(self.coarse_input(x))
 
     def fine_vectors(self, patches: Tensor) -> Tensor:  # (N, 3, P, P) -> (N, C)
         """Projected fine features of each patch, pooled to one vector per patch."""

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fgvc.models.classifier import class_activation_map, create_backbone
+from fgvc.models import features as fmaps
+from fgvc.models.classifier import create_backbone
 from fgvc.models.resample import mip_mix, shrink
 
 INIT_HALF_SIDE = 0.25  # initial box: a square of half the image side (paper sec. 3.4), as a half side
@@ -199,9 +200,9 @@ class _ScaleNet(nn.Module):
         self.backbone, self.classifier = backbone, classifier
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        feats = self.backbone.forward_features(x)  # (B, C, h, w)
-        pooled = self.backbone.forward_head(feats, pre_logits=True)  # (B, C)
-        return feats, pooled, self.classifier(pooled)  # ..., (B, num_classes)
+        feats = fmaps.spatial_features(self.backbone, x)  # .map (B, C, h, w), through the one owner
+        pooled = self.backbone.forward_head(feats.native, pre_logits=True)  # (B, C)
+        return feats.map, pooled, self.classifier(pooled)  # ..., (B, num_classes)
 
 
 @dataclass
@@ -228,7 +229,7 @@ class RACNN(nn.Module):
     def __init__(self, backbone: str, num_classes: int, image_size: int = 448, scales: int = 3,
                  share_backbone: bool = False, fuse: str = "features", min_side: float = 2 / 3,
                  mask_steepness: float = 10.0, pretrained: bool = False, weights: str = "",
-                 sampler: str = "bilinear") -> None:
+                 sampler: str = "bilinear", backbone_args: dict | None = None) -> None:
         super().__init__()
         self.sampler = sampler  # how a zoom is read from the image: `zoom`
         self.num_scales, self.image_size, self.fuse = scales, image_size, fuse
@@ -238,15 +239,16 @@ class RACNN(nn.Module):
         self.backbones = nn.ModuleList()
         self.pretrained_names: set[str] = set()
         for s in range(1 if share_backbone else scales):
-            net, names = create_backbone(backbone, 0, pretrained, weights)  # num_classes=0: pooled features
+            net, names = create_backbone(backbone, 0, pretrained, weights, **(backbone_args or {}))  # 0: pooled features
             self.backbones.append(net)
             self.pretrained_names |= {f"backbones.{s}.{n}" for n in names}
-        channels = self.backbones[0].num_features
-        reduction = self.backbones[0].feature_info[-1]["reduction"]
+        channels = self.backbones[0].num_features  # of the map the APN reads
+        width = fmaps.pooled_width(self.backbones[0])  # of the pooled vector the classifiers read
+        reduction = fmaps.reduction(self.backbones[0])
         grid = min(APN_GRID, math.ceil(image_size / reduction))
-        self.classifiers = nn.ModuleList(nn.Linear(channels, num_classes) for _ in range(scales))
+        self.classifiers = nn.ModuleList(nn.Linear(width, num_classes) for _ in range(scales))
         self.apns = nn.ModuleList(AttentionProposal(channels, grid, min_side) for _ in range(scales - 1))
-        self.fusion = nn.Linear(scales * channels, num_classes) if fuse == "features" else None
+        self.fusion = nn.Linear(scales * width, num_classes) if fuse == "features" else None
 
     def _scale(self, s: int, x: Tensor, frozen: bool) -> tuple[Tensor, Tensor, Tensor]:
         net = _ScaleNet(self.backbones[0 if self.share_backbone else s], self.classifiers[s])
@@ -258,9 +260,15 @@ class RACNN(nn.Module):
         return torch.func.functional_call(net, detached, (x,))
 
     def class_activation_maps(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, K, h, w)
-        """CAM (Zhou et al. 2016) of the first scale, the one that reads the whole image."""
-        fc = self.classifiers[0]
-        return class_activation_map(self.backbones[0].forward_features(self.first_scale(x)), fc.weight, fc.bias)
+        """CAM (Zhou et al. 2016) of the first scale, the one that reads the whole image: its classifier
+        through the backbone's head relation (`fgvc.models.features`)."""
+        net, fc = self.backbones[0], self.classifiers[0]
+        head = fmaps.head_relation(net, fc)
+        feats = fmaps.spatial_features(net, self.first_scale(x))
+        cams = fmaps.class_activation_maps(feats, head)  # (B, K, h, w)
+        if not self.training:
+            fmaps.check_cam(cams, fc(net.forward_head(feats.native, pre_logits=True)), head, net)
+        return cams
 
     def first_scale(self, x: Tensor) -> Tensor:
         """X_1: the whole image at the network input size (shrunk, with antialiasing, when the data
