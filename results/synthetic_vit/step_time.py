@@ -22,9 +22,10 @@ def step_time(model: torch.nn.Module, side: int, batch: int, steps: int = 8) -> 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    for name in ["test_resnet", "test_vit"]:
-        model = timm.create_model(name, num_classes=16)
+    for name, args in [("test_resnet", {}), ("test_vit", {}), ("test_vit", {"patch_size": 8})]:
+        model = timm.create_model(name, num_classes=16, **args)
         if name == "test_resnet":  # as synth_baseline trains it
             model = model.to(memory_format=torch.channels_last)
-        for side, batch in [(128, 16), (128, 64), (96, 64)]:
-            print(f"| {name} | {side} | {batch} | {step_time(model, side, batch):.3f} |")
+        for side, batch in [(128, 16), (128, 64), (96, 64)] if not args else [(128, 16)]:
+            label = name + "".join(f", {k}={v}" for k, v in args.items())
+            print(f"| {label} | {side} | {batch} | {step_time(model, side, batch):.3f} |")
