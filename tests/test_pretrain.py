@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from fgvc.bench.pretrain import (
+    export_backbone,
+    pretrain_recipe,
     recipe_backbones,
     sha256,
     synth_backbones,
@@ -87,7 +89,38 @@ def test_dcn_refuses_model_weights_instead_of_ignoring_it():
 
 
 def test_every_synth_backbone_is_pretrained_by_the_command():
-    assert set(synth_backbones()) == {"test_resnet"}  # the DCN's coarse and fine networks included (both test_resnet)
+    assert set(synth_backbones()) == {"test_resnet", "test_vit"}  # the DCN's coarse and fine networks included (both test_resnet)
+
+
+def test_vit_pretrain_then_finetune_loads_every_tensor_but_the_head(tmp_path):
+    """synth_vit's backbone is pretrained by its own fractal recipe; the exported file, given to
+    synth_vit's model.weights, fills every ViT tensor (embeddings, blocks, norm) and leaves only the
+    classifier new."""
+    from safetensors.torch import save_file
+
+    from fgvc.models.build import build_model
+
+    recipe = pretrain_recipe("test_vit")
+    pre_cfg, fine_cfg = load_recipe([f"recipe={recipe}"]), load_recipe(["recipe=synth_vit"])
+    assert recipe != "fractal_pretrain" and pre_cfg.train.optimizer == "adamw"
+    assert fine_cfg.model.weights.endswith(weights_name(fine_cfg.model.backbone))
+    torch.manual_seed(0)
+    pre = build_model(pre_cfg.model, pre_cfg.data.fractal.num_classes, pre_cfg.data.image_size)  # what pretraining trains
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({k: v.contiguous() for k, v in pre.state_dict().items()}, str(run / "model.safetensors"))
+    export_backbone(run, "test_vit", tmp_path / "vit.safetensors", "test")
+
+    torch.manual_seed(1)  # another initialisation: a tensor equal to the pretrained one was loaded
+    fine = build_model(OmegaConf.merge(fine_cfg.model, {"weights": str(tmp_path / "vit.safetensors")}), 16,
+                       fine_cfg.data.image_size)
+    before, after = pre.state_dict(), fine.state_dict()
+    loaded = {k for k in after if k in before and after[k].shape == before[k].shape and torch.equal(after[k], before[k])}
+    new = set(after) - loaded
+    assert new == {"net.head.weight", "net.head.bias"}, sorted(new)
+    assert fine.pretrained_names == {n for n, _ in fine.named_parameters()} - new
+    x = torch.randn(2, 3, fine_cfg.data.image_size, fine_cfg.data.image_size)
+    assert fine.eval()(x).shape == (2, 16)
 
 
 @pytest.mark.slow

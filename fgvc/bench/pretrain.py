@@ -3,7 +3,8 @@
     python fgvc/benchmark.py pretrain [--out weights] [--runs runs/pretrain] [--set key=value ...]
 
 trains every backbone a `synth_` recipe uses (the classifier's, RA-CNN's, the DCN's coarse and fine
-networks) on the fractal set (`recipes/fractal_pretrain.yaml`, `data.name=fractal`: classes and cues
+networks, the ViT's) on the fractal set (`recipes/fractal_pretrain.yaml`, or the backbone's own
+`recipes/fractal_pretrain_*.yaml`; `data.name=fractal`: classes and cues
 disjoint from the benchmark's birds) through the real training path, one run per backbone, and
 writes `<out>/fractal_<backbone>.safetensors` (the backbone without its classifier, loadable with
 `model.weights`, `model.dcn.coarse_weights`, `model.dcn.fine_weights`), its sha256 and a README
@@ -23,7 +24,7 @@ from fgvc.bench.source import ROOT, code_version
 from fgvc.bench.synthetic import train_run
 from fgvc.config import load_recipe
 
-PRETRAIN_RECIPE = "fractal_pretrain"
+PRETRAIN_RECIPE = "fractal_pretrain"  # the CNNs' recipe; a backbone with its own (`pretrain_recipe`) uses that
 WEIGHTS_DIR = "weights"
 HALF_ABOVE = 2_000_000  # tensors of larger backbones are stored in float16: half the repository size,
 # and a pretrained start does not need the last bits (loading casts them back to the model's float32)
@@ -31,6 +32,17 @@ HALF_ABOVE = 2_000_000  # tensors of larger backbones are stored in float16: hal
 
 def synth_recipes() -> list[str]:
     return sorted(p.stem for p in (ROOT / "recipes").glob("synth_*.yaml"))
+
+
+def pretrain_recipe(backbone: str) -> str:
+    """The fractal recipe a backbone is pretrained with: the `fractal_pretrain_*` recipe whose
+    model.backbone it is (a ViT trains unlike a CNN: recipes/fractal_pretrain_vit.yaml), else
+    PRETRAIN_RECIPE."""
+    from fgvc.config import load_recipe
+
+    own = [p.stem for p in sorted((ROOT / "recipes").glob(f"{PRETRAIN_RECIPE}_*.yaml"))
+           if load_recipe([f"recipe={p.stem}"]).model.backbone == backbone]
+    return own[0] if own else PRETRAIN_RECIPE
 
 
 def recipe_backbones(cfg) -> dict[str, str]:
@@ -93,18 +105,19 @@ def pretrain(out: Path, runs_dir: Path, overrides: list[str], command: str, back
     source = code_version()
     rows, digests = [], {}
     for backbone in backbones or synth_backbones():
-        run = train_run(PRETRAIN_RECIPE, 0, runs_dir / backbone, [f"model.backbone={backbone}", *overrides], log)
+        recipe = pretrain_recipe(backbone)
+        run = train_run(recipe, 0, runs_dir / backbone, [f"model.backbone={backbone}", *overrides], log)
         digests[backbone] = export_backbone(run, backbone, out / weights_name(backbone), command)
         m = json.loads((run / "metrics.json").read_text())
-        rows.append(f"| `{weights_name(backbone)}` | {backbone} | {100 * m['val']['top1']:.1f} | "
+        rows.append(f"| `{weights_name(backbone)}` | {backbone} | `{recipe}` | {100 * m['val']['top1']:.1f} | "
                     f"{100 * m['test']['top1']:.1f} | {m['train_time_s']:.0f} | `{digests[backbone]}` |")
     lines = ["# Fractal-pretrained backbones of the synthetic benchmark", "",
              f"Command: `{command}`  ",
              f"Date: {datetime.date.today().isoformat()}, {source}.  ",
-             f"Recipe: `recipes/{PRETRAIN_RECIPE}.yaml` with `model.backbone=<backbone>`"
+             "Recipe: each row's (`recipes/<recipe>.yaml`) with `model.backbone=<backbone>`"
              + (f" {' '.join(overrides)}" if overrides else "") + ", seed 0; the backbone without its classifier.", "",
-             "| file | backbone | fractal val top-1 % | fractal test top-1 % | train time s | sha256 |",
-             "|---|---|---:|---:|---:|---|", *rows, "",
+             "| file | backbone | recipe | fractal val top-1 % | fractal test top-1 % | train time s | sha256 |",
+             "|---|---|---|---:|---:|---:|---|", *rows, "",
              ("Check a file: `sha256sum -c <file>.sha256`. Loaded by the `synth_` recipes through `model.weights` "
               "(classifier, RA-CNN) and `model.dcn.coarse_weights` / `model.dcn.fine_weights` (DCN).")]
     (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 BASELINE = "synth_baseline"
 METHODS = ["synth_baseline", "synth_se", "synth_cbam", "synth_residual", "synth_gate", "synth_stn",
-           "synth_racnn", "synth_dcn", "synth_dcn_fine"]
+           "synth_racnn", "synth_dcn", "synth_dcn_fine", "synth_vit"]
 PRETRAIN_TASK = ["data.synthetic.num_classes=9", "data.synthetic.seed=101"]  # another task: other classes and colours
 FINETUNE = [("plain from pretrained", "synth_baseline", []),
             ("cbam init=default from pretrained", "synth_cbam", ["model.attention.init=default"]),
