@@ -160,5 +160,8 @@ def test_pretrain_command_weights_load_into_every_synth_recipe(tmp_path):
                 unused = set(saved) - wanted  # only the stages a truncated coarse network leaves out
                 assert not unused or role == "model.dcn.coarse_weights", (recipe, role, sorted(unused)[:3])
                 assert all(k.startswith(("layer3.", "layer4.")) for k in unused), (recipe, sorted(unused)[:3])
-                assert all(torch.equal(state[k], saved[k].to(state[k].dtype)) for k in wanted), (recipe, role)
+                # a transformer built for another side than its file's gets its position embeddings resampled
+                resampled = {k for k in wanted if state[k].shape != saved[k].shape}
+                assert all(k.endswith("pos_embed") for k in resampled), (recipe, sorted(resampled)[:3])
+                assert all(torch.equal(state[k], saved[k].to(state[k].dtype)) for k in wanted - resampled), (recipe, role)
         assert model.pretrained_names  # the trainer knows which parameters came from the files
