@@ -36,6 +36,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from fgvc.data.fractal import FractalSpec
 from fgvc.data.synthetic import SyntheticSpec
 from fgvc.errors import UserError
+from fgvc.models.choices import TIMM_ATTENTION
 from fgvc.schema import key, one_of, only_for, recipe_section
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -44,9 +45,6 @@ BASE_KEY = "base"  # a recipe file's `base: NAME` names the recipe it states dif
 RECIPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a file name in recipes/ without .yaml: no folder, no ..
 RESOLVER = re.compile(r"\$\{\s*[A-Za-z_][\w.-]*\s*:")  # `${name:` opens a resolver call, `${key}` an interpolation
 ARCHS = ("classifier", "racnn", "dcn", "cfvit")
-# timm.layers.get_attn's same-shape modules; `timm_NAME` forces timm's block where fgvc has its own
-TIMM_ATTENTION = ("se", "ese", "eca", "ecam", "ceca", "ge", "gc", "gca", "cbam", "lcbam", "coord", "scoord",
-                  "ela", "strip", "sk", "splat", "nl", "bat")
 ATTENTION_TYPES = ("none", "se", "cbam", "residual", "gate", "stn",
                    *(n for n in TIMM_ATTENTION if n not in ("se", "cbam")), *(f"timm_{n}" for n in TIMM_ATTENTION))
 
@@ -671,7 +669,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.randaugment and not cfg.data.randaugment.startswith("rand"):
         raise UserError(f"data.randaugment is '{cfg.data.randaugment}' but must be a timm RandAugment string "
                         "such as rand-m9-mstd0.5-inc1, or empty.")
-    from fgvc.models.build import check_backbones  # timm, only once every key is known to be right
+    # imported here: fgvc.models.build loads torch and timm (5.6 s against 0.3 s for this module, measured with
+    # time.time() around the imports), which a recipe mistake or `--keys` never needs
+    from fgvc.models.build import check_backbones
 
     check_backbones(cfg.model, cfg.data.image_size)  # a transformer is built for the side it reads, or one sentence
 

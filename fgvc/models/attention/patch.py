@@ -35,7 +35,6 @@ from timm.models import _efficientnet_blocks as effnet_blocks
 from timm.models import regnet, resnet
 from torch import Tensor, nn
 
-from fgvc.config import TIMM_ATTENTION
 from fgvc.errors import UserError
 from fgvc.models import features as fmaps
 from fgvc.models.attention.cbam import CBAM
@@ -43,6 +42,7 @@ from fgvc.models.attention.common import IdentityStart
 from fgvc.models.attention.options import BlockOptions
 from fgvc.models.attention.residual import ResidualAttention
 from fgvc.models.attention.se import SqueezeExcite
+from fgvc.models.choices import TIMM_ATTENTION
 
 CLASSIFIER_LEVEL = ("gate", "stn")  # built by the classifier itself (gates need two stages, STN the image)
 TIMM_PREFIX = "timm_"  # `timm_cbam` = timm's own CbamModule, for comparisons with fgvc's `cbam`
