@@ -162,6 +162,17 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for c2, a2 in points) for c, a in points]
 
 
+def timed_rows(rows: list[Row], paths: list[Timed], min_run_time: float, rounds: int) -> list[Row]:
+    """The rows with each path's latency (batch 1 and the large batch, alternating rounds) and their
+    places on the accuracy-vs-FLOPs and accuracy-vs-latency Pareto fronts."""
+    for row, (b1, b1_iqr, bn, bn_iqr) in zip(rows, timings(paths, min_run_time, rounds)):
+        row.lat_b1_ms, row.lat_b1_iqr_ms, row.lat_batch_ms, row.lat_batch_iqr_ms = b1, b1_iqr, bn, bn_iqr
+    for row, on_f, on_l in zip(rows, pareto([(r.gflops, r.top1) for r in rows]),
+                               pareto([(r.lat_b1_ms, r.top1) for r in rows])):
+        row.pareto_flops, row.pareto_latency = on_f, on_l
+    return rows
+
+
 # --- the report ----------------------------------------------------------------------------------
 
 def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_loader: DataLoader | None = None,
@@ -247,13 +258,7 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
                         count_parameters(model) / 1e6, *untimed))
         paths.append(Timed(run, big, per_image=big[:LATENCY_IMAGES]))
 
-    for row, (b1, b1_iqr, bn, bn_iqr) in zip(rows, timings(paths, min_run_time, rounds)):
-        row.lat_b1_ms, row.lat_b1_iqr_ms, row.lat_batch_ms, row.lat_batch_iqr_ms = b1, b1_iqr, bn, bn_iqr
-
-    for row, on_f, on_l in zip(rows, pareto([(r.gflops, r.top1) for r in rows]),
-                               pareto([(r.lat_b1_ms, r.top1) for r in rows])):
-        row.pareto_flops, row.pareto_latency = on_f, on_l
-    return rows
+    return timed_rows(rows, paths, min_run_time, rounds)
 
 
 def _logits_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -406,12 +411,7 @@ def cfvit_rows(model: CFViT, test_loader: DataLoader, num_classes: int, val_load
                         params, *untimed))
         paths.append(Timed(lambda x, t=t: model.early_exit(x, t, k_exit), big, per_image=big[:LATENCY_IMAGES]))
 
-    for row, (b1, b1_iqr, bn, bn_iqr) in zip(rows, timings(paths, min_run_time, rounds)):
-        row.lat_b1_ms, row.lat_b1_iqr_ms, row.lat_batch_ms, row.lat_batch_iqr_ms = b1, b1_iqr, bn, bn_iqr
-    for row, on_f, on_l in zip(rows, pareto([(r.gflops, r.top1) for r in rows]),
-                               pareto([(r.lat_b1_ms, r.top1) for r in rows])):
-        row.pareto_flops, row.pareto_latency = on_f, on_l
-    return rows
+    return timed_rows(rows, paths, min_run_time, rounds)
 
 
 def cfvit_goal_line(rows: list[Row]) -> str:
