@@ -76,6 +76,8 @@ class SyntheticConfig:
     wing_cue: str = one_of("colour", ("colour", "texture"))
     texture_px: int = 1  # side of the texture's features in written pixels (wing_cue=texture): 1 blurs away sooner
     texture_fine: float = 0.0  # share of images whose texture has one-pixel features instead of texture_px
+    position_spread: float = 0.0  # 0: bird centred within 0.35-0.65 of the side; 1: anywhere its body and class parts fit
+    scale_min: float = 1.0  # the bird and its parts scaled by a factor drawn log-uniformly in [scale_min, 1]
 
 
 @dataclass
@@ -263,7 +265,7 @@ RANGES: list[tuple[str, float, float]] = [
     ("train.ema_decay", 0, 1), ("train.new_lr_mult", 0, INF), ("train.new_block_lr_mult", 0, INF),
     ("train.keep_checkpoints", 1, INF),
     ("train.log_every", 1, INF), ("data.synthetic.hidden", 0, 1), ("data.synthetic.texture_fine", 0, 1),
-    ("data.synthetic.cue_strength", 0, 1),
+    ("data.synthetic.cue_strength", 0, 1), ("data.synthetic.position_spread", 0, 1), ("data.synthetic.scale_min", 0.01, 1),
     ("data.fractal.class_colours", 0, 1),
 ]
 
