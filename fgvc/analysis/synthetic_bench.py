@@ -62,6 +62,7 @@ class RunRow:
     pointing_own: float = float("nan")
     top_part: str = ""
     named: dict[str, list[float]] = field(default_factory=dict)  # a multi-output model's other predictions
+    weights: str = ""  # every network's starting weights (starting_weights)
 
     def add(self, seed: int, run_dir: Path) -> None:
         """Take one finished run's test accuracy (each named prediction's too: `top1_scale0`, ...) and
@@ -97,10 +98,26 @@ def recipe_difference(run_dir: Path, args: list[str]) -> tuple[str, object, obje
     return None if key is None else (key, a.get(key), b.get(key))
 
 
-def train_run(recipe: str, seed: int, out: Path, extra: list[str], log, threads: int = 0) -> Path:
+def write_record(run_dir: Path, args: list[str], path: Path) -> None:
+    """A finished run's figures (its metrics.json, the command-line settings that trained it and its
+    resolved recipe) as one small JSON file, kept with the results so that they survive the run folder
+    and work continues on another machine."""
+    from omegaconf import OmegaConf
+
+    record = {"args": args, "metrics": json.loads((run_dir / "metrics.json").read_text()),
+              "recipe": OmegaConf.to_container(OmegaConf.load(run_dir / "recipe.yaml"), resolve=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def train_run(recipe: str, seed: int, out: Path, extra: list[str], log, threads: int = 0,
+              records: Path | None = None) -> Path:
     """Train one run unless it has finished already with the same recipe; returns its folder.
-    `threads` > 0 sets the run's OMP_NUM_THREADS (several runs side by side); 0 leaves the cores to it."""
+    `threads` > 0 sets the run's OMP_NUM_THREADS (several runs side by side); 0 leaves the cores to it.
+    `records`: a folder where the finished run's figures are written as `<run folder name>.json`."""
     args = [f"recipe={recipe}", f"seed={seed}", f"output_dir={out}", *extra]
+    if records is not None and (out / "metrics.json").is_file() and not (records / f"{out.name}.json").is_file():
+        write_record(out, args, records / f"{out.name}.json")
     if (out / "metrics.json").is_file():
         differs = recipe_difference(out, args)  # a finished run is reused only for the same recipe
         if differs is not None:
@@ -118,16 +135,18 @@ def train_run(recipe: str, seed: int, out: Path, extra: list[str], log, threads:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"training {recipe} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    if records is not None:
+        write_record(out, args, records / f"{out.name}.json")
     return out
 
 
-def train_all(plan: list[tuple[str, int, Path, list[str]]], jobs: int, log) -> None:
+def train_all(plan: list[tuple[str, int, Path, list[str]]], jobs: int, log, records: Path | None = None) -> None:
     """Train (recipe, seed, folder, overrides) runs, `jobs` at a time, the machine's cores shared
     evenly between them (jobs = 1: one run at a time on every core, as `fgvc/train.py` runs alone).
     Every run is tried; the first failure is raised once all have ended, so finished runs are kept."""
     if jobs <= 1:
         for recipe, seed, out, extra in plan:
-            train_run(recipe, seed, out, extra, log)
+            train_run(recipe, seed, out, extra, log, records=records)
         return
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -142,7 +161,8 @@ def train_all(plan: list[tuple[str, int, Path, list[str]]], jobs: int, log) -> N
             log(line)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(train_run, recipe, seed, out, extra, log_line, threads) for recipe, seed, out, extra in plan]
+        futures = [pool.submit(train_run, recipe, seed, out, extra, log_line, threads, records)
+                   for recipe, seed, out, extra in plan]
     errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
         raise errors[0]
@@ -193,6 +213,25 @@ def zoom_part_coverage(run_dir: Path) -> dict[str, float]:
     return {name: torch.cat(v).mean().item() for name, v in inside.items()}
 
 
+def set_coverage(recipe: str, overrides: list[str], boxes: list[float]) -> str:
+    """How often a box centred in the written image, of each side in `boxes` (fractions of the image
+    side), holds the visible class parts of the recipe's synthetic set (test split), from the set's
+    part keypoints alone (no model): the share a zoom must beat to have found the part. A markdown table."""
+    from fgvc.config import load_recipe
+    from fgvc.data.synthetic import (SyntheticSpec, centred_box_coverage, class_part_keypoints, class_parts,
+                                     ensure_synthetic)
+
+    cfg = load_recipe([f"recipe={recipe}", *overrides])
+    spec = SyntheticSpec(**cfg.data.synthetic)
+    parts = class_part_keypoints(ensure_synthetic(Path(cfg.data.root), spec), spec.wing_cue, "test")
+    lines = [f"{len(parts)} test images of `{recipe} {' '.join(overrides)}`, class parts "
+             f"{', '.join(class_parts(spec.wing_cue))}", "", "| centred box side | test images holding their class parts |",
+             "|---:|---:|"]
+    side = spec.image_size
+    lines += [f"| {b:.3f} of {side} px | {100 * centred_box_coverage(parts, side, b * side):.1f}% |" for b in boxes]
+    return "\n".join(lines)
+
+
 def looks(report: dict) -> tuple[float, str, float, str]:
     """CAM pointing game, the method's own map and its pointing game, and CAM's most hit part."""
     sources = report["sources"]
@@ -214,17 +253,90 @@ def mean_std_text(values: list[float], scale: float = 100.0) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+def curve_folder(runs_dir: Path, baseline: str, size: int, own_size: int, seed: int) -> Path:
+    """The run folder of the plain curve's point at input `size`: the baseline's own run at its own
+    input size (one run, not two), `<baseline>-<size>px-s<seed>` at the others."""
+    return runs_dir / (f"{baseline}-s{seed}" if size == own_size else f"{baseline}-{size}px-s{seed}")
+
+
+@dataclass
+class CurvePoint:
+    """The plain network at one input size: test top-1 of each seed, FLOPs per image."""
+    size: int
+    flops: int
+    seeds: list[int]
+    top1: list[float]  # fractions
+    test_images: int
+
+    @property
+    def mean(self) -> float:
+        return 100 * statistics.fmean(self.top1)
+
+    @property
+    def se(self) -> float:
+        """Standard error of the mean top-1 in points: over seeds (std / sqrt(n)); for one seed the
+        binomial one of the test split, sqrt(p (1 - p) / N)."""
+        if len(self.top1) > 1:
+            return 100 * statistics.stdev(self.top1) / len(self.top1) ** 0.5
+        p = self.top1[0]
+        return 100 * (p * (1 - p) / max(self.test_images, 1)) ** 0.5
+
+
+def curve_at(curve: list[CurvePoint], flops: float) -> float:
+    """The plain curve's top-1 (points) at `flops`, linear in log FLOPs between its points; nan
+    outside its range (no extrapolation)."""
+    import math
+
+    pts = sorted((c.flops, c.mean) for c in curve)
+    for (f0, a0), (f1, a1) in zip(pts, pts[1:]):
+        if f0 <= flops <= f1:
+            return a0 if f1 == f0 else a0 + (a1 - a0) * (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
+    return pts[0][1] if pts and flops == pts[0][0] else float("nan")
+
+
+def starting_weights(run_dir: Path) -> str:
+    """Every network's starting weights in a run's recipe (model.weights; the DCN's coarse and fine
+    files), with the first 12 hex digits of each file's sha256; "random" when a network starts from none."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from fgvc.config import flatten
+
+    cfg = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "recipe.yaml"), resolve=True))
+    arch = cfg.get("model.arch")
+    keys = ["model.dcn.coarse_weights", "model.dcn.fine_weights"] if arch == "dcn" else ["model.weights"]
+    parts = []
+    for key in keys:
+        value = cfg.get(key) or ""
+        path = ROOT / value if value and not Path(value).is_absolute() else Path(value)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if value and path.is_file() else ""
+        parts.append(f"{key.split('.')[-1]}: " + (f"`{value}` (sha256 {digest})" if digest else f"`{value}`" if value
+                                                     else "random (timm init)"))
+    return "; ".join(parts)
+
+
 def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[str], methods: list[str],
-                  command: str, identity_experiment: bool = False, jobs: int = 1, log=print) -> list[RunRow]:
+                  command: str, identity_experiment: bool = False, jobs: int = 1, log=print,
+                  baseline: str = BASELINE, curve: list[int] | None = None) -> list[RunRow]:
     """`command`: the command line printed on the page. The runs are trained first, `jobs` at a time:
-    the baseline's seeds, then the methods seed by seed (so an interrupted benchmark has whole pairs);
-    then every finished run is measured."""
+    the baseline's seeds, then the plain curve (`baseline` at each input size of `curve`, seed by
+    seed), then the methods seed by seed (so an interrupted benchmark has whole pairs); then every
+    finished run is measured. Each finished run's figures go to `out/runs/<run>.json` as it ends."""
     out.mkdir(parents=True, exist_ok=True)
     from fgvc.analysis.localization import compare_table, localize_run
+    from fgvc.config import load_recipe
 
     source = code_version()  # what trained the runs: taken before hours of work, not after
-    order = [(m, s) for s in seeds for m in methods if m == BASELINE] + [(m, s) for s in seeds for m in methods if m != BASELINE]
-    train_all([(m, s, runs_dir / f"{m}-s{s}", overrides) for m, s in order], jobs, log)
+    records = out / "runs"
+    own_size = load_recipe([f"recipe={baseline}", *overrides]).data.image_size
+    sizes = sorted(set(curve or []))
+    order = [(m, s) for s in seeds for m in methods if m == baseline]
+    plan = [(m, s, runs_dir / f"{m}-s{s}", overrides) for m, s in order]
+    plan += [(baseline, s, curve_folder(runs_dir, baseline, size, own_size, s), overrides + [f"data.image_size={size}"])
+             for s in seeds for size in sizes if size != own_size]
+    plan += [(m, s, runs_dir / f"{m}-s{s}", overrides) for s in seeds for m in methods if m != baseline]
+    train_all(plan, jobs, log, records)
     rows, reports = [], []
     for method in methods:
         row = RunRow(method)
@@ -232,10 +344,19 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
             row.add(seed, runs_dir / f"{method}-s{seed}")
         first = runs_dir / f"{method}-s{seeds[0]}"
         row.params, row.flops, row.latency_ms = measure(first)
+        row.weights = starting_weights(first)
         reports.append(localize_run(first, out_dir=out / "localization" / method, num_images=LOCALIZE_IMAGES, draw=4))
         row.pointing_cam, row.own_map, row.pointing_own, row.top_part = looks(reports[-1])
         rows.append(row)
         log(f"{method}: top-1 {mean_std_text(row.top1)}")
+    points = []
+    for size in sizes:
+        folders = [curve_folder(runs_dir, baseline, size, own_size, s) for s in seeds]
+        metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
+        cfg = load_recipe([f"recipe={baseline}", *overrides])
+        test_images = cfg.data.synthetic.num_classes * cfg.data.synthetic.test_per_class
+        points.append(CurvePoint(size, measure(folders[0])[1], list(seeds), [m["test"]["top1"] for m in metrics],
+                                 test_images))
 
     finetune_rows = []
     if identity_experiment:
@@ -250,7 +371,7 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
                 row.add(seed, folder)
             finetune_rows.append(row)
     coverage = {m: zoom_part_coverage(runs_dir / f"{m}-s{seeds[0]}") for m in methods if "racnn" in m}
-    write_outputs(rows, finetune_rows, seeds, out, source, coverage, command)
+    write_outputs(rows, finetune_rows, seeds, out, source, coverage, command, baseline, points)
     (out / "localization" / "README.md").write_text(
         f"# Where the synthetic models look (seed {seeds[0]}, {LOCALIZE_IMAGES} test images)\n\n"
         "Made by the synthetic benchmark (see ../README.md for the command). Every map source of every "
@@ -281,14 +402,14 @@ def code_version() -> str:
 
 
 
-def paired_table(rows: list[RunRow]) -> list[str]:
+def paired_table(rows: list[RunRow], baseline: str = BASELINE) -> list[str]:
     """Each method against the baseline trained with the same seed: mean difference of test top-1 ±
     its std over seeds, and on how many seeds the method is ahead (ties count for neither)."""
-    base = next((r for r in rows if r.method == BASELINE), None)
+    base = next((r for r in rows if r.method == baseline), None)
     if base is None or len(rows) < 2:
         return []
     by_seed = dict(zip(base.seeds, base.top1))
-    lines = ["", f"## Paired with `{BASELINE}` (same seed)", "",
+    lines = ["", f"## Paired with `{baseline}` (same seed)", "",
              "Test top-1 of the method minus the baseline's, per seed: mean ± std over seeds, and the seeds "
              "on which the method is ahead.", "",
              "| method | difference (points) | seeds won | per seed (points) |", "|---|---:|---:|---|"]
@@ -305,14 +426,53 @@ def paired_table(rows: list[RunRow]) -> list[str]:
     return lines
 
 
+def curve_table(rows: list[RunRow], curve: list[CurvePoint], baseline: str) -> list[str]:
+    """The plain network's accuracy-vs-FLOPs curve, and each method against the curve at its own FLOPs."""
+    if not curve:
+        return []
+    lines = ["", f"## The plain network's accuracy-vs-FLOPs curve (`{baseline}` at each input size)", "",
+             "The bar a method must pass: the plain network given more pixels. Test top-1 mean ± standard error "
+             "over seeds (one seed: the test split's binomial standard error); FLOPs per image of the seed-"
+             f"{curve[0].seeds[0]} model. Curve: `plain_curve.csv`.", "",
+             "| input px | MFLOPs / image | top-1 % | standard error | per seed |", "|---:|---:|---:|---:|---|"]
+    lines += [f"| {c.size} | {c.flops / 1e6:.1f} | {c.mean:.2f} | {c.se:.2f} | "
+              + " ".join(f"{100 * t:.2f}" for t in c.top1) + " |" for c in curve]
+    lines += ["", "Each method against the curve at its own FLOPs (linear in log FLOPs between the curve's points; "
+              "– outside its range):", "",
+              "| method | MFLOPs / image | top-1 % | curve at its FLOPs % | above the curve (points) |",
+              "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        at = curve_at(curve, r.flops)
+        mean = 100 * statistics.fmean(r.top1)
+        lines.append(f"| {r.method} | {r.flops / 1e6:.1f} | {mean:.2f} | {'–' if at != at else f'{at:.2f}'} | "
+                     f"{'–' if at != at else f'{mean - at:+.2f}'} |")
+    return lines
+
+
+def write_curve_csv(curve: list[CurvePoint], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["size", "flops", "top1_mean", "top1_se", "seeds", "top1_per_seed"])
+        for c in curve:
+            w.writerow([c.size, c.flops, c.mean, c.se, " ".join(map(str, c.seeds)), " ".join(f"{100 * t:.2f}" for t in c.top1)])
+
+
+def read_curve_csv(path: Path) -> list[tuple[int, float, float, float]]:
+    """(input size, FLOPs per image, mean top-1 %, standard error) of each point of a `plain_curve.csv`."""
+    with open(path, newline="") as f:
+        return [(int(r["size"]), float(r["flops"]), float(r["top1_mean"]), float(r["top1_se"])) for r in csv.DictReader(f)]
+
+
 def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, source: str,
-                  coverage: dict[str, dict[str, float]], command: str) -> None:
+                  coverage: dict[str, dict[str, float]], command: str, baseline: str = BASELINE,
+                  curve: list[CurvePoint] | None = None) -> None:
     header = ["# Synthetic benchmark", "",
               f"Command: `{command}`  ",
               f"Date: {datetime.date.today().isoformat()}, {source}, "
               f"machine: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
               f"Python {platform.python_version()}.  ",
-              f"Test split of the synthetic set; accuracy as mean ± std over seeds {seeds}; cost of the seed-{seeds[0]} "
+              f"Test split of the synthetic set; accuracy as mean ± std over seeds {seeds} (the plot: ± standard error); "
+              f"cost of the seed-{seeds[0]} "
               f"model (FLOPs = 2 per multiply-add, torch's FlopCounterMode; latency: median, batch 1, CPU); "
               f"pointing game on {LOCALIZE_IMAGES} test images (peak within 0.1 × box diagonal of a visible part).", ""]
     table = ["| method | top-1 % | mean class % | params | MFLOPs / image | latency ms / image | train time s | "
@@ -323,7 +483,9 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
                      f"{r.flops / 1e6:.1f} | {r.latency_ms:.2f} | {statistics.fmean(r.train_time):.1f} | "
                      f"{r.pointing_cam:.2f} | {r.own_map or '–'} | "
                      f"{'–' if r.pointing_own != r.pointing_own else f'{r.pointing_own:.2f}'} | {r.top_part or '–'} |")
-    lines = header + table + paired_table(rows)
+    lines = header + table + paired_table(rows, baseline) + curve_table(rows, curve or [], baseline)
+    lines += ["", "## Starting weights of every network (seed-0 run's recipe)", "", "| method | starting weights |", "|---|---|"]
+    lines += [f"| {r.method} | {r.weights or '–'} |" for r in rows]
     for r in rows:
         if r.named:
             names = list(r.named)
@@ -356,27 +518,66 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
                         r.params, r.flops, r.latency_ms, statistics.fmean(r.train_time), r.pointing_cam, r.own_map,
                         r.pointing_own, r.top_part])
 
+    if curve:
+        write_curve_csv(curve, out / "plain_curve.csv")
     plot_accuracy_vs_flops([(r.method, r.flops, 100 * statistics.fmean(r.top1),
-                             100 * statistics.stdev(r.top1) if len(r.top1) > 1 else 0.0) for r in rows],
-                           out / "accuracy_vs_flops.png")
+                             100 * statistics.stdev(r.top1) / len(r.top1) ** 0.5 if len(r.top1) > 1 else 0.0) for r in rows],
+                           out / "accuracy_vs_flops.png",
+                           curve=[(c.size, c.flops, c.mean, c.se) for c in curve or []])
 
 
-def plot_accuracy_vs_flops(points: list[tuple[str, float, float, float]], path: Path) -> Figure:
-    """(method, FLOPs per image, mean top-1 %, std %) per method -> a PNG. The axis stops at 100%
-    and error bars are cut at 0 and 100 (accuracy cannot pass them); methods are named in a legend
-    beside the axes, since labels next to points that share a cost overlap."""
+MIN_ACCURACY_SPAN = 10.0  # points: the smallest accuracy range a plot shows, so noise does not look like a trend
+
+
+def accuracy_limits(lows: list[float], highs: list[float], span: float = MIN_ACCURACY_SPAN) -> tuple[float, float]:
+    """y limits holding every value (lows, highs: the ends of the error bars), at least `span` points
+    wide (widened evenly about the middle), within 0-100."""
+    lo, hi = min(lows), max(highs)
+    pad = max(0.0, span - (hi - lo)) / 2 + 0.5
+    lo, hi = lo - pad, hi + pad
+    if hi > 100:
+        lo, hi = max(0.0, lo - (hi - 100)), 100.0
+    if lo < 0:
+        lo, hi = 0.0, min(100.0, hi - lo)
+    return lo, hi
+
+
+def plot_accuracy_vs_flops(points: list[tuple[str, float, float, float]], path: Path,
+                           curve: list[tuple[int, float, float, float]] | None = None) -> Figure:
+    """(method, FLOPs per image, mean top-1 %, standard error %) per method -> a PNG; `curve`: the
+    plain network's (input size, FLOPs, mean top-1 %, standard error %) per input size, drawn as a
+    line (the bar a method must pass at its cost), each point marked with its input size. Error bars
+    are cut at 0 and 100 (accuracy cannot pass them); the accuracy axis spans at least
+    MIN_ACCURACY_SPAN points. Methods are named in a legend beside the axes, since labels next to
+    points that share a cost overlap."""
     from matplotlib.figure import Figure  # no pyplot: the figure is never shown, only saved (and returned)
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
-    for method, flops, mean, std in points:
-        below, above = min(std, mean), min(std, 100 - mean)
+    lows, highs = [], []
+    if curve:
+        curve = sorted(curve, key=lambda c: c[1])
+        ax.errorbar([c[1] / 1e6 for c in curve], [c[2] for c in curve], yerr=[c[3] for c in curve], fmt="-",
+                    color="0.45", marker="D", ms=4, capsize=3, label="plain network (curve)", zorder=1)
+        for size, flops, mean, se in curve:
+            ax.annotate(f"{size} px", (flops / 1e6, mean - se), xytext=(0, -11), textcoords="offset points",
+                        ha="center", fontsize=7, color="0.35")
+            lows.append(mean - se - 2)
+            highs.append(mean + se)
+    for method, flops, mean, se in points:
+        below, above = min(se, mean), min(se, 100 - mean)
         ax.errorbar(flops / 1e6, mean, yerr=[[below], [above]], fmt="o", capsize=3,
-                    label=method.removeprefix("synth_"))
+                    label=method.removeprefix("synth_"), zorder=2)
+        lows.append(mean - below)
+        highs.append(mean + above)
     ax.set_xscale("log")
-    ax.set_ylim(top=100)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # tick labels even within one decade
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_ylim(*accuracy_limits(lows, highs))
     ax.set_xlabel("MFLOPs per image (log)")
-    ax.set_ylabel("test top-1 %")
+    ax.set_ylabel("test top-1 % (± standard error)")
     ax.set_title("synthetic benchmark: accuracy against FLOPs")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)

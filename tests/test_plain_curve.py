@@ -1,0 +1,87 @@
+"""The plain network's accuracy-vs-FLOPs curve (the bar a method must pass), the plots that draw it,
+and the planning tools of a synthetic regime (centred-box coverage, seconds per step)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fgvc.analysis.synthetic_bench import (CurvePoint, accuracy_limits, curve_at, plot_accuracy_vs_flops, read_curve_csv,
+                                           write_curve_csv)
+
+
+def point(size, flops, top1, n=1600):
+    return CurvePoint(size, flops, list(range(len(top1))), top1, n)
+
+
+def test_standard_error_is_over_seeds_or_binomial_for_one_seed():
+    three = point(96, 1e8, [0.5, 0.6, 0.7])
+    assert three.mean == pytest.approx(60.0)
+    assert three.se == pytest.approx(100 * 0.1 / math.sqrt(3))  # std 0.1 over 3 seeds
+    one = point(96, 1e8, [0.8], n=1600)
+    assert one.se == pytest.approx(100 * math.sqrt(0.8 * 0.2 / 1600))
+
+
+def test_curve_is_read_linearly_in_log_flops_and_not_extrapolated():
+    curve = [point(192, 4e8, [0.9]), point(96, 1e8, [0.5])]
+    assert curve_at(curve, 1e8) == pytest.approx(50.0)
+    assert curve_at(curve, 4e8) == pytest.approx(90.0)
+    assert curve_at(curve, 2e8) == pytest.approx(70.0)  # half way in log FLOPs
+    assert math.isnan(curve_at(curve, 5e8)) and math.isnan(curve_at(curve, 0.5e8))
+
+
+def test_curve_csv_round_trip(tmp_path):
+    curve = [point(96, 1e8, [0.5, 0.6]), point(192, 4e8, [0.9, 0.8])]
+    write_curve_csv(curve, tmp_path / "c.csv")
+    rows = read_curve_csv(tmp_path / "c.csv")
+    assert [(r[0], r[1]) for r in rows] == [(96, 1e8), (192, 4e8)]
+    assert rows[1][2] == pytest.approx(85.0) and rows[1][3] == pytest.approx(curve[1].se)
+
+
+def test_accuracy_axis_spans_at_least_ten_points_and_stays_within_0_100():
+    lo, hi = accuracy_limits([81.0, 81.2], [81.3, 81.4])
+    assert hi - lo >= 10 and lo < 81.0 and hi > 81.4
+    lo, hi = accuracy_limits([95.0], [99.5])
+    assert hi == 100 and hi - lo >= 10
+    lo, hi = accuracy_limits([10.0], [60.0])  # wide data keep their own range, plus a margin
+    assert lo == pytest.approx(9.5) and hi == pytest.approx(60.5)
+
+
+def test_plot_draws_the_curve_with_size_labels_and_tick_labels_within_one_decade(tmp_path):
+    points = [("synth_roam_racnn", 3.0e8, 81.0, 0.4), ("synth_roam_stn", 1.0e8, 80.2, 0.5)]
+    curve = [(96, 1.0e8, 60.0, 1.0), (128, 1.8e8, 72.0, 1.5), (192, 4.0e8, 85.0, 0.6)]
+    fig = plot_accuracy_vs_flops(points, tmp_path / "p.png", curve=curve)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert len(labels) >= 2  # 100-400 MFLOPs: within one decade, still labelled
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["96 px", "128 px", "192 px"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["plain network (curve)", "roam_racnn", "roam_stn"]
+    lo, hi = ax.get_ylim()
+    assert lo < 59.0 and hi > 85.6
+
+
+def test_coverage_table_of_a_recipe_from_its_keypoints(tmp_path):
+    from fgvc.analysis.synthetic_bench import set_coverage
+
+    small = [f"data.root={tmp_path}", "data.synthetic.num_classes=4", "data.synthetic.train_per_class=2",
+             "data.synthetic.test_per_class=10", "data.synthetic.image_size=64"]
+    default = set_coverage("synth_roam_baseline", small + ["data.synthetic.position_spread=0",
+                                                           "data.synthetic.scale_min=1"], [4 / 9, 1.0])
+    roam = set_coverage("synth_roam_baseline", small, [4 / 9, 1.0])
+    rows = lambda text: [line for line in text.splitlines() if line.startswith("| 0.") or line.startswith("| 1.")]  # noqa: E731
+    assert rows(default) == ["| 0.444 of 64 px | 100.0% |", "| 1.000 of 64 px | 100.0% |"]
+    first, whole = rows(roam)
+    assert whole.endswith("100.0% |") and float(first.split("|")[2].strip(" %")) < 90
+    assert "40 test images" in roam and "left wing, right wing" in roam
+
+
+def test_step_time_table_has_one_row_per_size():
+    from fgvc.engine.train_speed import step_times
+
+    text = step_times("synth_roam_baseline", [32, 48], ["train.batch_size=2"], rounds=1, steps=1)
+    rows = [line for line in text.splitlines() if line.startswith("| 32 px") or line.startswith("| 48 px")]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)
