@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from fgvc.analysis.synthetic_bench import (CurvePoint, accuracy_limits, curve_at, plot_accuracy_vs_flops, read_curve_csv,
-                                           write_curve_csv)
+from fgvc.analysis.plain_curve import accuracy_limits, read_curve_csv, write_curve_csv
+from fgvc.analysis.synthetic_bench import CurvePoint, curve_at, plot_accuracy_vs_flops
 
 
 def point(size, flops, top1, n=1600):
@@ -33,7 +33,7 @@ def test_curve_is_read_linearly_in_log_flops_and_not_extrapolated():
 
 def test_curve_csv_round_trip(tmp_path):
     curve = [point(96, 1e8, [0.5, 0.6]), point(192, 4e8, [0.9, 0.8])]
-    write_curve_csv(curve, tmp_path / "c.csv")
+    write_curve_csv([(c.size, c.flops, c.mean, c.se, c.seeds, [100 * t for t in c.top1]) for c in curve], tmp_path / "c.csv")
     rows = read_curve_csv(tmp_path / "c.csv")
     assert [(r[0], r[1]) for r in rows] == [(96, 1e8), (192, 4e8)]
     assert rows[1][2] == pytest.approx(85.0) and rows[1][3] == pytest.approx(curve[1].se)
@@ -85,3 +85,53 @@ def test_step_time_table_has_one_row_per_size():
     text = step_times("synth_roam_baseline", [32, 48], ["train.batch_size=2"], rounds=1, steps=1)
     rows = [line for line in text.splitlines() if line.startswith("| 32 px") or line.startswith("| 48 px")]
     assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)
+
+
+def test_coarse_fine_labels_of_points_that_lie_together_are_merged():
+    from fgvc.analysis.coarse_fine import label_groups
+
+    xy = [(0.10, 0.50), (0.11, 0.51), (0.50, 0.50), (0.10, 0.60), (0.52, 0.48)]
+    assert label_groups(xy, near=0.04) == [[0, 1], [2, 4], [3]]
+    assert label_groups(xy, near=0.0) == [[0], [1], [2], [3], [4]]
+
+
+def test_coarse_fine_plot_labels_every_axis_spans_ten_points_and_draws_the_curve(tmp_path):
+    from fgvc.analysis.coarse_fine import Row, plot, read_plot_points
+
+    def row(label, kind, top1, gflops, ms):
+        return Row(label, kind, -1, float("nan"), "", 0.0, top1, top1, gflops, 1.0, ms, 0.1, ms / 4, 0.1)
+
+    rows = [row("coarse", "coarse", 81.2, 0.07, 3.1), row("exit t=0.3 k=1", "exit", 81.3, 0.071, 3.5),
+            row("exit t=-1 k=1", "exit", 81.2, 0.07, 3.3), row("dcn k=1", "dcn", 80.9, 0.09, 5.9),
+            row("fine (whole image)", "fine", 81.1, 0.29, 7.0)]
+    curve = [(96, 0.07e9, 62.0, 1.2), (192, 0.29e9, 81.0, 0.5)]
+    points = plot(rows, tmp_path / "cf.png", "title", test_images=1600, curve=curve)
+    assert points["labels"] == [r.label for r in rows] and read_plot_points(tmp_path / "cf.png") == points
+
+
+def test_coarse_fine_plot_axes(tmp_path, monkeypatch):
+    """The same plot's axes, taken from the figure it saves."""
+    from matplotlib.figure import Figure
+
+    from fgvc.analysis import coarse_fine
+
+    saved = {}
+    real = Figure.savefig
+
+    def keep(fig, path, **kw):
+        saved["fig"] = fig
+        return real(fig, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    rows = [coarse_fine.Row(f"p{i}", kind, -1, float("nan"), "", 0.0, 81.0 + 0.1 * i, 81.0, g, 1.0, ms, 0.1, 1.0, 0.1)
+            for i, (kind, g, ms) in enumerate([("coarse", 0.07, 3.1), ("dcn", 0.09, 5.9), ("fine", 0.29, 7.0)])]
+    coarse_fine.plot(rows, tmp_path / "cf.png", "t", test_images=1600, curve=[(96, 0.07e9, 62.0, 1.2)])
+    flops_ax, latency_ax = saved["fig"].axes
+    for ax in (flops_ax, latency_ax):
+        assert [t.get_text() for t in ax.get_xticklabels() if t.get_text()]  # labelled within one decade
+        lo, hi = ax.get_ylim()
+        assert hi - lo >= 10
+    assert flops_ax.get_ylim()[0] < 60.8  # the curve's 96 px point is inside
+    assert "96 px" in [t.get_text() for t in flops_ax.texts] and "96 px" not in [t.get_text() for t in latency_ax.texts]
+    texts = [t.get_text() for t in saved["fig"].texts]
+    assert any("1: p0" in t for t in texts) and any("3: p2" in t for t in texts)  # the key under the axes

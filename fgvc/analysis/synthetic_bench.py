@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from fgvc.analysis.plain_curve import CURVE_FILE, accuracy_limits, draw_curve, label_log_axis, write_curve_csv
 from fgvc.errors import RunError
 
 if TYPE_CHECKING:
@@ -433,7 +434,7 @@ def curve_table(rows: list[RunRow], curve: list[CurvePoint], baseline: str) -> l
     lines = ["", f"## The plain network's accuracy-vs-FLOPs curve (`{baseline}` at each input size)", "",
              "The bar a method must pass: the plain network given more pixels. Test top-1 mean ± standard error "
              "over seeds (one seed: the test split's binomial standard error); FLOPs per image of the seed-"
-             f"{curve[0].seeds[0]} model. Curve: `plain_curve.csv`.", "",
+             f"{curve[0].seeds[0]} model. Curve: `{CURVE_FILE}`.", "",
              "| input px | MFLOPs / image | top-1 % | standard error | per seed |", "|---:|---:|---:|---:|---|"]
     lines += [f"| {c.size} | {c.flops / 1e6:.1f} | {c.mean:.2f} | {c.se:.2f} | "
               + " ".join(f"{100 * t:.2f}" for t in c.top1) + " |" for c in curve]
@@ -447,20 +448,6 @@ def curve_table(rows: list[RunRow], curve: list[CurvePoint], baseline: str) -> l
         lines.append(f"| {r.method} | {r.flops / 1e6:.1f} | {mean:.2f} | {'–' if at != at else f'{at:.2f}'} | "
                      f"{'–' if at != at else f'{mean - at:+.2f}'} |")
     return lines
-
-
-def write_curve_csv(curve: list[CurvePoint], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["size", "flops", "top1_mean", "top1_se", "seeds", "top1_per_seed"])
-        for c in curve:
-            w.writerow([c.size, c.flops, c.mean, c.se, " ".join(map(str, c.seeds)), " ".join(f"{100 * t:.2f}" for t in c.top1)])
-
-
-def read_curve_csv(path: Path) -> list[tuple[int, float, float, float]]:
-    """(input size, FLOPs per image, mean top-1 %, standard error) of each point of a `plain_curve.csv`."""
-    with open(path, newline="") as f:
-        return [(int(r["size"]), float(r["flops"]), float(r["top1_mean"]), float(r["top1_se"])) for r in csv.DictReader(f)]
 
 
 def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, source: str,
@@ -519,27 +506,11 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
                         r.pointing_own, r.top_part])
 
     if curve:
-        write_curve_csv(curve, out / "plain_curve.csv")
+        write_curve_csv([(c.size, c.flops, c.mean, c.se, c.seeds, [100 * t for t in c.top1]) for c in curve], out / CURVE_FILE)
     plot_accuracy_vs_flops([(r.method, r.flops, 100 * statistics.fmean(r.top1),
                              100 * statistics.stdev(r.top1) / len(r.top1) ** 0.5 if len(r.top1) > 1 else 0.0) for r in rows],
                            out / "accuracy_vs_flops.png",
                            curve=[(c.size, c.flops, c.mean, c.se) for c in curve or []])
-
-
-MIN_ACCURACY_SPAN = 10.0  # points: the smallest accuracy range a plot shows, so noise does not look like a trend
-
-
-def accuracy_limits(lows: list[float], highs: list[float], span: float = MIN_ACCURACY_SPAN) -> tuple[float, float]:
-    """y limits holding every value (lows, highs: the ends of the error bars), at least `span` points
-    wide (widened evenly about the middle), within 0-100."""
-    lo, hi = min(lows), max(highs)
-    pad = max(0.0, span - (hi - lo)) / 2 + 0.5
-    lo, hi = lo - pad, hi + pad
-    if hi > 100:
-        lo, hi = max(0.0, lo - (hi - 100)), 100.0
-    if lo < 0:
-        lo, hi = 0.0, min(100.0, hi - lo)
-    return lo, hi
 
 
 def plot_accuracy_vs_flops(points: list[tuple[str, float, float, float]], path: Path,
@@ -551,30 +522,17 @@ def plot_accuracy_vs_flops(points: list[tuple[str, float, float, float]], path: 
     MIN_ACCURACY_SPAN points. Methods are named in a legend beside the axes, since labels next to
     points that share a cost overlap."""
     from matplotlib.figure import Figure  # no pyplot: the figure is never shown, only saved (and returned)
-    from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
-    lows, highs = [], []
-    if curve:
-        curve = sorted(curve, key=lambda c: c[1])
-        ax.errorbar([c[1] / 1e6 for c in curve], [c[2] for c in curve], yerr=[c[3] for c in curve], fmt="-",
-                    color="0.45", marker="D", ms=4, capsize=3, label="plain network (curve)", zorder=1)
-        for size, flops, mean, se in curve:
-            ax.annotate(f"{size} px", (flops / 1e6, mean - se), xytext=(0, -11), textcoords="offset points",
-                        ha="center", fontsize=7, color="0.35")
-            lows.append(mean - se - 2)
-            highs.append(mean + se)
+    lows, highs = draw_curve(ax, curve, 1e6) if curve else ([], [])
     for method, flops, mean, se in points:
         below, above = min(se, mean), min(se, 100 - mean)
         ax.errorbar(flops / 1e6, mean, yerr=[[below], [above]], fmt="o", capsize=3,
                     label=method.removeprefix("synth_"), zorder=2)
         lows.append(mean - below)
         highs.append(mean + above)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # tick labels even within one decade
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    label_log_axis(ax)
     ax.set_ylim(*accuracy_limits(lows, highs))
     ax.set_xlabel("MFLOPs per image (log)")
     ax.set_ylabel("test top-1 % (± standard error)")
