@@ -132,6 +132,7 @@ class AttentionConfig:
     # how the transformer samples its window (type=stn): the paper's bilinear grid at the input size, or
     # antialias (fgvc/models/resample.py: no moire; starts as the plain network without the gamma blend)
     stn_sampler: str = one_of("bilinear", ("bilinear", "antialias"))
+    stn_crop_only: bool = False  # type=stn: windows never larger than the image (side cut at 1, gradient passed through)
     mlp_bias: bool = True  # biases in the channel MLP (SE, CBAM; timm's CBAM has none)
     spatial_order: str = one_of("max_mean", ("max_mean", "mean_max"))  # CBAM's pooled maps (authors' / timm's order)
     spatial_norm: bool = True  # batch norm after CBAM's 7x7 conv
@@ -536,6 +537,9 @@ def validate(cfg: DictConfig) -> None:
     if m.attention.stn_sampler != "bilinear" and m.attention.type != "stn":
         raise UserError(f"model.attention.stn_sampler is {m.attention.stn_sampler} but only model.attention.type=stn "
                         "reads it; drop it or set model.attention.type=stn.")
+    if m.attention.stn_crop_only and m.attention.type != "stn":
+        raise UserError("model.attention.stn_crop_only is true but only model.attention.type=stn reads it; "
+                        "drop it or set model.attention.type=stn.")
     if m.attention.stn_count != 1 and m.attention.type != "stn":
         raise UserError(f"model.attention.stn_count is {m.attention.stn_count} but only model.attention.type=stn "
                         "reads it; drop it or set model.attention.type=stn.")
