@@ -194,6 +194,8 @@ class ModelConfig:
 @dataclass
 class ZoomTrainConfig:
     rank_margin: float = 0.05
+    rank_margins: list[float] = field(default_factory=list)  # margin per pair of neighbouring scales; empty: rank_margin
+    apn_lr_mults: list[float] = field(default_factory=list)  # lr multiplier per proposal network (zoom 1, 2); empty: 1
     rank_weight: float = 1.0
     pretrain_epochs: int = 1  # classifiers with fixed boxes before alternation
     cls_steps: int = 20  # alternation: classification steps (boxes fixed)
@@ -532,6 +534,12 @@ def validate(cfg: DictConfig) -> None:
                         "(0, 1]; e.g. 0.1 (PyTorch) or 0.01 (CBAM's authors).")
     if not 0 < m.zoom.min_side <= 1:
         raise UserError(f"model.zoom.min_side is {m.zoom.min_side} but must be in (0, 1]; e.g. 0.67.")
+    z = cfg.train.zoom
+    for key, values in (("rank_margins", z.rank_margins), ("apn_lr_mults", z.apn_lr_mults)):
+        if values and (m.arch != "racnn" or len(values) != m.zoom.scales - 1 or min(values) < 0):
+            raise UserError(f"train.zoom.{key} is {list(values)} but needs one value >= 0 per zoom of model.arch=racnn "
+                            f"({m.zoom.scales - 1} with model.zoom.scales={m.zoom.scales}); e.g. "
+                            f"[{', '.join(['0.05'] * (m.zoom.scales - 1))}], or [] for the single value.")
     if m.zoom.mask_steepness <= 0:
         raise UserError(f"model.zoom.mask_steepness is {m.zoom.mask_steepness} but must be positive; e.g. 10.")
     if m.attention.stn_sampler != "bilinear" and m.attention.type != "stn":
