@@ -12,6 +12,7 @@ A report joins by adding one entry to REPORTS: (help, add_arguments(parser), run
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 if __package__ in (None, ""):  # run as a file (python fgvc/report.py): see fgvc/_script.py
@@ -57,7 +58,8 @@ def _coarse_fine(args: argparse.Namespace) -> None:
 
     report_run(args.run_dir, args.fine_run, ks=args.k, shares=tuple(args.shares), costs=tuple(args.costs),
                thresholds=tuple(args.thresholds), batch=args.batch, min_run_time=args.min_run_time,
-               rounds=args.rounds, drops=tuple(args.drops), curve=args.curve)
+               rounds=args.rounds, drops=tuple(args.drops), curve=args.curve,
+               command="python fgvc/report.py " + shlex.join(sys.argv[1:]))
 
 
 def _coarse_fine_cost_args(p: argparse.ArgumentParser) -> None:

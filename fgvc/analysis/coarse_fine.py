@@ -434,12 +434,12 @@ def rich_table(rows: list[Row], title: str):
 
 
 def write_report(rows: list[Row], out_dir: Path, header: str, batch: int, test_images: int = 0,
-                 curve: list[tuple[int, float, float, float]] | None = None) -> list[Path]:
+                 curve: list[tuple[int, float, float, float]] | None = None, plot_title: str = "") -> list[Path]:
     out_dir = Path(out_dir)
     paths = [out_dir / name for name in FILES]
     paths[0].write_text(markdown(rows, header, batch))
     write_csv(rows, paths[1])
-    plot(rows, paths[2], header, test_images, curve)
+    plot(rows, paths[2], plot_title or header, test_images, curve)
     return paths
 
 
@@ -565,7 +565,7 @@ def report_run(run_dir: str | Path, fine_run: str | Path | None = None, ks: list
                shares: tuple[float, ...] = DEFAULT_SHARES, costs: tuple[float, ...] = DEFAULT_COSTS,
                thresholds: tuple[float, ...] = (), batch: int = 32, min_run_time: float = 0.5,
                rounds: int = 3, drops: tuple[float, ...] = DEFAULT_DROPS, console=None,
-               curve: str | Path | None = None) -> list[Row]:
+               curve: str | Path | None = None, command: str = "") -> list[Row]:
     """The report of a finished dcn run folder, written into it and printed. `curve`: a plain_curve.csv
     (the synthetic benchmark's `--curve`), drawn on the accuracy-vs-FLOPs plot."""
     from fgvc.engine.runs import load_run
@@ -591,11 +591,19 @@ def report_run(run_dir: str | Path, fine_run: str | Path | None = None, ks: list
     compared = (f"compared with the full-image run '{fine_run}'" if fine_run is not None else
                 "compared with this model's fine network on the whole image (not trained for it; "
                 "give --fine-run for a fair comparison)")
+    import datetime
+
+    from fgvc.analysis.synthetic_bench import code_version, starting_weights
+
+    weights = f"starting weights of the DCN: {starting_weights(Path(run_dir))}" + (
+        f"; of the full-image run: {starting_weights(Path(fine_run))}" if fine_run is not None else "")
     header = f"run '{run_dir}', {compared}"
+    command = command or f"python fgvc/report.py coarse-fine {run_dir}" + (f" --fine-run {fine_run}" if fine_run else "")
+    page_header = f"{header}\n\nCommand: `{command}`, {datetime.date.today().isoformat()}, {code_version()}; {weights}."
     from fgvc.analysis.plain_curve import read_curve_csv
 
-    paths = write_report(rows, Path(run_dir), header, batch, len(test_loader.dataset),
-                         read_curve_csv(Path(curve)) if curve else None)
+    paths = write_report(rows, Path(run_dir), page_header, batch, len(test_loader.dataset),
+                         read_curve_csv(Path(curve)) if curve else None, plot_title=header)
     from rich.console import Console
 
     console = console or Console()
