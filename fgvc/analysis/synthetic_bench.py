@@ -117,8 +117,6 @@ def train_run(recipe: str, seed: int, out: Path, extra: list[str], log, threads:
     `threads` > 0 sets the run's OMP_NUM_THREADS (several runs side by side); 0 leaves the cores to it.
     `records`: a folder where the finished run's figures are written as `<run folder name>.json`."""
     args = [f"recipe={recipe}", f"seed={seed}", f"output_dir={out}", *extra]
-    if records is not None and (out / "metrics.json").is_file() and not (records / f"{out.name}.json").is_file():
-        write_record(out, args, records / f"{out.name}.json")
     if (out / "metrics.json").is_file():
         differs = recipe_difference(out, args)  # a finished run is reused only for the same recipe
         if differs is not None:
@@ -126,6 +124,8 @@ def train_run(recipe: str, seed: int, out: Path, extra: list[str], log, threads:
             raise RunError(f"the finished run '{out}' has {key}={saved} but the benchmark now trains {key}={wanted}; "
                            "move the run away or give the benchmark another --runs folder.")
         log(f"reuse {out}")
+        if records is not None and not (records / f"{out.name}.json").is_file():
+            write_record(out, args, records / f"{out.name}.json")
         return out
     cmd = [sys.executable, str(ROOT / "fgvc" / "train.py"), *args]
     cmd += ["train.resume=auto"] if out.exists() else []
