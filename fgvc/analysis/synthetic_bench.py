@@ -445,7 +445,7 @@ def curve_table(rows: list[RunRow], curve: list[CurvePoint], baseline: str) -> l
     for r in rows:
         at = curve_at(curve, r.flops)
         mean = 100 * statistics.fmean(r.top1)
-        lines.append(f"| {r.method} | {r.flops / 1e6:.1f} | {mean:.2f} | {'–' if at != at else f'{at:.2f}'} | "
+        lines.append(f"| `{r.method}` | {r.flops / 1e6:.1f} | {mean:.2f} | {'–' if at != at else f'{at:.2f}'} | "
                      f"{'–' if at != at else f'{mean - at:+.2f}'} |")
     return lines
 
@@ -472,7 +472,7 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
                      f"{'–' if r.pointing_own != r.pointing_own else f'{r.pointing_own:.2f}'} | {r.top_part or '–'} |")
     lines = header + table + paired_table(rows, baseline) + curve_table(rows, curve or [], baseline)
     lines += ["", "## Starting weights of every network (seed-0 run's recipe)", "", "| method | starting weights |", "|---|---|"]
-    lines += [f"| {r.method} | {r.weights or '–'} |" for r in rows]
+    lines += [f"| `{r.method}` | {r.weights or '–'} |" for r in rows]
     for r in rows:
         if r.named:
             names = list(r.named)
