@@ -76,7 +76,10 @@ def test_coverage_table_of_a_recipe_from_its_keypoints(tmp_path):
     assert rows(default) == ["| 0.444 of 64 px | 100.0% |", "| 1.000 of 64 px | 100.0% |"]
     first, whole = rows(roam)
     assert whole.endswith("100.0% |") and float(first.split("|")[2].strip(" %")) < 90
-    assert "40 test images" in roam and "left wing, right wing" in roam
+    import re
+
+    seen = int(re.search(r"(\d+) with a visible class part \(left wing, right wing\)", roam).group(1))
+    assert "40 test images" in roam and 25 <= seen < 40  # hidden=0.12: a few wings hidden, not counted
 
 
 def test_step_time_table_has_one_row_per_size():

@@ -225,8 +225,10 @@ def set_coverage(recipe: str, overrides: list[str], boxes: list[float]) -> str:
     cfg = load_recipe([f"recipe={recipe}", *overrides])
     spec = SyntheticSpec(**cfg.data.synthetic)
     parts = class_part_keypoints(ensure_synthetic(Path(cfg.data.root), spec), spec.wing_cue, "test")
-    lines = [f"{len(parts)} test images of `{recipe} {' '.join(overrides)}`, class parts "
-             f"{', '.join(class_parts(spec.wing_cue))}", "", "| centred box side | test images holding their class parts |",
+    seen = int((parts[..., 2] > 0).any(axis=1).sum())
+    lines = [f"{len(parts)} test images of `{' '.join([recipe, *overrides])}`, {seen} with a visible class part "
+             f"({', '.join(class_parts(spec.wing_cue))}), the share of those counted", "",
+             "| centred box side | test images holding their class parts |",
              "|---:|---:|"]
     side = spec.image_size
     lines += [f"| {b:.3f} of {side} px | {100 * centred_box_coverage(parts, side, b * side):.1f}% |" for b in boxes]
