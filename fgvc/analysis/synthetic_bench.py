@@ -10,6 +10,9 @@ most often). A second experiment trains a backbone on a *different* synthetic ta
 other cue colours), then fine-tunes CBAM from it with `model.attention.init=default` and
 `identity`, against the plain backbone fine-tuned the same way (`--identity`): does an identity start protect
 pretrained features? Finished runs are reused, so an interrupted benchmark continues where it stopped.
+With `--curve SIZES` the baseline (`--baseline`) is also trained at each input size: the plain
+network's accuracy-vs-FLOPs curve (fgvc/analysis/plain_curve.py), the bar each method is read against
+at its own FLOPs. Each finished run's figures are written to `<out>/runs/<run>.json` as it ends.
 """
 
 from __future__ import annotations
@@ -337,7 +340,7 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
     order = [(m, s) for s in seeds for m in methods if m == baseline]
     plan = [(m, s, runs_dir / f"{m}-s{s}", overrides) for m, s in order]
     plan += [(baseline, s, curve_folder(runs_dir, baseline, size, own_size, s), overrides + [f"data.image_size={size}"])
-             for s in seeds for size in sizes if size != own_size]
+             for s in seeds for size in sizes if size != own_size or baseline not in methods]
     plan += [(m, s, runs_dir / f"{m}-s{s}", overrides) for s in seeds for m in methods if m != baseline]
     train_all(plan, jobs, log, records)
     rows, reports = [], []
