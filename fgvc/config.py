@@ -76,6 +76,7 @@ class SyntheticConfig:
     wing_cue: str = one_of("colour", ("colour", "texture"))
     texture_px: int = 1  # side of the texture's features in written pixels (wing_cue=texture): 1 blurs away sooner
     texture_fine: float = 0.0  # share of images whose texture has one-pixel features instead of texture_px
+    texture_phase: bool = False  # each wing's texture shifted by a random offset (not aligned with a 2x shrink's grid)
     position_spread: float = 0.0  # 0: bird centred within 0.35-0.65 of the side; 1: anywhere its body and class parts fit
     scale_min: float = 1.0  # the bird and its parts scaled by a factor drawn log-uniformly in [scale_min, 1]
 

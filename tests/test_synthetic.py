@@ -216,3 +216,19 @@ def test_position_spread_lowers_the_centred_box_coverage(tmp_path):
     box = 96 * 4 / 9
     assert centred_box_coverage(fixed, 96, box) == 1.0
     assert centred_box_coverage(moved, 96, box) < 0.8
+
+
+def test_texture_phase_shifts_each_wing_texture_and_is_off_by_default(tmp_path):
+    light = np.array([0.9, 0.2, 0.4])
+    for kind in range(len(WING_TEXTURES)):
+        base = wing_texture(kind, light, 16, px=2)
+        shifted = wing_texture(kind, light, 16, px=2, offset=(1, 3))
+        np.testing.assert_allclose(shifted[:-1, :-3], base[1:, 3:])  # the same pattern, moved by (dy, dx)
+    rows = wing_texture(WING_TEXTURES.index("rows"), light, 8, px=2)
+    assert not np.allclose(wing_texture(WING_TEXTURES.index("rows"), light, 8, px=2, offset=(1, 0)), rows)
+    texture = dict(SPREAD, wing_cue="texture", texture_px=2)
+    plain = ensure_synthetic(tmp_path, SyntheticSpec(**texture))
+    assert plain == ensure_synthetic(tmp_path, SyntheticSpec(**texture, texture_phase=False))
+    phased = ensure_synthetic(tmp_path, SyntheticSpec(**texture, texture_phase=True))
+    assert phased != plain and digest(phased) != digest(plain)
+    assert '"texture_phase": true' in (phased / "fgvc_synthetic.json").read_text()

@@ -48,6 +48,7 @@ class SyntheticSpec:
     wing_cue: str = "colour"  # "colour" (beak colour x wing colour) or "texture" (wing colour x WING_TEXTURES)
     texture_px: int = 1  # side of the texture's features, written pixels (wing_cue="texture")
     texture_fine: float = 0.0  # share of images whose texture has one-pixel features instead (detail at many scales)
+    texture_phase: bool = False  # shift each wing's texture by a random offset (its grid not aligned with a 2x shrink)
     position_spread: float = 0.0  # 0: the bird's centre in the default band; 1: anywhere its body and class parts fit
     scale_min: float = 1.0  # the bird (and its parts) scaled by a factor drawn log-uniformly in [scale_min, 1]
 
@@ -61,10 +62,11 @@ WING_TEXTURES = ("flat", "rows", "columns", "checker")
 TEXTURE_DARK = 0.3  # the dark tone, as a share of the light one
 
 
-def wing_texture(kind: int, light: np.ndarray, size: int, px: int = 1) -> np.ndarray:
+def wing_texture(kind: int, light: np.ndarray, size: int, px: int = 1, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
     """(size, size, 3) float image of texture `kind` (an index into WING_TEXTURES) in tones light and
-    TEXTURE_DARK * light, features of px x px pixels anchored at the image origin."""
-    y, x = np.mgrid[0:size, 0:size] // px
+    TEXTURE_DARK * light, features of px x px pixels anchored at the image origin shifted by `offset`
+    (dy, dx) pixels."""
+    y, x = (np.mgrid[0:size, 0:size] + np.asarray(offset).reshape(2, 1, 1)) // px
     name = WING_TEXTURES[kind]
     if name == "flat":
         weight = np.full((size, size), 0.5)
@@ -180,7 +182,10 @@ def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb
     if not hide_wing and spec.wing_cue == "texture":
         mask = Image.new("L", (s, s))
         ImageDraw.Draw(mask).ellipse([wx - pr, wy - pr, wx + pr, wy + pr], fill=255)
-        pattern = wing_texture(wing_kind, wing_rgb, s, 1 if fine else spec.texture_px)
+        px = 1 if fine else spec.texture_px
+        # a random phase: no draw without the option, so sets made before it are unchanged
+        offset = tuple(int(v) for v in rng.integers(0, 2 * px, 2)) if spec.texture_phase else (0, 0)
+        pattern = wing_texture(wing_kind, wing_rgb, s, px, offset)
         pattern = (np.clip(pattern, 0, 1) * 255).round().astype(np.uint8)
         img.paste(Image.fromarray(pattern), mask=mask)  # `draw` keeps drawing on img
     elif not hide_wing:
@@ -299,7 +304,8 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
 
 
 # settings added after the first sets
-LATER = ("hue_offset", "hidden", "wing_cue", "texture_px", "texture_fine", "position_spread", "scale_min")
+LATER = ("hue_offset", "hidden", "wing_cue", "texture_px", "texture_fine", "position_spread", "scale_min",
+         "texture_phase")
 
 
 def _named_fields(spec: SyntheticSpec, later: tuple[str, ...] = LATER) -> dict:
