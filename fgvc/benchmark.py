@@ -2,18 +2,21 @@
 
     python fgvc/benchmark.py attention [--batch 8] [--out results/attention_benchmark.md]
     python fgvc/benchmark.py synthetic [--seeds 0 1 2] [--out results/synthetic] [--set key=value ...]
+                                       [--baseline synth_roam_baseline --curve 96 128 160 192]
     python fgvc/benchmark.py train [--recipe synth_baseline] [--epochs 6] [--out results/train_speed.md]
     python fgvc/benchmark.py data [--images 64] [--rounds 5] [--out results/data_speed.md]
     python fgvc/benchmark.py recipes [--recipes cub_cbam ...] [--set key=value ...] [--out results/recipes.md]
     python fgvc/benchmark.py pretrain [--out weights] [--runs runs/pretrain] [--set key=value ...]
     python fgvc/benchmark.py backbones [--families ViT "Swin v1" ...] [--work runs/backbones] [--out results/backbones.md]
+    python fgvc/benchmark.py coverage [--recipe synth_roam_baseline] [--boxes 0.444 0.667] [--set key=value ...]
+    python fgvc/benchmark.py step-time [--recipe synth_roam_baseline] [--sizes 96 128 160 192] [--set key=value ...]
     python fgvc/benchmark.py timm --timm-train PATH/TO/timm/train.py [--rounds 3] [--epochs 3] [--out results/timm_speed.md]
 
 Each command is measured in its module of fgvc/bench/: `attention` in attention.py (with
 fgvc/analysis/cost.py's counter and timer), `synthetic` in synthetic.py, `train` in train_speed.py,
 `data` in data_speed.py, `recipes` in recipes.py, `pretrain` in pretrain.py, `timm` (fgvc's loop
 against timm's train.py) in timm_speed.py, `backbones` (every backbone family x every
-feature on tiny timm models) in backbones.py.
+feature on tiny timm models) in backbones.py, `coverage` in synthetic.py, `step-time` in train_speed.py.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--identity", action="store_true",
                      help="also the identity-init experiment (a backbone trained on another synthetic task, then "
                           "CBAM fine-tuned from it with init=default and identity)")
+    syn.add_argument("--baseline", default="synth_baseline",
+                     help="the plain recipe the methods are paired with (same seed) and the curve is made of")
+    syn.add_argument("--curve", type=int, nargs="*", default=[], metavar="SIZE",
+                     help="also train the baseline at these input sizes (data.image_size): the plain network's "
+                          "accuracy-vs-FLOPs curve, drawn in the plot and written to plain_curve.csv")
     syn.add_argument("--jobs", type=int, default=1,
                      help="runs trained side by side, the cores shared between them (1: one run on every core, "
                           "whose numbers equal `fgvc/train.py` run alone)")
@@ -99,6 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     bbs.add_argument("--families", nargs="+", default=None, help="a subset of the family names (default: all)")
     bbs.add_argument("--work", default="runs/backbones", help="where the tiny runs go (replaced)")
     bbs.add_argument("--out", default="results/backbones.md")
+    cov = sub.add_parser("coverage", help="how often a centred box holds the class parts of a synthetic set (no model)")
+    cov.add_argument("--recipe", default="synth_roam_baseline")
+    cov.add_argument("--boxes", type=float, nargs="+", default=[4 / 9, 2 / 3],
+                     help="box sides as fractions of the written image's side (RA-CNN's floors: 4/9 and 2/3)")
+    cov.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    cov.add_argument("--out", default="", help="also write the table to this markdown file")
+    stp = sub.add_parser("step-time", help="seconds per training step of a synth_ recipe's network at several input sizes")
+    stp.add_argument("--recipe", default="synth_roam_baseline")
+    stp.add_argument("--sizes", type=int, nargs="+", default=[96, 128, 160, 192])
+    stp.add_argument("--rounds", type=int, default=4)
+    stp.add_argument("--steps", type=int, default=5, help="timed steps per size per round")
+    stp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    stp.add_argument("--out", default="", help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     # each command imports its own module here: `--help` and a wrong argument answer before torch loads
     # (0.1 s, against 7 s to import every benchmark module, measured with `time` on a 2-core machine)
@@ -117,6 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         make_folder(Path(args.out).parent)
         write_text(Path(args.out), matrix_markdown(matrix, command))
         print(f"written {args.out}")
+        return 0
+    if args.command == "coverage":
+        from fgvc.bench.synthetic import set_coverage
+
+        write_table(set_coverage(args.recipe, list(args.set), args.boxes), "Centred-box coverage of the class parts",
+                    args.out, argv)
+        return 0
+    if args.command == "step-time":
+        from fgvc.bench.train_speed import step_times
+
+        write_table(step_times(args.recipe, args.sizes, list(args.set), args.rounds, args.steps),
+                    "Seconds per training step", args.out, argv)
         return 0
     if args.command == "pretrain":
         from fgvc.bench.pretrain import PRETRAIN_RECIPE, pretrain
@@ -163,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         methods = args.methods or METHODS
         for m in methods:  # every recipe and override is checked before hours of training start
             load_recipe([f"recipe={m}", *args.set])
+        for size in args.curve:
+            load_recipe([f"recipe={args.baseline}", *args.set, f"data.image_size={size}"])
         command = "python fgvc/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         run_benchmark(args.seeds, Path(args.out), Path(args.runs), list(args.set), methods, command,
-                      identity_experiment=args.identity, jobs=args.jobs)
+                      identity_experiment=args.identity, jobs=args.jobs, baseline=args.baseline, curve=args.curve)
         print(Path(args.out, "README.md").read_text())
         return 0
     if args.command == "attention":

@@ -110,6 +110,7 @@ class AttentionConfig:
     stn_sampler: str = one_of("bilinear", ("bilinear", "antialias"), "how the transformer samples its window (type=stn): the "
                               "paper's bilinear grid at the input size, or antialias (fgvc/models/resample.py: no moire; starts "
                               "as the plain network without the gamma blend)")
+    stn_crop_only: bool = key(False, "type=stn: windows never larger than the image (side cut at 1, gradient passed through)")
     mlp_bias: bool = key(True, "biases in the channel MLP (SE, CBAM; timm's CBAM has none)")
     spatial_order: str = one_of("max_mean", ("max_mean", "mean_max"), "CBAM's pooled maps (authors' / timm's order)")
     spatial_norm: bool = key(True, "batch norm after CBAM's 7x7 conv")
@@ -200,6 +201,9 @@ class ZoomTrainConfig:
     """RA-CNN's alternating training (Fu et al. 2017, section 3.4)."""
 
     rank_margin: float = key(0.05, "margin of the pairwise ranking loss: a finer scale must beat the coarser by this much")
+    rank_margins: list[float] = key(default_factory=list, help="margin per pair of neighbouring scales; empty: "
+                                    "rank_margin")
+    apn_lr_mults: list[float] = key(default_factory=list, help="lr multiplier per proposal network (zoom 1, 2); empty: 1")
     rank_weight: float = key(1.0, "weight of the ranking loss in the proposal steps")
     pretrain_epochs: int = key(1, "classifiers with fixed boxes before alternation")
     cls_steps: int = key(20, "alternation: classification steps (boxes fixed)")
@@ -293,7 +297,7 @@ RANGES: list[tuple[str, float, float]] = [
     ("train.cfvit.fine_weight", 0, INF), ("train.cfvit.coarse_weight", 0, INF), ("train.cfvit.distill_weight", 0, INF),
     ("train.cfvit.select_from", 0, 1),
     ("train.log_every", 1, INF), ("data.synthetic.hidden", 0, 1), ("data.synthetic.texture_fine", 0, 1),
-    ("data.synthetic.cue_strength", 0, 1),
+    ("data.synthetic.cue_strength", 0, 1), ("data.synthetic.position_spread", 0, 1), ("data.synthetic.scale_min", 0.01, 1),
     ("data.fractal.class_colours", 0, 1),
 ]
 
@@ -627,11 +631,20 @@ def validate(cfg: DictConfig) -> None:
                         "(0, 1]; e.g. 0.1 (PyTorch) or 0.01 (CBAM's authors).")
     if not 0 < m.zoom.min_side <= 1:
         raise UserError(f"model.zoom.min_side is {m.zoom.min_side} but must be in (0, 1]; e.g. 0.67.")
+    z = cfg.train.zoom
+    for name, values in (("rank_margins", z.rank_margins), ("apn_lr_mults", z.apn_lr_mults)):
+        if values and (m.arch != "racnn" or len(values) != m.zoom.scales - 1 or min(values) < 0):
+            raise UserError(f"train.zoom.{name} is {list(values)} but needs one value >= 0 per zoom of model.arch=racnn "
+                            f"({m.zoom.scales - 1} with model.zoom.scales={m.zoom.scales}); e.g. "
+                            f"[{', '.join(['0.05'] * (m.zoom.scales - 1))}], or [] for the single value.")
     if m.zoom.mask_steepness <= 0:
         raise UserError(f"model.zoom.mask_steepness is {m.zoom.mask_steepness} but must be positive; e.g. 10.")
     if m.attention.stn_sampler != "bilinear" and m.attention.type != "stn":
         raise UserError(f"model.attention.stn_sampler is {m.attention.stn_sampler} but only model.attention.type=stn "
                         "reads it; drop it or set model.attention.type=stn.")
+    if m.attention.stn_crop_only and m.attention.type != "stn":
+        raise UserError("model.attention.stn_crop_only is true but only model.attention.type=stn reads it; "
+                        "drop it or set model.attention.type=stn.")
     if m.attention.stn_count != 1 and m.attention.type != "stn":
         raise UserError(f"model.attention.stn_count is {m.attention.stn_count} but only model.attention.type=stn "
                         "reads it; drop it or set model.attention.type=stn.")

@@ -15,6 +15,7 @@ A report joins by adding one entry to REPORTS: (help, add_arguments(parser), run
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 if __package__ in (None, ""):  # run as a file (python fgvc/report.py): see fgvc/_script.py
@@ -52,6 +53,8 @@ def _coarse_fine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=32, help="the large batch for latency (and evaluation)")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds over every path")
+    p.add_argument("--curve", default=None, metavar="CSV", help="the plain network's accuracy-vs-FLOPs curve "
+                   "(plain_curve.csv of `fgvc/benchmark.py synthetic --curve`), drawn on the FLOPs plot")
 
 
 def _coarse_fine(args: argparse.Namespace) -> None:
@@ -59,7 +62,8 @@ def _coarse_fine(args: argparse.Namespace) -> None:
 
     report_run(args.run_dir, args.fine_run, ks=args.k, shares=tuple(args.shares), costs=tuple(args.costs),
                thresholds=tuple(args.thresholds), batch=args.batch, min_run_time=args.min_run_time,
-               rounds=args.rounds, drops=tuple(args.drops))
+               rounds=args.rounds, drops=tuple(args.drops), curve=args.curve,
+               command="python fgvc/report.py " + shlex.join(sys.argv[1:]))
 
 
 def _coarse_fine_cost_args(p: argparse.ArgumentParser) -> None:

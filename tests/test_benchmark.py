@@ -103,3 +103,22 @@ def test_runs_side_by_side_share_the_cores_and_every_run_is_tried(tmp_path, monk
     seen.clear()
     synthetic_bench.train_all(plan[:1], 1, log=lambda line: None)  # one at a time: the cores left to the run
     assert seen == [("recipe=a", os.environ.get("OMP_NUM_THREADS"))]
+
+
+def test_plain_curve_runs_the_baseline_at_each_size_and_writes_records(tmp_path):
+    """--curve: the baseline at each input size (its own size: its own run), the curve's table, CSV and
+    line in the plot, every finished run's figures in out/runs/, the starting weights on the page."""
+    from fgvc.analysis.plain_curve import read_curve_csv
+
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    args = ["synthetic", "--seeds", "0", "--out", str(out), "--runs", str(runs), "--methods", "synth_baseline",
+            "--curve", "32", "40", "--set", f"data.root={tmp_path / 'data'}", *TINY]
+    proc = run_script("benchmark.py", *args, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in runs.iterdir()) == ["synth_baseline-40px-s0", "synth_baseline-s0"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["synth_baseline-40px-s0.json", "synth_baseline-s0.json"]
+    curve = read_curve_csv(out / "plain_curve.csv")
+    assert [c[0] for c in curve] == [32, 40] and curve[0][1] < curve[1][1]
+    page = (out / "README.md").read_text()
+    assert "## The plain network's accuracy-vs-FLOPs curve" in page and "| 40 |" in page
+    assert "fractal_test_resnet.safetensors` (sha256" in page  # the starting weights of every network

@@ -151,3 +151,41 @@ def test_full_resolution_delivers_larger_images_and_its_mistakes_are_user_errors
                          (["recipe=synth_stn", "model.attention.stn_count=3"], "one of")):
         with pytest.raises(UserError, match=phrase):
             load_recipe(args)
+
+
+def test_crop_only_cuts_the_window_at_the_image_and_passes_the_gradient_through():
+    """stn_crop_only: side min(s, 1) with s = 1 - (1 - MIN_SCALE) tanh(softplus(a) - ln 2); the same
+    transform as the default wherever s <= 1 (a >= 0), the default's gradient everywhere."""
+    from fgvc.models.attention.stn import Localization
+
+    torch.manual_seed(0)
+    default, crop = Localization(), Localization(crop_only=True)
+    crop.load_state_dict(default.state_dict())
+    x = torch.rand(2, 3, FULL, FULL)
+    for a in (-2.0, -0.5, 0.0, 0.7, 3.0):
+        for net in (default, crop):
+            torch.nn.init.constant_(net.fc[-1].bias, 0.0)
+            net.fc[-1].bias.data[0] = a
+            net.fc[-1].bias.data[1] = 0.4  # bx
+        theta0, theta1 = default(x), crop(x)
+        s = 1 - (1 - MIN_SCALE) * math.tanh(math.log1p(math.exp(a)) - LN2)
+        torch.testing.assert_close(theta0[..., 0, 0].detach(), torch.full((2, 1), s), atol=1e-6, rtol=0)
+        torch.testing.assert_close(theta1[..., 0, 0].detach(), torch.full((2, 1), min(s, 1.0)), atol=1e-6, rtol=0)
+        if s <= 1:
+            assert torch.equal(theta0, theta1)
+        else:  # a zoom-out in the default; the crop-only window is the whole image, centred
+            assert theta1[..., :, 2].abs().max() == 0
+        for net in (default, crop):
+            net.zero_grad()
+            net(x)[..., 0, 0].sum().backward()
+        assert crop.fc[-1].bias.grad[0] == pytest.approx(default.fc[-1].bias.grad[0].item(), rel=1e-6)
+        assert default.fc[-1].bias.grad[0] != 0
+
+
+def test_crop_only_is_read_from_the_recipe_and_only_by_the_stn():
+    cfg = load_recipe(["recipe=synth_stn", "model.attention.stn_crop_only=true"])
+    model = build_model(cfg.model, CLASSES, SIDE)
+    assert model.stn.localization.crop_only
+    assert not build_model(load_recipe(["recipe=synth_stn"]).model, CLASSES, SIDE).stn.localization.crop_only
+    with pytest.raises(UserError, match="stn_crop_only"):
+        load_recipe(["recipe=synth_baseline", "model.attention.stn_crop_only=true"])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fgvc.data.records import CUB_PARTS, DATASETS
-from fgvc.data.synthetic import (WING_TEXTURES, SyntheticSpec, class_codes, class_parts, ensure_synthetic, wing_texture,
-                                 write_synthetic)
+from fgvc.data.synthetic import (WING_TEXTURES, SyntheticSpec, centred_box_coverage, class_codes, class_part_keypoints,
+                                 class_parts, ensure_synthetic, synthetic_folder, wing_texture, write_synthetic)
 from fgvc.errors import UserError
 import fgvc.data.cub  # noqa: F401  (registers the reader)
 
@@ -128,3 +128,107 @@ def test_texture_fine_draws_a_share_of_wings_at_one_pixel(tmp_path):
     mixed = ensure_synthetic(tmp_path, SyntheticSpec(**{**base.__dict__, "texture_fine": 0.5}))
     assert mixed != ensure_synthetic(tmp_path, base)
     assert '"texture_fine": 0.5' in (mixed / "fgvc_synthetic.json").read_text()
+
+
+# sha256 of every file of a small set with the colour regime's and the texture candidate's settings, as
+# written by the generator before the position and scale options existed (recorded then): the options
+# at their defaults must leave both sets, and their folder names, unchanged byte for byte.
+SMALL = dict(num_classes=16, train_per_class=2, test_per_class=1, image_size=192, part_scale=0.04, hidden=0.12)
+BEFORE = {
+    "colour": (SyntheticSpec(**SMALL), "e1ada6e0b2af24d7f68afcde37bf93cd1afc4d89aa094575875b118a934e3560",
+               "synth-16c-192px-05be90f025"),
+    "texture": (SyntheticSpec(**SMALL, wing_cue="texture", texture_px=2, texture_fine=0.25),
+                "6c9033f0d2bef82ced5c6c20c03649280ac2246699a7830fc02ce9ab60b77df0", "synth-16c-192px-7e3dd4403d"),
+}
+
+
+@pytest.mark.parametrize("name", list(BEFORE))
+def test_position_and_scale_options_at_their_defaults_keep_the_sets_byte_for_byte(tmp_path, name):
+    spec, sha, folder = BEFORE[name]
+    write_synthetic(tmp_path / name, spec)
+    assert digest(tmp_path / name) == sha
+    assert synthetic_folder(tmp_path, spec).name == folder
+    assert "position_spread" not in (tmp_path / name / "fgvc_synthetic.json").read_text()
+
+
+SPREAD = dict(num_classes=4, train_per_class=10, test_per_class=10, image_size=96, part_scale=0.04)
+
+
+def test_position_spread_and_scale_vary_the_bird_and_keep_its_class_parts_inside(tmp_path):
+    """Wider spread of centres and smaller birds than the default band; every class part (and the
+    bird's box) inside the image, visible wherever it is drawn."""
+    fixed = ensure_synthetic(tmp_path, SyntheticSpec(**SPREAD))
+    moved = ensure_synthetic(tmp_path, SyntheticSpec(**SPREAD, position_spread=1.0, scale_min=0.5))
+    assert fixed != moved
+
+    def boxes(folder):
+        return np.array([[float(v) for v in line.split()[1:]]
+                         for line in (folder / "bounding_boxes.txt").read_text().splitlines()])
+
+    b0, b1 = boxes(fixed), boxes(moved)
+    centre0, centre1 = b0[:, :2] + b0[:, 2:] / 2, b1[:, :2] + b1[:, 2:] / 2
+    assert centre1[:, 0].std() > 1.5 * centre0[:, 0].std() and centre1[:, 1].std() > 1.5 * centre0[:, 1].std()
+    assert b1[:, 2].min() < 0.75 * b0[:, 2].min()  # smaller birds
+    for split in ("train", "test"):
+        parts = class_part_keypoints(moved, "colour", split)
+        assert parts.shape == (40, 3, 3)
+        seen = parts[..., 2] > 0
+        assert seen.sum(axis=1).min() == 2  # the beak and the near wing, none hidden (hidden=0)
+        xy = parts[..., :2][seen]
+        assert (xy >= 0).all() and (xy <= 95).all()
+
+
+def test_position_spread_keeps_the_beak_tip_inside_for_the_largest_bird():
+    from fgvc.data.synthetic import _bird_centre, bird_extent
+
+    s, a = 96, 0.26 * 96
+    b, hr = 0.7 * a, 0.35 * a
+    rng = np.random.default_rng(0)
+    for face in (1, -1):
+        left, right, up, down = bird_extent(face, a, b, hr, 5.4, 2.1)
+        for _ in range(200):
+            cx, cy = _bird_centre(rng, s, 1.0, face, a, b, hr, 5.4, 2.1)
+            assert left <= cx <= s - 1 - right and up <= cy <= s - 1 - down
+        tip = 0.95 * a + 0.85 * hr + 5.4  # from the drawing: head centre 0.95 a, beak base 0.85 hr further
+        assert (right if face > 0 else left) == pytest.approx(tip)
+
+
+def test_centred_box_coverage_counts_images_whose_visible_class_parts_are_all_inside():
+    # side 100, centred box of side 40: [30, 70] on both axes
+    parts = np.array([
+        [[50, 50, 1], [0, 0, 0]],    # inside (the other part hidden)
+        [[50, 50, 1], [80, 50, 1]],  # one visible part outside
+        [[31, 69, 1], [69, 31, 1]],  # both inside, near the corners
+        [[0, 0, 0], [0, 0, 0]],      # nothing visible: not counted
+        [[20, 50, 1], [50, 20, 1]],  # outside
+    ], dtype=float)
+    assert centred_box_coverage(parts, 100, 40) == pytest.approx(2 / 4)
+    assert centred_box_coverage(parts, 100, 100) == pytest.approx(1.0)
+
+
+def test_position_spread_lowers_the_centred_box_coverage(tmp_path):
+    """With the texture cue (the wing alone carries the class) a centred box of 4/9 of the side holds
+    every wing of the default band, and far fewer once the bird moves and shrinks."""
+    texture = dict(SPREAD, wing_cue="texture")
+    fixed = class_part_keypoints(ensure_synthetic(tmp_path, SyntheticSpec(**texture)), "texture")
+    moved = class_part_keypoints(ensure_synthetic(tmp_path, SyntheticSpec(**texture, position_spread=1.0, scale_min=0.5)),
+                                 "texture")
+    box = 96 * 4 / 9
+    assert centred_box_coverage(fixed, 96, box) == 1.0
+    assert centred_box_coverage(moved, 96, box) < 0.8
+
+
+def test_texture_phase_shifts_each_wing_texture_and_is_off_by_default(tmp_path):
+    light = np.array([0.9, 0.2, 0.4])
+    for kind in range(len(WING_TEXTURES)):
+        base = wing_texture(kind, light, 16, px=2)
+        shifted = wing_texture(kind, light, 16, px=2, offset=(1, 3))
+        np.testing.assert_allclose(shifted[:-1, :-3], base[1:, 3:])  # the same pattern, moved by (dy, dx)
+    rows = wing_texture(WING_TEXTURES.index("rows"), light, 8, px=2)
+    assert not np.allclose(wing_texture(WING_TEXTURES.index("rows"), light, 8, px=2, offset=(1, 0)), rows)
+    texture = dict(SPREAD, wing_cue="texture", texture_px=2)
+    plain = ensure_synthetic(tmp_path, SyntheticSpec(**texture))
+    assert plain == ensure_synthetic(tmp_path, SyntheticSpec(**texture, texture_phase=False))
+    phased = ensure_synthetic(tmp_path, SyntheticSpec(**texture, texture_phase=True))
+    assert phased != plain and digest(phased) != digest(plain)
+    assert '"texture_phase": true' in (phased / "fgvc_synthetic.json").read_text()

@@ -414,3 +414,52 @@ def test_a_racnn_run_folder_written_before_the_new_keys_still_loads(tmp_path):
     save_file(tiny_racnn(min_side=0.25).state_dict(), str(tmp_path / "model.safetensors"))
     run = load_run(tmp_path)
     assert all(apn.min_side == 0.25 for apn in run.model.apns) and run.cfg.data.full_resolution == 1.0
+
+
+# --- per-scale ranking margins and proposal learning rates (train.zoom.rank_margins, apn_lr_mults) ---
+
+
+def test_per_pair_margins_give_each_pair_its_own_ranking_loss_and_default_to_the_single_margin():
+    from fgvc.engine.losses import ranking_loss, true_class_probability
+
+    model = tiny_racnn().train()
+    x, y = torch.randn(4, 3, SIZE, SIZE), torch.randint(0, CLASSES, (4,))
+    out = model(x, phase=APN)
+    p = [true_class_probability(logits, y) for logits in out.scale_logits]
+    pairs = ZoomLoss(rank_margins=(0.05, 0.3))(out, y)
+    torch.testing.assert_close(pairs["rank"], (ranking_loss(p[0], p[1], 0.05) + ranking_loss(p[1], p[2], 0.3)).detach())
+    torch.testing.assert_close(ZoomLoss(rank_margin=0.2)(out, y)["rank"],
+                               ZoomLoss(rank_margin=0.7, rank_margins=(0.2, 0.2))(out, y)["rank"])
+    assert ZoomLoss(rank_margin=0.05)(out, y)["rank"] != pairs["rank"]
+
+
+def test_apn_lr_mults_scale_only_their_proposal_network_and_default_keeps_every_group():
+    from fgvc.config import load_recipe
+    from fgvc.engine.optim import build_optimizer
+    from fgvc.models.build import build_model
+
+    def lrs(overrides):
+        cfg = load_recipe(["recipe=synth_racnn", "model.weights=", *overrides])
+        model = build_model(cfg.model, CLASSES, 64)
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(p)]: g["lr"] for g in build_optimizer(model, cfg.train).param_groups for p in g["params"]}
+
+    base = lrs([])
+    assert lrs(["train.zoom.apn_lr_mults=[1.0,1.0]"]) == base
+    scaled = lrs(["train.zoom.apn_lr_mults=[0.1,2.0]"])
+    for name, lr in base.items():
+        mult = 0.1 if name.startswith("apns.0.") else 2.0 if name.startswith("apns.1.") else 1.0
+        assert scaled[name] == pytest.approx(lr * mult), name
+    assert any(n.startswith("apns.1.") for n in base)
+
+
+def test_per_scale_zoom_settings_need_one_value_per_zoom():
+    from fgvc.config import load_recipe
+    from fgvc.errors import UserError
+
+    with pytest.raises(UserError, match="one value >= 0 per zoom"):
+        load_recipe(["recipe=synth_racnn", "train.zoom.rank_margins=[0.05]"])
+    with pytest.raises(UserError, match="apn_lr_mults"):
+        load_recipe(["recipe=synth_racnn", "train.zoom.apn_lr_mults=[1.0,-1.0]"])
+    cfg = load_recipe(["recipe=synth_racnn", "train.zoom.rank_margins=[0.05,0.2]"])
+    assert list(cfg.train.zoom.rank_margins) == [0.05, 0.2]

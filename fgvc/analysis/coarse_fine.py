@@ -20,6 +20,7 @@ test) * (dcn - coarse).
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from fgvc.analysis.cost import count_flops, count_parameters, summarize, time_calls
+from fgvc.analysis.plain_curve import accuracy_limits, draw_curve, label_log_axis, read_curve_csv
 from fgvc.config import load_recipe
 from fgvc.data.build import build_datasets
 from fgvc.engine.metrics import accuracy_metrics
@@ -39,6 +41,7 @@ from fgvc.errors import UserError
 from fgvc.models.build import build_model, model_input
 from fgvc.models.cfvit import CFViT, explicit_attention
 from fgvc.models.dcn import DCN, choose_threshold, escalate, threshold_for_accuracy, threshold_for_cost
+from fgvc.provenance import code_version, starting_weights
 from fgvc.safe_io import make_folder, write_text, writing
 
 DEFAULT_SHARES = (0.1, 0.25, 0.5)  # escalated shares of the validation split to pick thresholds for
@@ -498,40 +501,77 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def plot(rows: list[Row], path: Path, title: str) -> dict:
+def label_groups(xy: list[tuple[float, float]], near: float = 0.04) -> list[list[int]]:
+    """Indices of points grouped when they lie within `near` of each other (axes fractions, x and y
+    each scaled to 0-1), so one label names every point of a group and labels never print over each
+    other; a group is named at its first point."""
+    groups: list[list[int]] = []
+    for i, (x, y) in enumerate(xy):
+        for g in groups:
+            gx, gy = xy[g[0]]
+            if abs(x - gx) <= near and abs(y - gy) <= near:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def plot(rows: list[Row], path: Path, title: str, test_images: int = 0,
+         curve: list[tuple[int, float, float, float]] | None = None) -> dict:
     """Accuracy against FLOPs and against batch-1 latency, the Pareto front drawn; the plotted
-    points are stored in the PNG's text chunk `fgvc-points` (returned too)."""
+    points are stored in the PNG's text chunk `fgvc-points` (returned too). Each row is numbered and
+    named in a key under the axes; points that lie together share one label ("3,5"). `test_images`:
+    the test split's size, for each point's binomial standard error (error bars); `curve`: the plain
+    network's accuracy-vs-FLOPs curve (fgvc.analysis.plain_curve), drawn on the FLOPs axes. The
+    accuracy axis spans at least MIN_ACCURACY_SPAN points."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
 
     markers = {"coarse": "s", "fine": "*", "fine-untrained": "X", "dcn": "o", "cfvit": "o", "exit": "^"}
     points = {"labels": [r.label for r in rows], "top1": [r.top1 for r in rows],
               "gflops": [r.gflops for r in rows], "lat_b1_ms": [r.lat_b1_ms for r in rows]}
-    fig = Figure(figsize=(12, 5))
-    for ax, key, front_key, xlabel in ((fig.add_subplot(1, 2, 1), "gflops", "pareto_flops", "GFLOPs per image"),
+    se = [100 * math.sqrt(r.top1 / 100 * (1 - r.top1 / 100) / test_images) if test_images else 0.0 for r in rows]
+    lows, highs = [r.top1 - e for r, e in zip(rows, se)], [r.top1 + e for r, e in zip(rows, se)]
+    key_lines = max(1, math.ceil(len(rows) / 2))
+    fig = Figure(figsize=(12, 5 + 0.17 * key_lines))
+    for ax, key, front_key, xlabel in ((fig.add_subplot(1, 2, 1), "gflops", "pareto_flops", "GFLOPs per image (log)"),
                                        (fig.add_subplot(1, 2, 2), "lat_b1_ms", "pareto_latency",
-                                        "CPU latency per image, batch 1 (ms)")):
+                                        "CPU latency per image, batch 1, ms (log)")):
+        lo, hi = list(lows), list(highs)
+        if curve and key == "gflops":
+            c_lo, c_hi = draw_curve(ax, curve, 1e9)
+            lo, hi = lo + c_lo, hi + c_hi
         for kind, marker in markers.items():
-            sel = [r for r in rows if r.kind == kind]
+            sel = [i for i, r in enumerate(rows) if r.kind == kind]
             if not sel:
                 continue
-            ax.scatter([getattr(r, key) for r in sel], [r.top1 for r in sel], marker=marker, s=60, label=kind)
-        for r in rows:
-            ax.annotate(r.label, (getattr(r, key), r.top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.errorbar([getattr(rows[i], key) for i in sel], [rows[i].top1 for i in sel], yerr=[se[i] for i in sel],
+                        fmt=marker, ms=7, capsize=2, label=kind, zorder=2)
         front = sorted((getattr(r, key), r.top1) for r in rows if getattr(r, front_key))
         ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels overlap
+        label_log_axis(ax)
+        ax.set_ylim(*accuracy_limits(lo, hi))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_ylabel("top-1 accuracy % (± standard error)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-
+        ax.legend(fontsize=8, loc="lower right")
+        fig.canvas.draw()  # the limits are final: place the labels in axes fractions
+        x0, x1 = (math.log10(v) for v in ax.get_xlim())
+        y0, y1 = ax.get_ylim()
+        xy = [((math.log10(getattr(r, key)) - x0) / (x1 - x0), (r.top1 - y0) / (y1 - y0)) for r in rows]
+        for group in label_groups(xy):
+            r = rows[group[0]]
+            ax.annotate(",".join(str(i + 1) for i in group), (getattr(r, key), r.top1), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    keys = [f"{i + 1}: {r.label}" for i, r in enumerate(rows)]
+    half = key_lines
+    fig.text(0.06, 0.01, "\n".join(keys[:half]), fontsize=7, va="bottom", family="monospace")
+    fig.text(0.53, 0.01, "\n".join(keys[half:]), fontsize=7, va="bottom", family="monospace")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.17 * key_lines / (5 + 0.17 * key_lines) + 0.02, 1, 1))
     with writing(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, metadata={PNG_POINTS_KEY: json.dumps(points)})
     return points
@@ -559,12 +599,14 @@ def rich_table(rows: list[Row], title: str):
     return table
 
 
-def write_report(rows: list[Row], out_dir: Path, header: str, batch: int, summary: str | None = None) -> list[Path]:
+def write_report(rows: list[Row], out_dir: Path, header: str, batch: int, summary: str | None = None,
+                 test_images: int = 0, curve: list[tuple[int, float, float, float]] | None = None,
+                 plot_title: str = "") -> list[Path]:
     out_dir = Path(out_dir)
     paths = [out_dir / name for name in FILES]
     write_text(paths[0], markdown(rows, header, batch, summary))
     write_csv(rows, paths[1])
-    plot(rows, paths[2], header)
+    plot(rows, paths[2], plot_title or header, test_images, curve)
     return paths
 
 
@@ -714,8 +756,13 @@ def _eval_loaders(run, batch: int) -> tuple[DataLoader, DataLoader | None]:
 def report_run(run_dir: str | Path, fine_run: str | Path | None = None, ks: list[int] | None = None,
                shares: tuple[float, ...] = DEFAULT_SHARES, costs: tuple[float, ...] = DEFAULT_COSTS,
                thresholds: tuple[float, ...] = (), batch: int = 32, min_run_time: float = 0.5,
-               rounds: int = 3, drops: tuple[float, ...] = DEFAULT_DROPS, console=None) -> list[Row]:
-    """The report of a finished dcn run folder, written into it and printed."""
+               rounds: int = 3, drops: tuple[float, ...] = DEFAULT_DROPS, console=None,
+               curve: str | Path | None = None, command: str = "") -> list[Row]:
+    """The report of a finished dcn or cfvit run folder, written into it and printed. `curve`: a
+    plain_curve.csv (the synthetic benchmark's `--curve`), drawn on the accuracy-vs-FLOPs plot."""
+    if curve is not None and not Path(curve).is_file():
+        raise UserError(f"--curve {curve} is not a file; give the plain_curve.csv that `fgvc/benchmark.py synthetic "
+                        "--curve SIZES` writes into its --out folder.")
     run = load_run(run_dir)
     test_loader, val_loader = _eval_loaders(run, batch)
     if val_loader is None and (shares or costs or drops):
@@ -738,9 +785,14 @@ def report_run(run_dir: str | Path, fine_run: str | Path | None = None, ks: list
         compared = (f"compared with the full-image run '{fine_run}'" if fine_run is not None else
                     "compared with this model's fine network on the whole image (not trained for it; "
                     "give --fine-run for a fair comparison)")
+    weights = f"starting weights of the model: {starting_weights(Path(run_dir))}" + (
+        f"; of the full-image run: {starting_weights(Path(fine_run))}" if fine_run is not None else "")
     header = f"run '{run_dir}', {compared}"
+    command = command or f"python fgvc/report.py coarse-fine {run_dir}" + (f" --fine-run {fine_run}" if fine_run else "")
+    page_header = f"{header}\n\nCommand: `{command}`, {datetime.date.today().isoformat()}, {code_version()}; {weights}."
     summary = cfvit_goal_line(rows) if isinstance(run.model, CFViT) else goal_line(rows)
-    paths = write_report(rows, Path(run_dir), header, batch, summary)
+    paths = write_report(rows, Path(run_dir), page_header, batch, summary, len(test_loader.dataset),
+                         read_curve_csv(Path(curve)) if curve else None, plot_title=header)
     from rich.console import Console
 
     console = console or Console()

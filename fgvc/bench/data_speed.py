@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fgvc.bench.source import code_version
 from fgvc.data.dataset import FGVCDataset
 from fgvc.data.records import Sample
 from fgvc.data.transforms import PairedTransform
+from fgvc.provenance import code_version
 
 SIZES = {"CUB (500x375)": (500, 375), "Cars-sized (1024x768)": (1024, 768)}
 IMAGE_SIZE = 448

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fgvc.bench.source import ROOT, code_version
 from fgvc.bench.synthetic import train_run
 from fgvc.config import load_recipe
+from fgvc.provenance import ROOT, code_version
 
 PRETRAIN_RECIPE = "fractal_pretrain"  # the CNNs' recipe; a backbone with its own (`pretrain_recipe`) uses that
 WEIGHTS_DIR = "weights"
@@ -38,8 +38,6 @@ def pretrain_recipe(backbone: str) -> str:
     """The fractal recipe a backbone is pretrained with: the `fractal_pretrain_*` recipe whose
     model.backbone it is (a ViT trains unlike a CNN: recipes/fractal_pretrain_vit.yaml), else
     PRETRAIN_RECIPE."""
-    from fgvc.config import load_recipe
-
     own = [p.stem for p in sorted((ROOT / "recipes").glob(f"{PRETRAIN_RECIPE}_*.yaml"))
            if load_recipe([f"recipe={p.stem}"]).model.backbone == backbone]
     return own[0] if own else PRETRAIN_RECIPE

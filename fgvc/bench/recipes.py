@@ -31,10 +31,10 @@ from pathlib import Path
 
 from fgvc.analysis.cost import count_flops, count_parameters
 from fgvc.bench import fake_layouts
-from fgvc.bench.source import ROOT, code_version
 from fgvc.config import available_recipes, load_recipe
 from fgvc.engine.trainer import train
 from fgvc.models.build import build_model
+from fgvc.provenance import ROOT, code_version
 
 REAL_PREFIXES = ("cub_", "cars_", "aircraft_", "nabirds_")
 STEPS = 2  # optimizer steps per recipe

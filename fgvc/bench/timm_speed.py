@@ -38,10 +38,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fgvc.bench.source import ROOT, code_version
 from fgvc.config import load_recipe
 from fgvc.data.build import read_index
 from fgvc.errors import RunError, UserError
+from fgvc.provenance import ROOT, code_version
 
 RECIPE = "synth_baseline"
 # timm's train.py starts from random weights and has no lr multiplier for new layers: fgvc does the same

@@ -137,3 +137,39 @@ def train_speed(recipe: str, epochs: int, overrides: list[str], device: str = "c
              f"Goals: train.py loop >= 90% of the bare loop ({'met' if real >= 0.9 * bare else 'not met'}); "
              f"data pipeline >= 2x the model's rate ({'met' if data_rate >= 2 * bare else 'not met'})."]
     return "\n".join(lines)
+
+
+def step_times(recipe: str, sizes: list[int], overrides: list[str], rounds: int = 4, steps: int = 5) -> str:
+    """Seconds per training step of a recipe's network at several input sizes (data.image_size), for
+    planning a budget before any run: forward + backward + step of the recipe's model, optimizer,
+    criterion and batch size on random tensors, `rounds` interleaved rounds of `steps` timed steps per
+    size (one untimed step first in each round). A markdown table: median and fastest step per size,
+    the fastest being the nearest to an idle machine's cost. Data loading and evaluation not included."""
+    nets = {}
+    for size in sizes:
+        cfg = load_recipe([f"recipe={recipe}", *overrides, f"data.image_size={size}"])
+        if cfg.data.name != "synthetic":
+            raise UserError(f"step-time reads the number of classes of the synthetic set; recipe {recipe} reads "
+                            f"data.name={cfg.data.name}: give a synth_ recipe.")
+        t, classes = cfg.train, cfg.data.synthetic.num_classes
+        torch.manual_seed(cfg.seed)
+        model = apply_speed_switches(build_model(cfg.model, classes, size).train(), t.channels_last, t.compile,
+                                     t.grad_checkpointing)
+        nets[size] = (model, build_optimizer(model, t), build_criterion(cfg),
+                      torch.randn(t.batch_size, 3, size, size), torch.randint(0, classes, (t.batch_size,)))
+    seconds: dict[int, list[float]] = {s: [] for s in sizes}
+    for _ in range(rounds):
+        for size, (model, optimizer, criterion, x, y) in nets.items():
+            for i in range(steps + 1):
+                start = time.perf_counter()
+                criterion(model(x), y)["loss"].backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if i:
+                    seconds[size].append(time.perf_counter() - start)
+    batch = next(iter(nets.values()))[3].shape[0]
+    lines = [f"{recipe} {' '.join(overrides)}: batch {batch}, {torch.get_num_threads()} thread(s), {rounds} interleaved "
+             f"rounds x {steps} steps, load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end", "",
+             "| input | median s / step | fastest s / step |", "|---:|---:|---:|"]
+    lines += [f"| {s} px | {statistics.median(v):.3f} | {min(v):.3f} |" for s, v in seconds.items()]
+    return "\n".join(lines)

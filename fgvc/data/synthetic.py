@@ -52,6 +52,10 @@ class SyntheticSpec:
                            "(WING_TEXTURES) of one-pixel features legible only near full resolution")
     texture_px: int = key(1, "side of the texture's features in written pixels (wing_cue=texture): 1 blurs away sooner")
     texture_fine: float = key(0.0, "share of images whose texture has one-pixel features instead of texture_px")
+    texture_phase: bool = key(False, "shift each wing's texture by a random offset (its grid not aligned with a 2x shrink)")
+    position_spread: float = key(0.0, "0: the bird's centre within 0.35-0.65 of the side; 1: anywhere its body and class "
+                                 "parts fit")
+    scale_min: float = key(1.0, "the bird and its parts scaled by a factor drawn log-uniformly in [scale_min, 1]")
 
 
 # With `wing_cue="texture"` the wing patch is a pattern of one-pixel features in two tones (its class
@@ -63,10 +67,11 @@ WING_TEXTURES = ("flat", "rows", "columns", "checker")
 TEXTURE_DARK = 0.3  # the dark tone, as a share of the light one
 
 
-def wing_texture(kind: int, light: np.ndarray, size: int, px: int = 1) -> np.ndarray:
+def wing_texture(kind: int, light: np.ndarray, size: int, px: int = 1, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
     """(size, size, 3) float image of texture `kind` (an index into WING_TEXTURES) in tones light and
-    TEXTURE_DARK * light, features of px x px pixels anchored at the image origin."""
-    y, x = np.mgrid[0:size, 0:size] // px
+    TEXTURE_DARK * light, features of px x px pixels anchored at the image origin shifted by `offset`
+    (dy, dx) pixels."""
+    y, x = (np.mgrid[0:size, 0:size] + np.asarray(offset).reshape(2, 1, 1)) // px
     name = WING_TEXTURES[kind]
     if name == "flat":
         weight = np.full((size, size), 0.5)
@@ -80,6 +85,32 @@ def class_parts(wing_cue: str = "colour") -> list[str]:
     """Names of the parts whose appearance carries the class; for a bird facing right the wing
     seen is the right one, so both wings count. With the texture cue the wing alone carries it."""
     return [p for p in CLASS_PARTS if wing_cue == "colour" or p != "beak"]
+
+
+def class_part_keypoints(folder: Path, wing_cue: str = "colour", split: str = "test") -> np.ndarray:
+    """(N, P, 3) x, y, visible of the class parts (class_parts(wing_cue)) of every image of a written
+    set's `split` ("train" or "test"), in written pixels, read from its CUB part files."""
+    folder = Path(folder)
+    names = [line.split(" ", 1)[1] for line in (folder / "parts" / "parts.txt").read_text().splitlines()]
+    cols = [names.index(p) for p in class_parts(wing_cue)]
+    is_train = {int(i): int(t) for i, t in (line.split() for line in (folder / "train_test_split.txt").read_text().splitlines())}
+    locs = np.loadtxt(folder / "parts" / "part_locs.txt", ndmin=2)  # image id, part id (1-based), x, y, visible
+    ids = sorted(i for i, t in is_train.items() if t == (split == "train"))
+    table = locs.reshape(-1, len(names), 5)  # written image by image, parts in order
+    keep = np.isin(table[:, 0, 0].astype(int), ids)
+    return table[keep][:, cols, 2:5]
+
+
+def centred_box_coverage(parts: np.ndarray, side: float, box_side: float) -> float:
+    """Share of images whose visible class parts all lie in the box of side `box_side` centred in the
+    `side` x `side` image (a zoom that does not move); images with no visible class part are not
+    counted. parts: (N, P, 3) x, y, visible, as class_part_keypoints returns."""
+    visible = parts[..., 2] > 0  # (N, P)
+    half, centre = box_side / 2, side / 2
+    inside = (np.abs(parts[..., 0] - centre) <= half) & (np.abs(parts[..., 1] - centre) <= half)
+    counted = visible.any(axis=1)
+    held = (inside | ~visible).all(axis=1) & counted
+    return float(held.sum() / max(counted.sum(), 1))
 
 
 def _cue_palette(n: int, offset: float) -> list[tuple[float, float, float]]:
@@ -125,16 +156,21 @@ def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb
         draw.ellipse([x - r, y - r, x + r, y + r], fill=_rgb(colour))
 
     face = 1 if rng.random() < 0.5 else -1  # +1 faces right
-    a = rng.uniform(0.18, 0.26) * s  # body half-width
+    # the bird's scale: no draw at 1, so sets made before the option are unchanged
+    k = float(np.exp(rng.uniform(np.log(spec.scale_min), 0.0))) if spec.scale_min < 1 else 1.0
+    a = rng.uniform(0.18, 0.26) * s * k  # body half-width
     b = a * rng.uniform(0.55, 0.7)  # body half-height
-    cx = rng.uniform(0.35, 0.65) * s
-    cy = rng.uniform(0.45, 0.62) * s
+    hr = 0.5 * b  # head radius
+    beak_len = max(2.0, spec.part_scale * s * 1.4 * k)
+    beak_half = max(1.5, spec.part_scale * s * 0.55 * k)
+    if spec.position_spread > 0:
+        cx, cy = _bird_centre(rng, s, spec.position_spread, face, a, b, hr, beak_len, beak_half)
+    else:  # the default band, drawn as sets made before the option drew it
+        cx = rng.uniform(0.35, 0.65) * s
+        cy = rng.uniform(0.45, 0.62) * s
     body_rgb = _rgb(rng.uniform(0.25, 0.75, 3))
     head_rgb = _rgb(rng.uniform(0.25, 0.75, 3))
-    hr = 0.5 * b  # head radius
     hx, hy = cx + face * 0.95 * a, cy - 0.85 * b
-    beak_len = max(2.0, spec.part_scale * s * 1.4)
-    beak_half = max(1.5, spec.part_scale * s * 0.55)
     tail_x = cx - face * 1.5 * a
     leg_top, leg_bot = cy + 0.9 * b, cy + 1.7 * b
 
@@ -147,11 +183,14 @@ def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb
     wx, wy = cx - face * 0.15 * a, cy - 0.05 * b
     draw.ellipse([wx - 0.55 * a, wy - 0.45 * b, wx + 0.55 * a, wy + 0.45 * b],
                  fill=_rgb(np.array(body_rgb) / 255 * 0.7))
-    pr = max(1.5, spec.part_scale * s * 0.6)
+    pr = max(1.5, spec.part_scale * s * 0.6 * k)
     if not hide_wing and spec.wing_cue == "texture":
         mask = Image.new("L", (s, s))
         ImageDraw.Draw(mask).ellipse([wx - pr, wy - pr, wx + pr, wy + pr], fill=255)
-        pattern = wing_texture(wing_kind, wing_rgb, s, 1 if fine else spec.texture_px)
+        px = 1 if fine else spec.texture_px
+        # a random phase: no draw without the option, so sets made before it are unchanged
+        offset = tuple(int(v) for v in rng.integers(0, 2 * px, 2)) if spec.texture_phase else (0, 0)
+        pattern = wing_texture(wing_kind, wing_rgb, s, px, offset)
         pattern = (np.clip(pattern, 0, 1) * 255).round().astype(np.uint8)
         img.paste(Image.fromarray(pattern), mask=mask)  # `draw` keeps drawing on img
     elif not hide_wing:
@@ -190,6 +229,28 @@ def _draw_bird(rng: np.random.Generator, spec: SyntheticSpec, beak_rgb, wing_rgb
     x1, y1 = min(s - 1.0, x1), min(s - 1.0, y1)
     parts[:, :2] = np.clip(parts[:, :2], 0, s - 1) * parts[:, 2:3]
     return image, (x0, y0, x1 - x0, y1 - y0), parts
+
+
+def bird_extent(face: int, a: float, b: float, hr: float, beak_len: float, beak_half: float) -> tuple[float, ...]:
+    """How far the body, head and class parts (beak tip, wing patch) reach from the bird's centre:
+    (left, right, up, down) in pixels, for a bird facing `face` (+1 right) with body half-axes a, b,
+    head radius hr and beak length beak_len. Legs and tail are not counted: they may leave the image,
+    as in a cropped photo."""
+    beak = 0.95 * a + 0.85 * hr + beak_len  # the beak's tip, from the centre along the facing
+    left, right = (a, beak) if face > 0 else (beak, a)
+    up = max(0.85 * b + hr, 0.85 * b + beak_half)  # the head's top, the beak's upper edge
+    return left, right, up, b
+
+
+def _bird_centre(rng: np.random.Generator, s: int, spread: float, face: int, a: float, b: float, hr: float,
+                 beak_len: float, beak_half: float) -> tuple[float, float]:
+    """The bird's centre, uniform in a band that goes from the default one (x in 0.35-0.65 and y in
+    0.45-0.62 of the side, spread 0) to every centre at which the body, head and class parts lie in
+    the image (spread 1), linearly in `spread`."""
+    left, right, up, down = bird_extent(face, a, b, hr, beak_len, beak_half)
+    lo_x, hi_x = (1 - spread) * 0.35 * s + spread * left, (1 - spread) * 0.65 * s + spread * (s - 1 - right)
+    lo_y, hi_y = (1 - spread) * 0.45 * s + spread * up, (1 - spread) * 0.62 * s + spread * (s - 1 - down)
+    return rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
 
 
 def _mix(cue: tuple, rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -247,7 +308,9 @@ def write_synthetic(folder: Path, spec: SyntheticSpec) -> None:
     write(MANIFEST, [json.dumps(_named_fields(spec, later=LATER[1:]), sort_keys=True)])
 
 
-LATER = ("hue_offset", "hidden", "wing_cue", "texture_px", "texture_fine")  # settings added after the first sets
+# settings added after the first sets
+LATER = ("hue_offset", "hidden", "wing_cue", "texture_px", "texture_fine", "position_spread", "scale_min",
+         "texture_phase")
 
 
 def _named_fields(spec: SyntheticSpec, later: tuple[str, ...] = LATER) -> dict:
@@ -270,6 +333,9 @@ def ensure_synthetic(root: Path, spec: SyntheticSpec) -> Path:
     never taken for a whole one). Call it from one process at a time."""
     if spec.num_classes < 2 or spec.train_per_class < 2 or spec.test_per_class < 1:
         raise UserError("data.synthetic needs num_classes >= 2, train_per_class >= 2 and test_per_class >= 1.")
+    if not 0 <= spec.position_spread <= 1 or not 0 < spec.scale_min <= 1:
+        raise UserError(f"data.synthetic.position_spread is {spec.position_spread} and scale_min {spec.scale_min}, "
+                        "but they must lie in [0, 1] and (0, 1].")
     if spec.texture_px < 1:
         raise UserError(f"data.synthetic.texture_px is {spec.texture_px} but must be at least 1 (pixels).")
     if spec.wing_cue == "texture" and class_codes(spec.num_classes)[2] > len(WING_TEXTURES):

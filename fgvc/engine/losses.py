@@ -64,15 +64,22 @@ class ZoomLoss(nn.Module):
 
     Every term is returned by name (detached) so all of them are logged in every phase."""
 
-    def __init__(self, rank_margin: float = 0.05, rank_weight: float = 1.0, label_smoothing: float = 0.0) -> None:
+    def __init__(self, rank_margin: float = 0.05, rank_weight: float = 1.0, label_smoothing: float = 0.0,
+                 rank_margins: tuple[float, ...] = ()) -> None:
+        """`rank_margins`: the margin of each pair of neighbouring scales (s, s + 1); empty: `rank_margin`
+        for every pair."""
         super().__init__()
         self.rank_margin, self.rank_weight, self.label_smoothing = rank_margin, rank_weight, label_smoothing
+        self.rank_margins = tuple(rank_margins)
+
+    def margin(self, pair: int) -> float:
+        return self.rank_margins[pair] if self.rank_margins else self.rank_margin
 
     def forward(self, output: ZoomOutput, target: Tensor) -> dict[str, Tensor]:
         ces = [classification_loss(y, target, self.label_smoothing) for y in output.scale_logits]
         ce_fused = classification_loss(output.logits, target, self.label_smoothing)
         p_t = [true_class_probability(y, target) for y in output.scale_logits]
-        rank = sum(ranking_loss(p_t[s], p_t[s + 1], self.rank_margin) for s in range(len(p_t) - 1))
+        rank = sum(ranking_loss(p_t[s], p_t[s + 1], self.margin(s)) for s in range(len(p_t) - 1))
         apn_init = sum(((p - i) ** 2).sum(1).mean() for p, i in zip(output.proposals, output.init_boxes))
         ce = sum(ces)
         if output.phase == PRETRAIN:
@@ -158,7 +165,8 @@ def build_criterion(cfg: DictConfig) -> nn.Module:
     t = cfg.train
     smoothing = 0.0 if (t.mixup or t.cutmix) else t.label_smoothing
     if cfg.model.arch == "racnn":
-        return ZoomLoss(rank_margin=t.zoom.rank_margin, rank_weight=t.zoom.rank_weight, label_smoothing=smoothing)
+        return ZoomLoss(rank_margin=t.zoom.rank_margin, rank_weight=t.zoom.rank_weight, label_smoothing=smoothing,
+                        rank_margins=tuple(t.zoom.rank_margins))
     if cfg.model.arch == "cfvit":
         c = t.cfvit
         return CfvitLoss(fine_weight=c.fine_weight, coarse_weight=c.coarse_weight, distill_weight=c.distill_weight,

@@ -38,11 +38,13 @@ def layer_lr_scales(model: torch.nn.Module, layer_decay: float) -> dict[str, flo
 
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, new_lr_mult: float,
-                 layer_decay: float = 0.0, new_block_lr_mult: float = 1.0) -> list[dict]:
+                 layer_decay: float = 0.0, new_block_lr_mult: float = 1.0,
+                 prefix_mults: dict[str, float] | None = None) -> list[dict]:
     """No decay on biases and norms. When the model has pretrained parameters, the others get a
     multiplied lr: its classifiers (`head_names`; every new parameter of a model without them)
     lr * new_lr_mult, other new parameters (attention blocks, proposal networks) lr * new_block_lr_mult;
-    with 0 < layer_decay < 1, backbone layers get `layer_lr_scales` on top."""
+    with 0 < layer_decay < 1, backbone layers get `layer_lr_scales` on top, and a parameter whose name
+    starts with a key of `prefix_mults` that key's multiplier on top (RA-CNN: each proposal network's)."""
     pretrained = getattr(model, "pretrained_names", set())
     heads = getattr(model, "head_names", None)
     scales = layer_lr_scales(model, layer_decay) if 0 < layer_decay < 1 else {}
@@ -54,6 +56,7 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, new_lr_
         mult = (new_lr_mult if heads is None or name in heads else new_block_lr_mult) if new else 1.0
         no_decay = p.ndim <= 1
         scale = scales.get(name, 1.0)
+        scale *= next((m for prefix, m in (prefix_mults or {}).items() if name.startswith(prefix)), 1.0)
         g = groups.setdefault((mult, no_decay, scale), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
                                                         "lr": lr * mult * scale})
         g["params"].append(p)
@@ -64,8 +67,9 @@ def build_optimizer(model: torch.nn.Module, t: DictConfig) -> torch.optim.Optimi
     """timm's optimizer named by train.optimizer over `param_groups`; an unknown name or a value the
     optimizer refuses is one sentence."""
     try:
+        apns = {f"apns.{i}.": m for i, m in enumerate(t.zoom.apn_lr_mults)}  # RA-CNN's proposal networks
         return timm.optim.create_optimizer_v2(param_groups(model, t.lr, t.weight_decay, t.new_lr_mult, t.layer_decay,
-                                                           t.new_block_lr_mult),
+                                                           t.new_block_lr_mult, apns),
                                               opt=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                                               momentum=t.momentum)
     except ValueError as err:  # an unknown name, or torch's own checks ("Invalid momentum value", ...)

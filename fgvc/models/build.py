@@ -9,10 +9,12 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from fgvc.errors import UserError
+from fgvc.models import features as fmaps
 from fgvc.models.attention.options import BlockOptions
-from fgvc.models.classifier import Classifier
+from fgvc.models.classifier import Classifier, create_backbone
 from fgvc.models.cfvit import CFViT
 from fgvc.models.dcn import DCN
+from fgvc.models.sizes import check_side
 from fgvc.models.zoom import RACNN
 from fgvc.registry import Registry
 
@@ -35,6 +37,7 @@ def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                       attention=a.type, attention_stages=list(a.stages), attention_placement=a.placement,
                       attention_init=a.init, attention_reduction=a.reduction, attention_kernel_size=a.kernel_size,
                       image_size=image_size, stn_count=a.stn_count, stn_sampler=a.stn_sampler,
+                      stn_crop_only=a.stn_crop_only,
                       attention_options=options,
                       backbone_args=backbone_args(m) | _drop_path(m))
 
@@ -86,14 +89,9 @@ def check_backbones(model_cfg: DictConfig, image_size: int) -> None:
     """One sentence, before anything is built or written, when a backbone of the recipe cannot
     take the side it would read (fgvc/models/sizes.py; fixed-size transformers are built for it), or
     RA-CNN's rollout proposal is asked of a backbone without a token sequence."""
-    from fgvc.models.sizes import check_side
-
     for key, backbone, side in backbone_sides(model_cfg, image_size):
         check_side(backbone, side, key, backbone_args(model_cfg))
     if model_cfg.arch == "racnn" and model_cfg.zoom.proposal == "rollout":
-        from fgvc.models import features as fmaps
-        from fgvc.models.classifier import create_backbone
-
         with torch.device("meta"):  # the layout only: no memory, no weights
             net, _ = create_backbone(model_cfg.backbone, 0, False, "", image_size, **backbone_args(model_cfg))
         if fmaps.layout(net) != fmaps.NLC:

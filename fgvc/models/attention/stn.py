@@ -9,9 +9,9 @@ translation only:
     tx, ty = relu(1 - s) * tanh(bx, by)
 
 so the window always keeps its aspect, never shrinks below MIN_SCALE of the image, never grows
-beyond a bounded zoom-out, and (when it zooms in) stays inside the image. The raw outputs (a, bx,
-by) start at zero, which is exactly the identity transform: the network starts by looking at the
-whole image. An unbounded affine regression trained from scratch at the recipes' learning rates
+beyond a bounded zoom-out (none with `crop_only`: s cut at 1), and (when it zooms in) stays inside
+the image. The raw outputs (a, bx, by) start at zero, which is exactly the identity transform: the
+network starts by looking at the whole image. An unbounded affine regression trained from scratch at the recipes' learning rates
 flew out of the image within the first epoch and left the backbone a black input (measured: chance
 accuracy on the synthetic set); the bounded form cannot.
 
@@ -57,11 +57,14 @@ LN2 = math.log(2.0)  # softplus(0): makes a = 0 the identity
 
 
 class Localization(nn.Module):
-    """f_loc: image (B, 3, H, W) -> `count` attention transforms theta (B, N, 2, 3), identity at initialisation."""
+    """f_loc: image (B, 3, H, W) -> `count` attention transforms theta (B, N, 2, 3), identity at initialisation.
+    `crop_only`: the window's side is min(s, 1), never a zoom-out (the paper's CUB windows are crops of
+    the image), with the gradient of s passed through the cut (straight-through), so a window pushed
+    past the whole image still gets gradients and can come back; the same transform wherever s <= 1."""
 
-    def __init__(self, in_channels: int = 3, count: int = 1) -> None:
+    def __init__(self, in_channels: int = 3, count: int = 1, crop_only: bool = False) -> None:
         super().__init__()
-        self.count = count
+        self.count, self.crop_only = count, crop_only
         layers, c = [], in_channels
         for width in LOC_WIDTHS:
             layers += [nn.Conv2d(c, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
@@ -76,6 +79,8 @@ class Localization(nn.Module):
         raw = self.fc(self.features(small)).view(-1, self.count, 3)  # (B, N, 3)
         a, b = raw.split([1, 2], dim=2)                            # (B, N, 1), (B, N, 2)
         s = 1 - (1 - MIN_SCALE) * torch.tanh(F.softplus(a) - LN2)  # (B, N, 1) window side / image side
+        if self.crop_only:
+            s = s - F.relu(s - 1).detach()                         # value min(s, 1), gradient of s
         t = F.relu(1 - s) * torch.tanh(b)                          # (B, N, 2) centre, inside the image
         zero = torch.zeros_like(s)
         rows = [torch.cat([s, zero, t[..., :1]], 2), torch.cat([zero, s, t[..., 1:]], 2)]  # (B, N, 3) each
@@ -96,12 +101,13 @@ def sample_windows(images: Tensor, theta: Tensor, out_size: int) -> Tensor:
 class SpatialTransformer(nn.Module):
     """`count` windows predicted from the image, each sampled from it at `out_size`: (B, N, 3, S, S)."""
 
-    def __init__(self, out_size: int, count: int = 1, identity_init: bool = False, sampler: str = "bilinear") -> None:
+    def __init__(self, out_size: int, count: int = 1, identity_init: bool = False, sampler: str = "bilinear",
+                 crop_only: bool = False) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler is {sampler!r}; expected one of {SAMPLERS}")
         self.out_size, self.count, self.sampler = out_size, count, sampler
-        self.localization = Localization(count=count)
+        self.localization = Localization(count=count, crop_only=crop_only)
         # the antialiased sampler starts at x_S by itself: no blend needed for an identity start
         self.gamma = nn.Parameter(torch.zeros(())) if identity_init and sampler == "bilinear" else None
 
