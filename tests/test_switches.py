@@ -77,7 +77,7 @@ def test_grad_checkpointing_without_a_timm_network_is_one_sentence():
         apply_speed_switches(torch.nn.Linear(2, 2), grad_checkpointing=True)
 
 
-def test_drop_path_reaches_the_backbone_and_only_the_classifier_arch():
+def test_drop_path_reaches_the_backbone_of_the_classifier_and_of_racnn():
     cfg = load_recipe(["recipe=synth_baseline", "model.backbone=test_vit", "model.weights=", "model.drop_path=0.2"])
     model = build_model(cfg.model, 4, 32)
     rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
@@ -87,8 +87,11 @@ def test_drop_path_reaches_the_backbone_and_only_the_classifier_arch():
     assert not torch.equal(model(x), model(x))  # stochastic depth in training
     model.eval()
     assert torch.equal(model(x), model(x))
-    with pytest.raises(UserError, match="model.drop_path"):  # refused with the recipe, before any work
-        load_recipe(["recipe=synth_racnn", "model.drop_path=0.1"])
+    racnn_cfg = load_recipe(["recipe=synth_racnn", "model.backbone=test_vit", "model.weights=", "model.drop_path=0.1",
+                             "data.image_size=32", "data.full_resolution=1"])
+    racnn = build_model(racnn_cfg.model, 4, 32)
+    rates = [m.drop_prob for m in racnn.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.1)  # every scale's backbone
 
 
 @pytest.mark.parametrize("backbone", ["test_vit", "test_convnext"])
