@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -281,8 +282,6 @@ class CurvePoint:
 def curve_at(curve: list[CurvePoint], flops: float) -> float:
     """The plain curve's top-1 (points) at `flops`, linear in log FLOPs between its points; nan
     outside its range (no extrapolation)."""
-    import math
-
     pts = sorted((c.flops, c.mean) for c in curve)
     for (f0, a0), (f1, a1) in zip(pts, pts[1:]):
         if f0 <= flops <= f1:

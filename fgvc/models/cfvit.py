@@ -181,15 +181,12 @@ class CFViT(nn.Module):
                  exit_threshold: float = NEVER_EXIT, pretrained: bool = False, weights: str = "",
                  drop_rate: float = 0.0, drop_path: float = 0.0, backbone_args: dict | None = None) -> None:
         super().__init__()
-        try:
-            net, names = create_backbone(backbone, num_classes, pretrained, weights, img_size=image_size,
-                                         drop_rate=drop_rate, drop_path_rate=drop_path, **(backbone_args or {}))
-        except UserError as err:  # a CNN does not take img_size (create_backbone names the arguments refused)
-            if "'img_size'" not in str(err) or "img_size" in (backbone_args or {}):
-                raise
+        net, names = create_backbone(backbone, num_classes, pretrained, weights, image_size, drop_rate=drop_rate,
+                                     drop_path_rate=drop_path, **(backbone_args or {}))
+        if getattr(net, "patch_embed", None) is None:
             raise UserError(f"model.backbone '{backbone}' is not a vision transformer; model.arch=cfvit needs a "
-                            "timm ViT, DeiT or EVA such as deit_small_patch16_224 or test_vit.") from None
-        for needed in ("patch_embed", "blocks", "pos_embed", "cls_token"):
+                            "timm ViT, DeiT or EVA such as deit_small_patch16_224 or test_vit.")
+        for needed in ("blocks", "pos_embed", "cls_token"):
             if getattr(net, needed, None) is None:
                 raise UserError(f"model.backbone '{backbone}' has no {needed}; model.arch=cfvit ranks tokens by the "
                                 "class token's attention with absolute position embeddings: use a ViT or DeiT.")
