@@ -140,7 +140,7 @@ def test_pretrain_command_weights_load_into_every_synth_recipe(tmp_path):
     for recipe in synth_recipes():
         cfg = load_recipe([f"recipe={recipe}"])
         roles = recipe_backbones(cfg)
-        if not roles:  # trained from scratch (synth_cfvit: no fractal-pretrained ViT)
+        if not roles:  # a recipe trained from scratch (none today)
             continue
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{role}={files[b]}" for role, b in roles.items()]))
         model = build_model(cfg.model, 5, 64)
