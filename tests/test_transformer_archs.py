@@ -162,6 +162,19 @@ def test_dcn_mixes_families_and_the_vit_patch_vector_is_its_class_token():
         assert model(torch.randn(2, 3, 128, 128)).logits.shape == (2, 3)
 
 
+def test_dcn_on_a_backbone_whose_head_has_its_own_hidden_layer_reads_the_map_mean():
+    """MambaOut's head widens 64 -> 256 channels before its classifier: its pre-logits are not the
+    map's width, so the patch vector is the map's mean (the traceback of the backbone matrix before)."""
+    model = DCN(3, image_size=128, coarse_backbone="test_mambaout", fine_backbone="test_mambaout",
+                coarse_image_size=64, patch_size=64, top_k=1, saliency="cam", top_layers="fuse", top_hidden=False,
+                detach_fusion=True, **PLAIN_DCN).eval()
+    patches = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model.fine.net.head_hidden_size != model.fine.net.num_features
+        torch.testing.assert_close(model.fine.vector(patches), model.fine(patches).mean((2, 3)))
+        assert model(torch.randn(2, 3, 128, 128)).logits.shape == (2, 3)
+
+
 # --- attention blocks on the stage maps of Swin, MaxViT and CoAtNet ----------------------------
 
 

@@ -262,11 +262,14 @@ class _Features(nn.Module):
     def vector(self, x: Tensor) -> Tensor:  # (N, 3, P, P) -> (N, C)
         """One vector per image: the mean of the map for CNNs (and features_only levels); for
         transformers the vector their own head reads, which their pretraining shaped (a ViT's or
-        DeiT's class token, an EVA's normalised token mean, Swin's pooled map)."""
+        DeiT's class token, an EVA's normalised token mean, Swin's pooled map). A head with a hidden
+        layer of its own (MambaOut's: 4x wider than the map) is part of the classifier, not a
+        feature: those networks give the map's mean too."""
         if self.features_only:
             return fmaps.features_only_map(self.net, x).mean((2, 3))
         feats = fmaps.spatial_features(self.net, x)
-        if fmaps.layout(self.net) == fmaps.NCHW:
+        hidden_head = getattr(self.net, "head_hidden_size", self.net.num_features) != self.net.num_features
+        if fmaps.layout(self.net) == fmaps.NCHW or hidden_head:
             return feats.map.mean((2, 3))  # (N, C)
         return self.net.forward_head(feats.native, pre_logits=True)  # (N, C)
 
