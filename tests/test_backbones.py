@@ -53,6 +53,16 @@ def test_every_feature_of_a_family_works_or_stops_with_one_sentence(name, tmp_pa
     assert page.count(f"| {name} |") == len(ARCHS)
 
 
+def test_the_matrix_run_again_in_its_work_folder_exports_again(tmp_path):
+    """`--work` is replaced: a new matrix's export is not refused by the last matrix's folder."""
+    last = tmp_path / "resnet_classifier_export"
+    last.mkdir()
+    (last / "config.json").write_text("{}")  # what the last matrix's export left
+    row = family_row(FAMILIES["ResNet"], "classifier", tmp_path, tmp_path / "synthetic")
+    assert row["train"].status == OK, row["train"].note
+    assert row["export"].status == OK, row["export"].note
+
+
 @pytest.mark.parametrize("name", list(OUTSIDE))
 def test_a_backbone_outside_the_families_works_or_stops_with_one_sentence(name, tmp_path):
     row = family_row(OUTSIDE[name], "classifier", tmp_path, tmp_path / "synthetic")

@@ -8,6 +8,7 @@ on a CPU. The real sizes differ only in depth, width and input side: the code pa
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -230,6 +231,8 @@ def family_row(family: Family, arch: str, work: Path, data_root: Path) -> dict[s
     row["localize"] = _attempt(lambda: check_localize(run_dir))
     row["report"] = _attempt(lambda: check_report(run_dir))
     exported = work / f"{slug}_export"
+    if exported.is_dir() and not exported.is_symlink():  # the last matrix's export: `--work` is replaced
+        shutil.rmtree(exported)
     row["export"] = _attempt(lambda: check_export(run_dir, exported))
     folder = exported if row["export"].status == OK else run_dir
     image = one_image(run_dir)
