@@ -63,7 +63,11 @@ def test_each_prediction_of_a_multi_output_run_gets_its_own_table(tmp_path):
         racnn.add(seed, run)
     assert racnn.named == {"scale0": [0.27, 0.49], "scale1": [0.74, 0.84]}
     write_outputs([RunRow("synth_baseline", seeds=[0, 1], top1=[0.8, 0.8], mean_class=[0.8, 0.8], train_time=[1, 1]),
-                   racnn], [], [0, 1], tmp_path, "commit x", {}, "cmd")
+                   racnn], [], [0, 1], tmp_path, "commit x",
+                  {("synth_racnn", 0): {"zoom2": 0.9, "zoom2 centred baseline": 0.5},
+                   ("synth_racnn", 1): {"zoom2": 0.75, "zoom2 centred baseline": 0.25}}, "cmd")
     page = (tmp_path / "README.md").read_text()
     assert "| seed | final | scale0 | scale1 |" in page and "| 1 | 87.00 | 49.00 | 84.00 |" in page
+    assert "| seed | zoom2 | zoom2 centred baseline |" in page  # the coverage of every seed, one row each
+    assert "| 0 | 90.0% | 50.0% |" in page and "| 1 | 75.0% | 25.0% |" in page
     assert "Each prediction of synth_baseline" not in page

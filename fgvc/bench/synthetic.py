@@ -188,27 +188,46 @@ def measure(run_dir: Path) -> tuple[int, int, float]:
     return count_parameters(run.model), flops, latency.median_ms
 
 
+def parts_inside(parts: Tensor, cx: Tensor, cy: Tensor, half_w: Tensor, half_h: Tensor) -> Tensor:
+    """(B, P, 3) part keypoints (x, y, visible) and one box per image ((B,) centre, (B, 1) half sides,
+    all in the image's pixels) -> (number of visible parts,) 1.0 where the part lies in its box."""
+    hit = ((parts[..., 0] - cx[:, None]).abs() <= half_w) & ((parts[..., 1] - cy[:, None]).abs() <= half_h)
+    return hit[parts[..., 2] > 0].float()
+
+
+def model_boxes(model, x: Tensor) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """{name: (cx, cy, half_w, half_h)} in input pixels of the regions a model reads in detail: RA-CNN's
+    zoom boxes, the spatial transformers' windows (theta's scale s and shift t: the window spans
+    [t - s, t + s] of the [-1, 1] image); empty for other models."""
+    side = x.shape[-1]
+    stn = getattr(model, "stn", None)
+    if stn is not None:
+        theta = stn.localization(x)  # (B, N, 2, 3)
+        return {f"window{n + 1}": ((theta[:, n, 0, 2] + 1) * side / 2, (theta[:, n, 1, 2] + 1) * side / 2,
+                                   theta[:, n, 0, 0:1] * side / 2, theta[:, n, 1, 1:2] * side / 2)
+                for n in range(theta.shape[1])}
+    boxes = getattr(model(x), "boxes", None)  # RA-CNN: (B, 3) cx, cy, half side (rollout: (B, 4)) per zoom
+    if boxes is None:
+        return {}
+    return {f"zoom{z}": (box[:, 0], box[:, 1], *box_halves(box)) for z, box in enumerate(boxes, 1)}
+
+
 @torch.no_grad()
-def zoom_part_coverage(run_dir: Path) -> dict[str, float]:
-    """RA-CNN: the share of visible class-carrying parts (beak, wings) that lie inside each zoom's
-    box, over the test split; next to a centred box of the same size per image (the baseline a
-    zoom must beat to have found something)."""
+def part_coverage(run_dir: Path) -> dict[str, float]:
+    """RA-CNN's zooms and the spatial transformer's windows: the share of visible class-carrying
+    parts (beak, wings) inside each region, over the test split; next to a region of the same size
+    centred in the image (the baseline a zoom or window must beat to have found something)."""
     run = load_run(run_dir)
     data = build_datasets(run.cfg.data, run.cfg.seed, run.mean, run.std)
     cols = [data.index.part_names.index(p) for p in class_parts(run.cfg.data.synthetic.wing_cue)]
     inside: dict[str, list[Tensor]] = {}
     centre = delivered_side(run.cfg.data) / 2  # boxes and parts are in the delivered image's pixels
     for batch in make_loader(data.test, run.cfg.train.batch_size, 0, False):
-        out = run.model(model_input(run.model, batch["image"]))
         parts = batch["parts"][:, cols]  # (B, P, 3)
-        visible = parts[..., 2] > 0
-        for z, box in enumerate(out.boxes, 1):  # (B, 3) cx, cy, half side (rollout: (B, 4)) in input pixels
-            for name, (cx, cy) in ((f"zoom{z}", (box[:, 0], box[:, 1])),
-                                   (f"zoom{z} centred baseline", (torch.full_like(box[:, 0], centre),) * 2)):
-                half_w, half_h = box_halves(box)  # (B, 1) each
-                hit = ((parts[..., 0] - cx[:, None]).abs() <= half_w) & \
-                      ((parts[..., 1] - cy[:, None]).abs() <= half_h)
-                inside.setdefault(name, []).append(hit[visible].float())
+        for name, (cx, cy, half_w, half_h) in model_boxes(run.model, model_input(run.model, batch["image"])).items():
+            inside.setdefault(name, []).append(parts_inside(parts, cx, cy, half_w, half_h))
+            centred = torch.full_like(cx, centre)
+            inside.setdefault(f"{name} centred baseline", []).append(parts_inside(parts, centred, centred, half_w, half_h))
     return {name: torch.cat(v).mean().item() for name, v in inside.items()}
 
 
@@ -341,7 +360,8 @@ def run_benchmark(seeds: list[int], out: Path, runs_dir: Path, overrides: list[s
             for _, seed, folder, _ in plan[i * len(seeds):(i + 1) * len(seeds)]:
                 row.add(seed, folder)
             finetune_rows.append(row)
-    coverage = {m: zoom_part_coverage(runs_dir / f"{m}-s{seeds[0]}") for m in methods if "racnn" in m}
+    coverage = {(m, seed): part_coverage(runs_dir / f"{m}-s{seed}") for m in methods for seed in seeds
+                if "racnn" in m or "stn" in m}
     write_outputs(rows, finetune_rows, seeds, out, source, coverage, command, baseline, points)
     (out / "localization" / "README.md").write_text(
         f"# Where the synthetic models look (seed {seeds[0]}, {LOCALIZE_IMAGES} test images)\n\n"
@@ -412,7 +432,7 @@ def curve_table(rows: list[RunRow], curve: list[CurvePoint], baseline: str) -> l
 
 
 def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], out: Path, source: str,
-                  coverage: dict[str, dict[str, float]], command: str, baseline: str = BASELINE,
+                  coverage: dict[tuple[str, int], dict[str, float]], command: str, baseline: str = BASELINE,
                   curve: list[CurvePoint] | None = None) -> None:
     header = ["# Synthetic benchmark", "",
               f"Command: `{command}`  ",
@@ -441,12 +461,15 @@ def write_outputs(rows: list[RunRow], finetune: list[RunRow], seeds: list[int], 
                       "| seed | final | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
             lines += [f"| {seed} | {100 * r.top1[i]:.2f} | " + " | ".join(f"{100 * r.named[n][i]:.2f}" for n in names) + " |"
                       for i, seed in enumerate(r.seeds)]
-    for method, cov in coverage.items():
-        lines += ["", f"## Where the zooms of {method} go (seed {seeds[0]}, test split)", "",
+    for method in dict.fromkeys(m for m, _ in coverage):
+        per_seed = {seed: cov for (m, seed), cov in coverage.items() if m == method}
+        names = list(next(iter(per_seed.values())))
+        lines += ["", f"## Where the zooms or windows of {method} go (test split)", "",
                   "Share of the visible class-carrying parts (`fgvc.data.synthetic.class_parts`: beak and wings, the "
-                  "wings alone with `wing_cue=texture`) inside each zoom's box, against a "
-                  "box of the same size centred in the image.", "", "| box | parts inside |", "|---|---:|"]
-        lines += [f"| {name} | {100 * v:.1f}% |" for name, v in cov.items()]
+                  "wings alone with `wing_cue=texture`) inside each zoom's box or transformer's window, against a "
+                  "region of the same size centred in the image (`fgvc.bench.synthetic.part_coverage`).", "",
+                  "| seed | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        lines += [f"| {seed} | " + " | ".join(f"{100 * cov[n]:.1f}%" for n in names) + " |" for seed, cov in per_seed.items()]
     if finetune:
         lines += ["", "## Identity start from a backbone pretrained on another synthetic task", "",
                   f"`synth_baseline` trained on a different task ({' '.join(PRETRAIN_TASK)}), its backbone then "
