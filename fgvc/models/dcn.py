@@ -268,8 +268,7 @@ class _Features(nn.Module):
         if self.features_only:
             return fmaps.features_only_map(self.net, x).mean((2, 3))
         feats = fmaps.spatial_features(self.net, x)
-        hidden_head = getattr(self.net, "head_hidden_size", self.net.num_features) != self.net.num_features
-        if fmaps.layout(self.net) == fmaps.NCHW or hidden_head:
+        if fmaps.layout(self.net) == fmaps.NCHW or fmaps.pooled_width(self.net) != self.net.num_features:
             return feats.map.mean((2, 3))  # (N, C)
         return self.net.forward_head(feats.native, pre_logits=True)  # (N, C)
 
