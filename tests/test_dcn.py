@@ -13,7 +13,7 @@ from conftest import execute_notebook
 import torch
 import torch.nn.functional as F
 
-from fgvc.analysis.coarse_fine import (COLUMNS, FILES, Row, coarse_fine_rows, cost_line, cost_rows, markdown, read_csv,
+from fgvc.analysis.coarse_fine import (COLUMNS, FILES, Row, coarse_fine_rows, cost_line, dcn_logits, cost_rows, markdown, read_csv,
                                        read_plot_points, write_csv, write_report)
 from fgvc.analysis.cost import count_flops
 from fgvc.errors import UserError
@@ -408,6 +408,13 @@ def test_report_rows_from_a_model_and_loaders(design, tmp_path):
     assert given.threshold == NEVER_EXIT and given.escalated == 1.0 and given.top1 == rows[3].top1
     assert given.gflops == pytest.approx(rows[3].gflops)
     assert all(r.chosen_on.startswith("val") for r in rows[5:])
+    # every row but the fine one carries its validation top-1, measured on the validation loader
+    import math
+    assert math.isnan(rows[1].val_top1) and all(0 <= r.val_top1 <= 100 for r in rows if r is not rows[1])
+    val_labels, val_coarse, val_by_k = dcn_logits(model, _loader(8, 3), [model.top_k])
+    assert rows[0].val_top1 == pytest.approx(100 * (val_coarse.argmax(-1) == val_labels).float().mean().item())
+    assert rows[3].val_top1 == pytest.approx(100 * (val_by_k[model.top_k].argmax(-1) == val_labels).float().mean().item())
+    assert given.val_top1 == pytest.approx(rows[3].val_top1)  # every validation image escalated too
     write_report(rows, tmp_path, "test", 4)
     assert len(check_report_files(tmp_path)) == len(rows)
 
@@ -476,10 +483,33 @@ def test_notebook_executes(tiny_dcn_run, tmp_path):
                for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
-def _row(label: str, kind: str, top1: float, gflops: float, b1: float, batch: float) -> Row:
+def _row(label: str, kind: str, top1: float, gflops: float, b1: float, batch: float,
+         val_top1: float = float("nan")) -> Row:
     return Row(label=label, kind=kind, k=1, threshold=float("nan"), chosen_on="", escalated=1.0, top1=top1,
                mean_class_acc=top1, gflops=gflops, params_m=1.0, lat_b1_ms=b1, lat_b1_iqr_ms=0.0,
-               lat_batch_ms=batch, lat_batch_iqr_ms=0.0)
+               lat_batch_ms=batch, lat_batch_iqr_ms=0.0, val_top1=val_top1)
+
+
+def test_plain_goal_chooses_on_validation_and_checks_every_line():
+    from fgvc.analysis.coarse_fine import accuracy_chosen, plain_goal_line
+
+    plain = _row("plain 192 px", "fine", 89.0, 1.0, 6.0, 6.0)
+    coarse = _row("coarse", "coarse", 35.0, 0.1, 1.0, 1.0, val_top1=36.0)
+    k1 = _row("dcn k=1", "dcn", 86.0, 0.3, 3.0, 2.0, val_top1=86.0)  # cheapest, but 3 validation points short
+    k2 = _row("dcn k=2", "dcn", 88.5, 0.38, 3.5, 2.5, val_top1=88.8)  # within 0.5 of the best on validation
+    k9 = _row("dcn k=9", "dcn", 90.0, 0.9, 8.0, 7.0, val_top1=89.0)  # best on validation (and on test)
+    rows = [coarse, plain, k1, k2, k9]
+    assert accuracy_chosen(rows) is k2  # chosen without reading test: k9's better test top-1 is not looked at
+    line = plain_goal_line(rows)
+    assert "is dcn k=2, 88.50% test" in line and "-0.50 points" in line and "38% of its FLOPs" in line
+    assert line.endswith("Goal reached.")
+    k2.lat_b1_ms = 4.5  # 1.33x at batch 1
+    line = plain_goal_line(rows)
+    assert "Goal not reached (misses: 1.33x its batch-1 speed)." in line
+    k2.lat_b1_ms, k2.top1 = 3.5, 87.5  # 1.5 points below the plain network
+    assert "misses: -1.50 points (goal >= -1)" in plain_goal_line(rows)
+    assert plain_goal_line([coarse, plain, _row("dcn k=1", "dcn", 88.0, 0.3, 3, 2)]).startswith(
+        "Against the plain network: no validation split")
 
 
 def test_goal_line_needs_accuracy_flops_and_both_speeds():

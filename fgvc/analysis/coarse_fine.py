@@ -50,6 +50,12 @@ DEFAULT_DROPS = (0.5,)  # top-1 points that early exit may lose on validation ag
 GOAL_ACCURACY_GAP = 0.5  # points of top-1 the DCN may lose against the full-image fine network
 GOAL_FLOPS_SHARE = 0.35  # ... while spending at most this share of its FLOPs
 GOAL_SPEEDUP = 2.0  # ... and being at least this much faster (batch-1 CPU latency)
+# the roaming regime's goal (issue 29), against the plain network at the written resolution (--fine-run)
+PLAIN_GOAL_GAP = 1.0  # points of test top-1 the accuracy-chosen setting may lose against it
+PLAIN_GOAL_FLOPS_SHARE = 0.40  # ... at most this share of its FLOPs
+PLAIN_GOAL_OVER_COARSE = 5.0  # ... at least this many points above the DCN's own coarse path
+PLAIN_GOAL_SPEEDUP = 1.5  # ... and at least this much faster at batch 1 and at the large batch
+VAL_TOLERANCE = 0.5  # the accuracy-chosen setting: the cheapest within this many validation points of the best
 LATENCY_IMAGES = 8  # batch-1 latency of early exit: timed over this many test images in turn
 PNG_POINTS_KEY = "fgvc-points"  # PNG text chunk holding the plotted points, so the plot can be checked
 FILES = ("coarse_fine.md", "coarse_fine.csv", "coarse_fine.png")
@@ -73,6 +79,7 @@ class Row:
     lat_batch_iqr_ms: float
     pareto_flops: bool = False  # on the accuracy-vs-FLOPs Pareto front
     pareto_latency: bool = False  # on the accuracy-vs-batch-1-latency Pareto front
+    val_top1: float = float("nan")  # percent on the validation split (nan: not measured), for choosing a setting
 
 
 COLUMNS = [f.name for f in fields(Row)]
@@ -242,10 +249,16 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
     if k_exit not in dcn_flops:
         dcn_flops[k_exit] = count_flops(lambda x: model(x, top_k=k_exit), one)
 
-    # early exit: thresholds chosen on validation, scored on test
+    # early exit: thresholds chosen on validation, scored on test; every row's validation top-1 (to
+    # choose a setting without reading test)
     chosen: list[tuple[float, str]] = [(float(t), "given") for t in thresholds]
-    if val_loader is not None and (shares or costs or drops):
-        val_labels, val_coarse, val_refined = dcn_logits(model, val_loader, [k_exit] if drops else [])
+    val = dcn_logits(model, val_loader, sorted(set(ks) | {k_exit})) if val_loader is not None else None
+    if val is not None:
+        val_labels, val_coarse, val_refined = val
+        rows[0].val_top1 = acc(val_coarse, val_labels)[0]
+        for row in rows[2:]:
+            row.val_top1 = acc(val_refined[row.k], val_labels)[0]
+    if val is not None and (shares or costs or drops):
         chosen += [(choose_threshold(val_coarse, s), f"val: {100 * s:g}% escalated") for s in shares]
         chosen += [(threshold_for_accuracy(val_coarse, val_refined[k_exit], val_labels, d),
                     f"val: within {d:g} points of k={k_exit}") for d in drops]
@@ -257,8 +270,10 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
         share = up.float().mean().item()
         flops = coarse_flops + share * (dcn_flops[k_exit] - coarse_flops)
         run = lambda x, t=t: model.early_exit(x, t, k_exit)  # noqa: E731
+        val_top1 = nan if val is None else acc(torch.where(escalate(val_coarse, t)[:, None], val_refined[k_exit],
+                                                           val_coarse), val_labels)[0]
         rows.append(Row(f"exit t={t:.3g} k={k_exit}", "exit", k_exit, t, how, share, *acc(logits), flops / 1e9,
-                        count_parameters(model) / 1e6, *untimed))
+                        count_parameters(model) / 1e6, *untimed, val_top1=val_top1))
         paths.append(Timed(run, big, per_image=big[:LATENCY_IMAGES]))
 
     return timed_rows(rows, paths, min_run_time, rounds)
@@ -297,6 +312,41 @@ def goal_line(rows: list[Row]) -> str:
             f"({fine.top1:.2f}% top-1), is {best.label} ({best.top1:.2f}%), at {100 * share:.0f}% of its FLOPs "
             f"(goal <= {100 * GOAL_FLOPS_SHARE:.0f}%), {speed:.2f}x its batch-1 speed and {speed_batch:.2f}x its "
             f"large-batch speed (goal >= {GOAL_SPEEDUP:g}x each).")
+
+
+def accuracy_chosen(rows: list[Row]) -> Row | None:
+    """The setting a user would pick without reading test: among the dcn and early-exit rows with a
+    validation top-1, the cheapest (FLOPs) within VAL_TOLERANCE points of the best of them."""
+    measured = [r for r in rows if r.kind in ("dcn", "exit") and not math.isnan(r.val_top1)]
+    if not measured:
+        return None
+    best = max(r.val_top1 for r in measured)
+    return min((r for r in measured if r.val_top1 >= best - VAL_TOLERANCE), key=lambda r: r.gflops)
+
+
+def plain_goal_line(rows: list[Row]) -> str:
+    """The roaming regime's goal (issue 29): the accuracy-chosen setting (`accuracy_chosen`) within
+    PLAIN_GOAL_GAP test points of the plain network at the written resolution (the fine row, from
+    --fine-run), at most PLAIN_GOAL_FLOPS_SHARE of its FLOPs, PLAIN_GOAL_OVER_COARSE points above the
+    DCN's own coarse path, and PLAIN_GOAL_SPEEDUP x faster at batch 1 and at the large batch."""
+    fine = next(r for r in rows if r.kind.startswith("fine"))
+    coarse = next(r for r in rows if r.kind == "coarse")
+    r = accuracy_chosen(rows)
+    if r is None:
+        return "Against the plain network: no validation split was read, so no setting is chosen."
+    share, b1, bn = r.gflops / fine.gflops, fine.lat_b1_ms / r.lat_b1_ms, fine.lat_batch_ms / r.lat_batch_ms
+    checks = [(f"{r.top1 - fine.top1:+.2f} points (goal >= -{PLAIN_GOAL_GAP:g})", r.top1 >= fine.top1 - PLAIN_GOAL_GAP),
+              (f"{100 * share:.0f}% of its FLOPs (goal <= {100 * PLAIN_GOAL_FLOPS_SHARE:.0f}%)",
+               share <= PLAIN_GOAL_FLOPS_SHARE),
+              (f"{r.top1 - coarse.top1:+.2f} points over its coarse path (goal >= {PLAIN_GOAL_OVER_COARSE:g})",
+               r.top1 >= coarse.top1 + PLAIN_GOAL_OVER_COARSE),
+              (f"{b1:.2f}x its batch-1 speed", b1 >= PLAIN_GOAL_SPEEDUP),
+              (f"{bn:.2f}x its large-batch speed (goal >= {PLAIN_GOAL_SPEEDUP:g}x each)", bn >= PLAIN_GOAL_SPEEDUP)]
+    missed = [text for text, ok in checks if not ok]
+    verdict = "reached" if not missed else "not reached (misses: " + "; ".join(missed) + ")"
+    return (f"Against the plain network ({fine.label}, {fine.top1:.2f}% top-1): the accuracy-chosen setting "
+            f"(cheapest within {VAL_TOLERANCE:g} validation points of the best) is {r.label}, {r.top1:.2f}% test "
+            f"top-1 ({r.val_top1:.2f}% validation): " + ", ".join(t for t, _ in checks) + f". Goal {verdict}.")
 
 
 # --- CF-ViT (Chen et al. 2023; fgvc/models/cfvit.py) ------------------------------------------------
@@ -450,12 +500,13 @@ def cfvit_goal_line(rows: list[Row]) -> str:
 
 MD_FORMATS = {"k": "{:d}", "threshold": "{:.4g}", "escalated": "{:.3f}", "top1": "{:.2f}",
               "mean_class_acc": "{:.2f}", "gflops": "{:.4f}", "params_m": "{:.3f}", "lat_b1_ms": "{:.3f}",
-              "lat_b1_iqr_ms": "{:.3f}", "lat_batch_ms": "{:.3f}", "lat_batch_iqr_ms": "{:.3f}"}
+              "lat_b1_iqr_ms": "{:.3f}", "lat_batch_ms": "{:.3f}", "lat_batch_iqr_ms": "{:.3f}",
+              "val_top1": "{:.2f}"}
 HEADERS = {"label": "row", "kind": "kind", "k": "k", "threshold": "threshold", "chosen_on": "threshold chosen on",
            "escalated": "escalated (test)", "top1": "top-1 %", "mean_class_acc": "mean class acc %",
            "gflops": "GFLOPs/img", "params_m": "params M", "lat_b1_ms": "ms/img b1",
            "lat_b1_iqr_ms": "IQR b1", "lat_batch_ms": "ms/img batch", "lat_batch_iqr_ms": "IQR batch",
-           "pareto_flops": "Pareto FLOPs", "pareto_latency": "Pareto latency"}
+           "pareto_flops": "Pareto FLOPs", "pareto_latency": "Pareto latency", "val_top1": "val top-1 %"}
 
 
 def cell(row: Row, key: str) -> str:
@@ -790,7 +841,8 @@ def report_run(run_dir: str | Path, fine_run: str | Path | None = None, ks: list
     header = f"run '{run_dir}', {compared}"
     command = command or f"python fgvc/report.py coarse-fine {run_dir}" + (f" --fine-run {fine_run}" if fine_run else "")
     page_header = f"{header}\n\nCommand: `{command}`, {datetime.date.today().isoformat()}, {code_version()}; {weights}."
-    summary = cfvit_goal_line(rows) if isinstance(run.model, CFViT) else goal_line(rows)
+    summary = cfvit_goal_line(rows) if isinstance(run.model, CFViT) else goal_line(rows) + (
+        "\n\n" + plain_goal_line(rows) if fine_run is not None else "")
     paths = write_report(rows, Path(run_dir), page_header, batch, summary, len(test_loader.dataset),
                          read_curve_csv(Path(curve)) if curve else None, plot_title=header)
     from rich.console import Console
