@@ -111,6 +111,9 @@ class AttentionConfig:
                               "paper's bilinear grid at the input size, or antialias (fgvc/models/resample.py: no moire; starts "
                               "as the plain network without the gamma blend)")
     stn_crop_only: bool = key(False, "type=stn: windows never larger than the image (side cut at 1, gradient passed through)")
+    stn_start_scale: float = key(1.0, "type=stn: the window's side at initialisation, a fraction of the image: 1 the "
+                                 "identity (whole image; its position has no gradient until it shrinks), below 1 "
+                                 "a centred crop that can move from the first step")
     mlp_bias: bool = key(True, "biases in the channel MLP (SE, CBAM; timm's CBAM has none)")
     spatial_order: str = one_of("max_mean", ("max_mean", "mean_max"), "CBAM's pooled maps (authors' / timm's order)")
     spatial_norm: bool = key(True, "batch norm after CBAM's 7x7 conv")
@@ -645,6 +648,9 @@ def validate(cfg: DictConfig) -> None:
     if m.attention.stn_crop_only and m.attention.type != "stn":
         raise UserError("model.attention.stn_crop_only is true but only model.attention.type=stn reads it; "
                         "drop it or set model.attention.type=stn.")
+    if m.attention.stn_start_scale != 1 and m.attention.type != "stn":
+        raise UserError(f"model.attention.stn_start_scale is {m.attention.stn_start_scale} but only "
+                        "model.attention.type=stn reads it; drop it or set model.attention.type=stn.")
     if m.attention.stn_count != 1 and m.attention.type != "stn":
         raise UserError(f"model.attention.stn_count is {m.attention.stn_count} but only model.attention.type=stn "
                         "reads it; drop it or set model.attention.type=stn.")

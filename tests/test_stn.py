@@ -189,3 +189,31 @@ def test_crop_only_is_read_from_the_recipe_and_only_by_the_stn():
     assert not build_model(load_recipe(["recipe=synth_stn"]).model, CLASSES, SIDE).stn.localization.crop_only
     with pytest.raises(UserError, match="stn_crop_only"):
         load_recipe(["recipe=synth_baseline", "model.attention.stn_crop_only=true"])
+
+
+@pytest.mark.parametrize("start", [0.5, 0.8, 1.0])
+def test_start_scale_is_a_centred_window_whose_position_has_a_gradient(start):
+    """stn_start_scale: theta = [[s, 0, 0], [0, s, 0]] with s = start_scale at initialisation, whatever
+    the image; below 1 the translation (t = relu(1 - s) tanh(b)) gets a gradient from the first step,
+    at the identity it gets none."""
+    from fgvc.models.attention.stn import Localization
+
+    torch.manual_seed(0)
+    loc = Localization(crop_only=True, start_scale=start)
+    x = torch.rand(3, 3, FULL, FULL)
+    theta = loc(x)
+    want = torch.tensor([[start, 0.0, 0.0], [0.0, start, 0.0]]).expand(3, 1, 2, 3)
+    torch.testing.assert_close(theta.detach(), want, atol=1e-6, rtol=0)
+    theta[..., 0, 2].sum().backward()  # the window's horizontal position
+    moved = loc.fc[-1].bias.grad[1].item()  # d t_x / d b_x = relu(1 - s) at b = 0
+    assert moved == pytest.approx(3 * (1 - start), abs=1e-6)
+
+
+def test_start_scale_is_read_from_the_recipe_and_checked():
+    cfg = load_recipe(["recipe=synth_stn", "model.attention.stn_start_scale=0.5"])
+    model = build_model(cfg.model, CLASSES, SIDE)
+    assert model.stn.localization(torch.rand(1, 3, SIDE, SIDE))[0, 0, 0, 0].item() == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(UserError, match="stn_start_scale"):
+        load_recipe(["recipe=synth_baseline", "model.attention.stn_start_scale=0.5"])
+    with pytest.raises(UserError, match="model.attention.stn_start_scale is 0.2"):
+        build_model(load_recipe(["recipe=synth_stn", "model.attention.stn_start_scale=0.2"]).model, CLASSES, SIDE)

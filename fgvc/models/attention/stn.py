@@ -11,7 +11,10 @@ translation only:
 so the window always keeps its aspect, never shrinks below MIN_SCALE of the image, never grows
 beyond a bounded zoom-out (none with `crop_only`: s cut at 1), and (when it zooms in) stays inside
 the image. The raw outputs (a, bx, by) start at zero, which is exactly the identity transform: the
-network starts by looking at the whole image. An unbounded affine regression trained from scratch at the recipes' learning rates
+network starts by looking at the whole image. At the identity the translation has no gradient
+(t = relu(1 - s) * tanh(b) with s = 1), so the window can move only after it has shrunk; with
+`start_scale` < 1 the transformer starts at a centred window of that side (a's bias set so that s =
+start_scale, bx = by = 0), whose position gets gradients from the first step. An unbounded affine regression trained from scratch at the recipes' learning rates
 flew out of the image within the first epoch and left the backbone a black input (measured: chance
 accuracy on the synthetic set); the bounded form cannot.
 
@@ -47,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fgvc.errors import UserError
 from fgvc.models.resample import SAMPLERS, mip_mix, shrink
 
 LOC_SIDE = 64  # the localisation network sees the image at 64x64: where to look needs no fine detail
@@ -56,14 +60,22 @@ MIN_SCALE = 0.35  # smallest window side, as a fraction of the image: below it t
 LN2 = math.log(2.0)  # softplus(0): makes a = 0 the identity
 
 
+def softplus_inverse(y: float) -> float:
+    """a with softplus(a) = y (y > 0)."""
+    return y + math.log(-math.expm1(-y))
+
+
 class Localization(nn.Module):
     """f_loc: image (B, 3, H, W) -> `count` attention transforms theta (B, N, 2, 3), identity at initialisation.
     `crop_only`: the window's side is min(s, 1), never a zoom-out (the paper's CUB windows are crops of
     the image), with the gradient of s passed through the cut (straight-through), so a window pushed
     past the whole image still gets gradients and can come back; the same transform wherever s <= 1."""
 
-    def __init__(self, in_channels: int = 3, count: int = 1, crop_only: bool = False) -> None:
+    def __init__(self, in_channels: int = 3, count: int = 1, crop_only: bool = False, start_scale: float = 1.0) -> None:
         super().__init__()
+        if not MIN_SCALE < start_scale <= 1:
+            raise UserError(f"model.attention.stn_start_scale is {start_scale}; use a window side above {MIN_SCALE} "
+                            "and at most 1 (a fraction of the image).")
         self.count, self.crop_only = count, crop_only
         layers, c = [], in_channels
         for width in LOC_WIDTHS:
@@ -73,6 +85,8 @@ class Localization(nn.Module):
         self.fc = nn.Sequential(nn.Linear(c, LOC_HIDDEN), nn.ReLU(inplace=True), nn.Linear(LOC_HIDDEN, 3 * count))
         nn.init.zeros_(self.fc[-1].weight)
         nn.init.zeros_(self.fc[-1].bias)
+        with torch.no_grad():  # a's bias: s(a) = start_scale (a = 0 at start_scale 1: the identity)
+            self.fc[-1].bias.view(count, 3)[:, 0] = softplus_inverse(math.atanh((1 - start_scale) / (1 - MIN_SCALE)) + LN2)
 
     def forward(self, x: Tensor) -> Tensor:                        # (B, 3, H, W)
         small = F.interpolate(x, size=(LOC_SIDE, LOC_SIDE), mode="bilinear", align_corners=False)
@@ -102,12 +116,12 @@ class SpatialTransformer(nn.Module):
     """`count` windows predicted from the image, each sampled from it at `out_size`: (B, N, 3, S, S)."""
 
     def __init__(self, out_size: int, count: int = 1, identity_init: bool = False, sampler: str = "bilinear",
-                 crop_only: bool = False) -> None:
+                 crop_only: bool = False, start_scale: float = 1.0) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler is {sampler!r}; expected one of {SAMPLERS}")
         self.out_size, self.count, self.sampler = out_size, count, sampler
-        self.localization = Localization(count=count, crop_only=crop_only)
+        self.localization = Localization(count=count, crop_only=crop_only, start_scale=start_scale)
         # the antialiased sampler starts at x_S by itself: no blend needed for an identity start
         self.gamma = nn.Parameter(torch.zeros(())) if identity_init and sampler == "bilinear" else None
 
