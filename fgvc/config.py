@@ -114,6 +114,7 @@ class AttentionConfig:
     stn_start_scale: float = key(1.0, "type=stn: the window's side at initialisation, a fraction of the image: 1 the "
                                  "identity (whole image; its position has no gradient until it shrinks), below 1 "
                                  "a centred crop that can move from the first step")
+    stn_fixed_scale: bool = key(False, "type=stn: the window keeps the stn_start_scale side, only its position is learned")
     mlp_bias: bool = key(True, "biases in the channel MLP (SE, CBAM; timm's CBAM has none)")
     spatial_order: str = one_of("max_mean", ("max_mean", "mean_max"), "CBAM's pooled maps (authors' / timm's order)")
     spatial_norm: bool = key(True, "batch norm after CBAM's 7x7 conv")
@@ -651,6 +652,9 @@ def validate(cfg: DictConfig) -> None:
     if m.attention.stn_start_scale != 1 and m.attention.type != "stn":
         raise UserError(f"model.attention.stn_start_scale is {m.attention.stn_start_scale} but only "
                         "model.attention.type=stn reads it; drop it or set model.attention.type=stn.")
+    if m.attention.stn_fixed_scale and m.attention.type != "stn":
+        raise UserError("model.attention.stn_fixed_scale is true but only model.attention.type=stn reads it; "
+                        "drop it or set model.attention.type=stn.")
     if m.attention.stn_count != 1 and m.attention.type != "stn":
         raise UserError(f"model.attention.stn_count is {m.attention.stn_count} but only model.attention.type=stn "
                         "reads it; drop it or set model.attention.type=stn.")

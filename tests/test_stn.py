@@ -217,3 +217,24 @@ def test_start_scale_is_read_from_the_recipe_and_checked():
         load_recipe(["recipe=synth_baseline", "model.attention.stn_start_scale=0.5"])
     with pytest.raises(UserError, match="model.attention.stn_start_scale is 0.2"):
         build_model(load_recipe(["recipe=synth_stn", "model.attention.stn_start_scale=0.2"]).model, CLASSES, SIDE)
+
+
+def test_fixed_scale_keeps_the_side_and_learns_only_the_position():
+    from fgvc.models.attention.stn import Localization
+
+    torch.manual_seed(0)
+    loc = Localization(crop_only=True, start_scale=0.5, fixed_scale=True)
+    with torch.no_grad():
+        loc.fc[-1].bias.copy_(torch.tensor([3.0, 0.4, -0.2]))  # a would shrink the window; bx, by move it
+    theta = loc(torch.rand(2, 3, FULL, FULL))
+    assert torch.all(theta[..., 0, 0] == 0.5) and torch.all(theta[..., 1, 1] == 0.5)
+    torch.testing.assert_close(theta[0, 0, :, 2].detach(), 0.5 * torch.tanh(torch.tensor([0.4, -0.2])))
+    theta[..., :, 2].sum().backward()
+    grad = loc.fc[-1].bias.grad
+    assert grad[0] == 0 and grad[1] != 0 and grad[2] != 0  # the side has no gradient, the position has
+    with pytest.raises(UserError, match="cannot move"):
+        Localization(start_scale=1.0, fixed_scale=True)
+    with pytest.raises(UserError, match="stn_fixed_scale"):
+        load_recipe(["recipe=synth_baseline", "model.attention.stn_fixed_scale=true"])
+    cfg = load_recipe(["recipe=synth_stn", "model.attention.stn_start_scale=0.6", "model.attention.stn_fixed_scale=true"])
+    assert build_model(cfg.model, CLASSES, SIDE).stn.localization.fixed_scale == 0.6

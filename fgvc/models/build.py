@@ -38,6 +38,7 @@ def _classifier(m: DictConfig, num_classes: int, image_size: int) -> nn.Module:
                       attention_init=a.init, attention_reduction=a.reduction, attention_kernel_size=a.kernel_size,
                       image_size=image_size, stn_count=a.stn_count, stn_sampler=a.stn_sampler,
                       stn_crop_only=a.stn_crop_only, stn_start_scale=a.stn_start_scale,
+                      stn_fixed_scale=a.stn_fixed_scale,
                       attention_options=options,
                       backbone_args=backbone_args(m) | _drop_path(m))
 

@@ -74,7 +74,8 @@ class Classifier(nn.Module):
       one backbone and a linear classifier reads their N pooled features concatenated;
       `stn_sampler` (SpatialTransformer's `sampler`): the paper's bilinear grid, or "antialias";
       `stn_crop_only`: windows never larger than the image (SpatialTransformer's `crop_only`);
-      `stn_start_scale`: the window's side at initialisation (SpatialTransformer's `start_scale`).
+      `stn_start_scale`: the window's side at initialisation (SpatialTransformer's `start_scale`), kept
+      throughout with `stn_fixed_scale`.
     Empty `attention_stages` = the method's default stages (`patch.default_stages`). `attention_options`:
     the per-method options (`BlockOptions`: SE's and CBAM's, residual attention's form, the gates').
     `attention_init="identity"` starts every method as the identity, so at initialisation the network
@@ -87,7 +88,7 @@ class Classifier(nn.Module):
                  attention_placement: str = "stage", attention_init: str = "default", attention_reduction: int = 16,
                  attention_kernel_size: int = 7, image_size: int = 224, stn_count: int = 1,
                  stn_sampler: str = "bilinear", stn_crop_only: bool = False, stn_start_scale: float = 1.0,
-                 backbone_args: dict[str, Any] | None = None,
+                 stn_fixed_scale: bool = False, backbone_args: dict[str, Any] | None = None,
                  attention_options: BlockOptions | None = None) -> None:
         super().__init__()
         windows = stn_count if attention == "stn" else 1
@@ -106,7 +107,8 @@ class Classifier(nn.Module):
         identity = attention_init == "identity"
         if attention == "stn":  # (fgvc.config.validate: only placement=stage)
             self.stn = SpatialTransformer(image_size, count=windows, identity_init=identity, sampler=stn_sampler,
-                                          crop_only=stn_crop_only, start_scale=stn_start_scale)
+                                          crop_only=stn_crop_only, start_scale=stn_start_scale,
+                                          fixed_scale=stn_fixed_scale)
             if windows > 1:
                 channels = fmaps.pooled_width(self.net)
                 self.stn_head = nn.Linear(windows * channels, num_classes)

@@ -14,7 +14,8 @@ the image. The raw outputs (a, bx, by) start at zero, which is exactly the ident
 network starts by looking at the whole image. At the identity the translation has no gradient
 (t = relu(1 - s) * tanh(b) with s = 1), so the window can move only after it has shrunk; with
 `start_scale` < 1 the transformer starts at a centred window of that side (a's bias set so that s =
-start_scale, bx = by = 0), whose position gets gradients from the first step. An unbounded affine regression trained from scratch at the recipes' learning rates
+start_scale, bx = by = 0), whose position gets gradients from the first step; with `fixed_scale`
+the side stays start_scale and only the position is learned (a translation-only attention window). An unbounded affine regression trained from scratch at the recipes' learning rates
 flew out of the image within the first epoch and left the backbone a black input (measured: chance
 accuracy on the synthetic set); the bounded form cannot.
 
@@ -71,12 +72,17 @@ class Localization(nn.Module):
     the image), with the gradient of s passed through the cut (straight-through), so a window pushed
     past the whole image still gets gradients and can come back; the same transform wherever s <= 1."""
 
-    def __init__(self, in_channels: int = 3, count: int = 1, crop_only: bool = False, start_scale: float = 1.0) -> None:
+    def __init__(self, in_channels: int = 3, count: int = 1, crop_only: bool = False, start_scale: float = 1.0,
+                 fixed_scale: bool = False) -> None:
         super().__init__()
         if not MIN_SCALE < start_scale <= 1:
             raise UserError(f"model.attention.stn_start_scale is {start_scale}; use a window side above {MIN_SCALE} "
                             "and at most 1 (a fraction of the image).")
+        if fixed_scale and start_scale == 1:
+            raise UserError("model.attention.stn_fixed_scale is true with stn_start_scale 1: a window the size of "
+                            "the image cannot move; set model.attention.stn_start_scale below 1.")
         self.count, self.crop_only = count, crop_only
+        self.fixed_scale = start_scale if fixed_scale else None  # the side every window keeps
         layers, c = [], in_channels
         for width in LOC_WIDTHS:
             layers += [nn.Conv2d(c, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
@@ -93,6 +99,8 @@ class Localization(nn.Module):
         raw = self.fc(self.features(small)).view(-1, self.count, 3)  # (B, N, 3)
         a, b = raw.split([1, 2], dim=2)                            # (B, N, 1), (B, N, 2)
         s = 1 - (1 - MIN_SCALE) * torch.tanh(F.softplus(a) - LN2)  # (B, N, 1) window side / image side
+        if self.fixed_scale is not None:
+            s = torch.full_like(s, self.fixed_scale)               # translation only
         if self.crop_only:
             s = s - F.relu(s - 1).detach()                         # value min(s, 1), gradient of s
         t = F.relu(1 - s) * torch.tanh(b)                          # (B, N, 2) centre, inside the image
@@ -116,12 +124,13 @@ class SpatialTransformer(nn.Module):
     """`count` windows predicted from the image, each sampled from it at `out_size`: (B, N, 3, S, S)."""
 
     def __init__(self, out_size: int, count: int = 1, identity_init: bool = False, sampler: str = "bilinear",
-                 crop_only: bool = False, start_scale: float = 1.0) -> None:
+                 crop_only: bool = False, start_scale: float = 1.0, fixed_scale: bool = False) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler is {sampler!r}; expected one of {SAMPLERS}")
         self.out_size, self.count, self.sampler = out_size, count, sampler
-        self.localization = Localization(count=count, crop_only=crop_only, start_scale=start_scale)
+        self.localization = Localization(count=count, crop_only=crop_only, start_scale=start_scale,
+                                         fixed_scale=fixed_scale)
         # the antialiased sampler starts at x_S by itself: no blend needed for an identity start
         self.gamma = nn.Parameter(torch.zeros(())) if identity_init and sampler == "bilinear" else None
 
