@@ -13,8 +13,8 @@ from conftest import execute_notebook
 import torch
 import torch.nn.functional as F
 
-from fgvc.analysis.coarse_fine import (COLUMNS, FILES, Row, coarse_fine_rows, cost_line, dcn_logits, cost_rows, markdown, read_csv,
-                                       read_plot_points, write_csv, write_report)
+from fgvc.analysis.coarse_fine import (COLUMNS, FILES, Row, coarse_fine_rows, cost_line, cost_rows, dcn_logits, markdown,
+                                       read_csv, read_plot_points, write_csv, write_report)
 from fgvc.analysis.cost import count_flops
 from fgvc.errors import UserError
 from fgvc.engine.losses import DcnLoss

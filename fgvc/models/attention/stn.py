@@ -15,9 +15,10 @@ network starts by looking at the whole image. At the identity the translation ha
 (t = relu(1 - s) * tanh(b) with s = 1), so the window can move only after it has shrunk; with
 `start_scale` < 1 the transformer starts at a centred window of that side (a's bias set so that s =
 start_scale, bx = by = 0), whose position gets gradients from the first step; with `fixed_scale`
-the side stays start_scale and only the position is learned (a translation-only attention window). An unbounded affine regression trained from scratch at the recipes' learning rates
-flew out of the image within the first epoch and left the backbone a black input (measured: chance
-accuracy on the synthetic set); the bounded form cannot.
+the side stays start_scale and only the position is learned (a translation-only attention window).
+An unbounded affine regression trained from scratch at the recipes' learning rates flew out of the
+image within the first epoch and left the backbone a black input (measured: chance accuracy on the
+synthetic set); the bounded form cannot.
 
 Resolution (paper sec. 4.3, CUB): the transformers read a 448-px input and sample 224-px regions,
 so a window smaller than the image keeps detail instead of only upsampling. Here the region is
