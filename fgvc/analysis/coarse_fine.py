@@ -217,10 +217,17 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
     paths: list[Timed] = []  # rows[i] is timed by paths[i]
     nan = float("nan")
     untimed = (nan, nan, nan, nan)
+    # every row's validation top-1 (to choose a setting without reading test) and the thresholds' inputs
+    val = dcn_logits(model, val_loader, sorted(set(ks) | {k_exit})) if val_loader is not None else None
+
+    def val_top1(logits: Callable[[Tensor, dict[int, Tensor]], Tensor]) -> float:
+        """Validation top-1 of the logits `logits(coarse, refined by k)` picks; nan without a validation split."""
+        return nan if val is None else acc(logits(val[1], val[2]), val[0])[0]
+
     coarse_params = count_parameters(model.coarse, model.head) / 1e6
     coarse_flops = count_flops(lambda x: model(x, top_k=0), one)
     rows.append(Row("coarse", "coarse", 0, nan, "", 0.0, *acc(coarse_logits), coarse_flops / 1e9,
-                    coarse_params, *untimed))
+                    coarse_params, *untimed, val_top1=val_top1(lambda coarse, _: coarse)))
     paths.append(Timed(lambda x: model(x, top_k=0), big))
 
     # the full-image fine network
@@ -244,21 +251,15 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
     for k in ks:
         dcn_flops[k] = count_flops(lambda x, k=k: model(x, top_k=k), one)
         rows.append(Row(f"dcn k={k}", "dcn", k, nan, "", 1.0, *acc(by_k[k]), dcn_flops[k] / 1e9,
-                        count_parameters(model) / 1e6, *untimed))
+                        count_parameters(model) / 1e6, *untimed, val_top1=val_top1(lambda _, refined, k=k: refined[k])))
         paths.append(Timed(lambda x, k=k: model(x, top_k=k), big))
     if k_exit not in dcn_flops:
         dcn_flops[k_exit] = count_flops(lambda x: model(x, top_k=k_exit), one)
 
-    # early exit: thresholds chosen on validation, scored on test; every row's validation top-1 (to
-    # choose a setting without reading test)
+    # early exit: thresholds chosen on validation, scored on test
     chosen: list[tuple[float, str]] = [(float(t), "given") for t in thresholds]
-    val = dcn_logits(model, val_loader, sorted(set(ks) | {k_exit})) if val_loader is not None else None
-    if val is not None:
-        val_labels, val_coarse, val_refined = val
-        rows[0].val_top1 = acc(val_coarse, val_labels)[0]
-        for row in rows[2:]:
-            row.val_top1 = acc(val_refined[row.k], val_labels)[0]
     if val is not None and (shares or costs or drops):
+        val_labels, val_coarse, val_refined = val
         chosen += [(choose_threshold(val_coarse, s), f"val: {100 * s:g}% escalated") for s in shares]
         chosen += [(threshold_for_accuracy(val_coarse, val_refined[k_exit], val_labels, d),
                     f"val: within {d:g} points of k={k_exit}") for d in drops]
@@ -270,10 +271,9 @@ def coarse_fine_rows(model: DCN, test_loader: DataLoader, num_classes: int, val_
         share = up.float().mean().item()
         flops = coarse_flops + share * (dcn_flops[k_exit] - coarse_flops)
         run = lambda x, t=t: model.early_exit(x, t, k_exit)  # noqa: E731
-        val_top1 = nan if val is None else acc(torch.where(escalate(val_coarse, t)[:, None], val_refined[k_exit],
-                                                           val_coarse), val_labels)[0]
+        on_val = val_top1(lambda coarse, refined, t=t: torch.where(escalate(coarse, t)[:, None], refined[k_exit], coarse))
         rows.append(Row(f"exit t={t:.3g} k={k_exit}", "exit", k_exit, t, how, share, *acc(logits), flops / 1e9,
-                        count_parameters(model) / 1e6, *untimed, val_top1=val_top1))
+                        count_parameters(model) / 1e6, *untimed, val_top1=on_val))
         paths.append(Timed(run, big, per_image=big[:LATENCY_IMAGES]))
 
     return timed_rows(rows, paths, min_run_time, rounds)

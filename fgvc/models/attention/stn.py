@@ -99,9 +99,10 @@ class Localization(nn.Module):
         small = F.interpolate(x, size=(LOC_SIDE, LOC_SIDE), mode="bilinear", align_corners=False)
         raw = self.fc(self.features(small)).view(-1, self.count, 3)  # (B, N, 3)
         a, b = raw.split([1, 2], dim=2)                            # (B, N, 1), (B, N, 2)
-        s = 1 - (1 - MIN_SCALE) * torch.tanh(F.softplus(a) - LN2)  # (B, N, 1) window side / image side
-        if self.fixed_scale is not None:
-            s = torch.full_like(s, self.fixed_scale)               # translation only
+        if self.fixed_scale is None:
+            s = 1 - (1 - MIN_SCALE) * torch.tanh(F.softplus(a) - LN2)  # (B, N, 1) window side / image side
+        else:
+            s = torch.full_like(a, self.fixed_scale)               # (B, N, 1) translation only
         if self.crop_only:
             s = s - F.relu(s - 1).detach()                         # value min(s, 1), gradient of s
         t = F.relu(1 - s) * torch.tanh(b)                          # (B, N, 2) centre, inside the image
